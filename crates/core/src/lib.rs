@@ -1,0 +1,17 @@
+//! weft-core: the sans-IO heart of weft.
+//!
+//! In: node records from the registry, packets read from the TUN, datagrams read from the UDP
+//! socket, and the current time (`now`). Out: datagrams to send, packets to deliver to the TUN,
+//! peer add/update/remove commands, and counters. No tokio, no sockets, no files: the daemon
+//! (`meshd`) owns all I/O and drives this crate with `handle_*` calls and `poll_*` drains.
+
+pub mod allowed_ips;
+pub mod keys;
+pub mod node;
+pub mod packet;
+pub mod peer;
+pub mod reconcile;
+pub mod record;
+
+pub use keys::{KeyError, PrivateKey, PublicKey};
+pub use record::{NodeRecord, RecordError};

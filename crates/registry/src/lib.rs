@@ -1,0 +1,1 @@
+//! weft-registry (placeholder until written)

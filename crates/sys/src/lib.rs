@@ -1,0 +1,1 @@
+//! weft-sys (placeholder until written)

@@ -1,0 +1,1 @@
+//! weft test harness (placeholder until written)

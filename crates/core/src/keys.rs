@@ -161,12 +161,16 @@ mod tests {
     #[test]
     fn wg_compatible_vector() {
         // Produced with `wg genkey | tee k | wg pubkey`.
-        let private = PrivateKey::from_base64("aNrQb7TjY+ndxv2khh6uKdM45OCrNqG8Q0ru9wqEbEY=").expect("valid");
+        let private =
+            PrivateKey::from_base64("aNrQb7TjY+ndxv2khh6uKdM45OCrNqG8Q0ru9wqEbEY=").expect("valid");
         assert_eq!(
             private.public_key().to_base64(),
             "/wqsXpj2iffRbeG7sth82cEsyHKSgMRWJ3E0vPTJ/Qw="
         );
-        assert_eq!(private.to_base64_secret(), "aNrQb7TjY+ndxv2khh6uKdM45OCrNqG8Q0ru9wqEbEY=");
+        assert_eq!(
+            private.to_base64_secret(),
+            "aNrQb7TjY+ndxv2khh6uKdM45OCrNqG8Q0ru9wqEbEY="
+        );
     }
 
     #[test]
@@ -175,14 +179,20 @@ mod tests {
         assert_eq!(zero.parse::<PublicKey>(), Err(KeyError::LowOrder));
         let mut one = [0u8; 32];
         one[0] = 1;
-        assert_eq!(B64.encode(one).parse::<PublicKey>(), Err(KeyError::LowOrder));
+        assert_eq!(
+            B64.encode(one).parse::<PublicKey>(),
+            Err(KeyError::LowOrder)
+        );
         // A point of order 8 (from the curve25519 low-order list).
         let order8: [u8; 32] = [
             0xe0, 0xeb, 0x7a, 0x7c, 0x3b, 0x41, 0xb8, 0xae, 0x16, 0x56, 0xe3, 0xfa, 0xf1, 0x9f,
             0xc4, 0x6a, 0xda, 0x09, 0x8d, 0xeb, 0x9c, 0x32, 0xb1, 0xfd, 0x86, 0x62, 0x05, 0x16,
             0x5f, 0x49, 0xb8, 0x00,
         ];
-        assert_eq!(B64.encode(order8).parse::<PublicKey>(), Err(KeyError::LowOrder));
+        assert_eq!(
+            B64.encode(order8).parse::<PublicKey>(),
+            Err(KeyError::LowOrder)
+        );
         assert_eq!("AAAA".parse::<PublicKey>(), Err(KeyError::Length(3)));
         assert_eq!("!!".parse::<PublicKey>(), Err(KeyError::Base64));
         let good = PrivateKey::generate().public_key();

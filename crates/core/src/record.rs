@@ -94,10 +94,7 @@ impl NodeRecord {
             ("podCidrs", ()),
         ] {
             if !obj.contains_key(name) {
-                return Err(field(
-                    static_field(name),
-                    "missing".to_string(),
-                ));
+                return Err(field(static_field(name), "missing".to_string()));
             }
         }
         let public_key = obj
@@ -184,7 +181,11 @@ impl NodeRecord {
                 return Err(field("endpoints", format!("{ep}: not a unicast address")));
             }
         }
-        let v4 = self.pod_cidrs.iter().filter(|c| matches!(c, IpNet::V4(_))).count();
+        let v4 = self
+            .pod_cidrs
+            .iter()
+            .filter(|c| matches!(c, IpNet::V4(_)))
+            .count();
         let v6 = self.pod_cidrs.len() - v4;
         if v4 != 1 || v6 > 1 {
             return Err(field(
@@ -253,7 +254,10 @@ fn static_field(name: &str) -> &'static str {
 /// registry keys, so `/`, `..` and the like must never pass.
 pub fn check_name(name: &str) -> Result<(), RecordError> {
     if name.is_empty() || name.len() > MAX_NAME_LEN {
-        return Err(field("name", format!("must be 1 to {MAX_NAME_LEN} characters")));
+        return Err(field(
+            "name",
+            format!("must be 1 to {MAX_NAME_LEN} characters"),
+        ));
     }
     let ok_chars = name
         .bytes()
@@ -383,14 +387,32 @@ mod tests {
         };
         assert_eq!(err_field(with("publicKey", "AAAA".into())), "publicKey");
         assert_eq!(
-            err_field(with("publicKey", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into())),
+            err_field(with(
+                "publicKey",
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into()
+            )),
             "publicKey"
         );
-        assert_eq!(err_field(with("endpoints", serde_json::json!(["nope"]))), "endpoints");
-        assert_eq!(err_field(with("endpoints", serde_json::json!([]))), "endpoints");
-        assert_eq!(err_field(with("podCidrs", serde_json::json!(["0.0.0.0/0"]))), "podCidrs");
-        assert_eq!(err_field(with("podCidrs", serde_json::json!(["10.42.1.1/24"]))), "podCidrs");
-        assert_eq!(err_field(with("podCidrs", serde_json::json!(["192.0.2.0/24"]))), "podCidrs");
+        assert_eq!(
+            err_field(with("endpoints", serde_json::json!(["nope"]))),
+            "endpoints"
+        );
+        assert_eq!(
+            err_field(with("endpoints", serde_json::json!([]))),
+            "endpoints"
+        );
+        assert_eq!(
+            err_field(with("podCidrs", serde_json::json!(["0.0.0.0/0"]))),
+            "podCidrs"
+        );
+        assert_eq!(
+            err_field(with("podCidrs", serde_json::json!(["10.42.1.1/24"]))),
+            "podCidrs"
+        );
+        assert_eq!(
+            err_field(with("podCidrs", serde_json::json!(["192.0.2.0/24"]))),
+            "podCidrs"
+        );
         assert_eq!(err_field(with("name", "../etc".into())), "name");
         assert_eq!(err_field(with("name", "Upper".into())), "name");
         assert_eq!(err_field(with("schema", "one".into())), "schema");
@@ -433,7 +455,10 @@ mod tests {
         let d = rec("node-d", "192.0.2.4:51820", "10.42.4.0/24");
         assert!(validate_against(&d, [&a]).is_ok());
         let (ok, bad) = select_consistent(vec![b.clone(), d.clone(), a.clone()]);
-        assert_eq!(ok.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["node-a", "node-d"]);
+        assert_eq!(
+            ok.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+            ["node-a", "node-d"]
+        );
         assert_eq!(bad.len(), 1);
         assert_eq!(bad[0].0.name, "node-b");
     }

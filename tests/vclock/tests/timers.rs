@@ -1,0 +1,257 @@
+//! weft-core's `Node` under a virtual clock: boringtun's `Tunn` reads `mock_instant`, and the
+//! `now` passed to the node moves in step with it.
+
+use mock_instant::MockClock;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use weft_core::node::{Node, Output};
+use weft_core::peer::{DropReason, PeerConfig};
+use weft_core::PrivateKey;
+
+fn ipv4_packet(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
+    let total = 20 + payload.len();
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    p[20..].copy_from_slice(payload);
+    p
+}
+
+struct Sim {
+    now: Instant,
+    nodes: Vec<(SocketAddr, Node)>,
+    cfgs: Vec<PeerConfig>,
+    delivered: Vec<Vec<Vec<u8>>>,
+    /// Every datagram sent: (from node, to address, message type).
+    sent: Vec<(usize, SocketAddr, u8, usize)>,
+    /// Addresses that swallow datagrams (a dead endpoint or a partition).
+    blackholes: Vec<SocketAddr>,
+    /// Addresses to which handshake initiations (only) are lost.
+    drop_initiations_to: Vec<SocketAddr>,
+}
+
+impl Sim {
+    fn new(n: u8, keepalive: Option<u16>) -> Sim {
+        // Start the virtual clock well away from zero so durations never underflow.
+        MockClock::set_time(Duration::from_secs(1000));
+        let mut nodes = Vec::new();
+        let mut cfgs = Vec::new();
+        for i in 1..=n {
+            let k = PrivateKey::generate();
+            let addr: SocketAddr = format!("198.18.0.{}:51820", 10 + i).parse().expect("addr");
+            cfgs.push(PeerConfig {
+                name: format!("n{i}"),
+                public_key: k.public_key(),
+                endpoints: vec![addr],
+                allowed_ips: vec![format!("10.42.{i}.0/24").parse().expect("net")],
+                key_generation: 1,
+            });
+            nodes.push((addr, Node::new(k, keepalive)));
+        }
+        Sim {
+            now: Instant::now(),
+            delivered: vec![Vec::new(); nodes.len()],
+            nodes,
+            cfgs,
+            sent: Vec::new(),
+            blackholes: Vec::new(),
+            drop_initiations_to: Vec::new(),
+        }
+    }
+
+    fn mesh(&mut self) {
+        for i in 0..self.nodes.len() {
+            for j in 0..self.cfgs.len() {
+                if i != j {
+                    let cfg = self.cfgs[j].clone();
+                    self.nodes[i].1.add_peer(cfg, self.now).expect("add");
+                }
+            }
+        }
+    }
+
+    fn pump(&mut self) {
+        for _ in 0..1000 {
+            let mut moved = false;
+            for i in 0..self.nodes.len() {
+                while let Some(o) = self.nodes[i].1.poll_output() {
+                    moved = true;
+                    match o {
+                        Output::Deliver(p) => self.delivered[i].push(p),
+                        Output::Transmit { dst, payload } => {
+                            self.sent.push((i, dst, payload[0], payload.len()));
+                            if self.blackholes.contains(&dst)
+                                || (payload[0] == 1 && self.drop_initiations_to.contains(&dst))
+                            {
+                                continue;
+                            }
+                            let from = self.nodes[i].0;
+                            let now = self.now;
+                            if let Some(j) = self.nodes.iter().position(|(a, _)| *a == dst) {
+                                self.nodes[j].1.handle_udp(from, &payload, now);
+                            }
+                        }
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("datagrams kept flowing: a loop");
+    }
+
+    /// Advances both clocks in 250 ms ticks, running timers and moving datagrams.
+    fn advance(&mut self, d: Duration) {
+        let tick = Duration::from_millis(250);
+        let mut left = d;
+        while !left.is_zero() {
+            let step = left.min(tick);
+            MockClock::advance(step);
+            self.now += step;
+            left -= step;
+            for i in 0..self.nodes.len() {
+                let now = self.now;
+                self.nodes[i].1.handle_timeout(now);
+            }
+            self.pump();
+        }
+    }
+
+    fn send(&mut self, from: usize, to: usize, payload: &[u8]) -> Vec<u8> {
+        let p = ipv4_packet(
+            [10, 42, from as u8 + 1, 5],
+            [10, 42, to as u8 + 1, 5],
+            payload,
+        );
+        let now = self.now;
+        self.nodes[from].1.handle_tun(&p, now);
+        self.pump();
+        p
+    }
+
+    fn initiations_to(&self, dst: SocketAddr) -> usize {
+        self.sent.iter().filter(|(_, d, t, _)| *d == dst && *t == 1).count()
+    }
+}
+
+#[test]
+fn lost_initiation_is_retried_after_rekey_timeout() {
+    let mut sim = Sim::new(2, None);
+    let b = sim.nodes[1].0;
+    sim.blackholes.push(b);
+    let cfg = sim.cfgs[1].clone();
+    let now = sim.now;
+    sim.nodes[0].1.add_peer(cfg, now).expect("add");
+    sim.pump();
+    assert_eq!(sim.initiations_to(b), 1);
+    sim.blackholes.clear();
+    let cfg = sim.cfgs[0].clone();
+    sim.nodes[1].1.add_peer(cfg, now).expect("add");
+    // Node 1's own initiation would complete the session; swallow the ones towards node 0 so
+    // that we see node 0's retry.
+    sim.blackholes.push(sim.nodes[0].0);
+    sim.pump();
+    sim.blackholes.clear();
+    sim.advance(Duration::from_secs(4));
+    assert_eq!(sim.initiations_to(b), 1, "no retry before REKEY_TIMEOUT");
+    sim.advance(Duration::from_secs(2));
+    assert_eq!(sim.initiations_to(b), 2, "one retry after REKEY_TIMEOUT");
+    let p = sim.send(0, 1, b"after-retry");
+    assert_eq!(sim.delivered[1], vec![p]);
+}
+
+#[test]
+fn soak_past_reject_after_time_rekeys_and_loses_nothing() {
+    let mut sim = Sim::new(2, None);
+    sim.mesh();
+    sim.pump();
+    let mut expected = [0usize; 2];
+    for second in 0..400u32 {
+        for (from, to) in [(0usize, 1usize), (1, 0)] {
+            sim.send(from, to, format!("s{second}").as_bytes());
+            expected[to] += 1;
+        }
+        sim.advance(Duration::from_secs(1));
+    }
+    assert_eq!(sim.delivered[0].len(), expected[0], "lost packets towards node 0");
+    assert_eq!(sim.delivered[1].len(), expected[1], "lost packets towards node 1");
+    let inits = sim.sent.iter().filter(|(_, _, t, _)| *t == 1).count();
+    // 400 s of traffic with REKEY_AFTER_TIME 120 s: at least three rekeys beyond the first.
+    assert!(inits >= 4, "only {inits} handshakes in 400 s");
+    for (_, n) in &sim.nodes {
+        assert_eq!(n.drops().total(), 0, "{:?}", n.drops());
+    }
+}
+
+#[test]
+fn persistent_keepalive_keeps_an_idle_link_warm() {
+    let mut sim = Sim::new(2, Some(25));
+    sim.mesh();
+    sim.pump();
+    let before = sim.sent.len();
+    sim.advance(Duration::from_secs(26));
+    let keepalives = sim.sent[before..]
+        .iter()
+        .filter(|(_, _, t, len)| *t == 4 && *len == 32)
+        .count();
+    assert!(keepalives >= 2, "expected keepalives from both nodes, got {keepalives}");
+
+    // Without persistent keepalive an idle link stays silent.
+    let mut quiet = Sim::new(2, None);
+    quiet.mesh();
+    quiet.pump();
+    quiet.advance(Duration::from_secs(15));
+    let before = quiet.sent.len();
+    quiet.advance(Duration::from_secs(30));
+    assert_eq!(quiet.sent.len(), before, "idle link sent {:?}", &quiet.sent[before..]);
+}
+
+#[test]
+fn second_endpoint_used_when_first_does_not_answer() {
+    let mut sim = Sim::new(2, None);
+    let dead: SocketAddr = "198.18.0.250:51820".parse().expect("addr");
+    sim.blackholes.push(dead);
+    sim.cfgs[1].endpoints.insert(0, dead);
+    let now = sim.now;
+    let (c0, c1) = (sim.cfgs[0].clone(), sim.cfgs[1].clone());
+    // Node 1's initiations towards node 0 are lost, so only node 0 can make the session (and
+    // roaming cannot find node 1 for it).
+    sim.drop_initiations_to.push(sim.nodes[0].0);
+    sim.nodes[1].1.add_peer(c0, now).expect("add");
+    sim.nodes[0].1.add_peer(c1, now).expect("add");
+    let p = sim.send(0, 1, b"queued");
+    assert!(sim.delivered[1].is_empty());
+    assert_eq!(sim.initiations_to(dead), 1);
+    sim.advance(Duration::from_secs(6));
+    assert_eq!(sim.delivered[1], vec![p], "queued packet delivered via the second endpoint");
+    let st = sim.nodes[0].1.peer_status();
+    assert_eq!(st[0].endpoint.as_deref(), Some("198.18.0.12:51820"));
+}
+
+#[test]
+fn unreachable_peer_stops_after_rekey_attempt_time_and_queue_drops_are_counted() {
+    let mut sim = Sim::new(2, None);
+    let b = sim.nodes[1].0;
+    sim.blackholes.push(b);
+    let cfg = sim.cfgs[1].clone();
+    let now = sim.now;
+    sim.nodes[0].1.add_peer(cfg, now).expect("add");
+    sim.send(0, 1, b"never");
+    sim.advance(Duration::from_secs(20));
+    assert_eq!(
+        sim.nodes[0].1.drops().get(DropReason::HandshakeTimeout),
+        1,
+        "queued packet expired and counted"
+    );
+    sim.advance(Duration::from_secs(100));
+    let n = sim.initiations_to(b);
+    // One initiation per REKEY_TIMEOUT (5 s) for REKEY_ATTEMPT_TIME (90 s), then silence.
+    assert!((15..=20).contains(&n), "{n} initiations");
+    sim.advance(Duration::from_secs(60));
+    assert_eq!(sim.initiations_to(b), n, "attempts continued past 90 s");
+}

@@ -591,12 +591,12 @@ impl Node {
                         }
                         self.transmit_to_peer(id, payload);
                     }
-                    TunnResult::Err(WireGuardError::ConnectionExpired) => {
-                        if slot == Slot::Current && !peer.queue.is_empty() {
-                            let n = peer.queue.len() as u64;
-                            peer.queue.clear();
-                            self.drop_packet(Some(id), DropReason::HandshakeTimeout, n);
-                        }
+                    TunnResult::Err(WireGuardError::ConnectionExpired)
+                        if slot == Slot::Current && !peer.queue.is_empty() =>
+                    {
+                        let n = peer.queue.len() as u64;
+                        peer.queue.clear();
+                        self.drop_packet(Some(id), DropReason::HandshakeTimeout, n);
                     }
                     _ => {}
                 }

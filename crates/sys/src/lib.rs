@@ -1,1 +1,35 @@
-//! weft-sys (placeholder until written)
+//! weft-sys: the Linux I/O layer of the weft mesh daemon (`meshd`).
+//!
+//! Everything here talks to the kernel of the *calling thread's* network namespace:
+//!
+//! * [`Tun`]: in: an interface name (`"weft0"`, or `""`/`"tun%d"` for a kernel-chosen
+//!   name); out: a non-blocking `IFF_TUN | IFF_NO_PI` device registered with tokio, with
+//!   `recv`/`send` on `&self` (raw IP packets, no packet-info header) and the actual name.
+//! * [`Netlink`]: in: interface names, addresses, [`Route`]s; out: links brought up,
+//!   MTUs set/read, addresses added (idempotent), routes replaced/deleted (idempotent,
+//!   IPv4 and IPv6, device routes and `RTN_UNREACHABLE` fail-closed routes), the list of
+//!   prefixes routed via an interface, and the underlay's default-route interface with
+//!   its first global address and MTU ([`Netlink::default_route_source`]).
+//! * [`udp`]: in: a port; out: a dual-stack tokio `UdpSocket` (`[::]:port`, falling back
+//!   to `0.0.0.0:port`) with 4 MiB buffers, plus address canonicalisation helpers
+//!   (`::ffff:a.b.c.d` <-> `a.b.c.d`).
+//! * [`sysctl`]: in: a sysctl path and value; out: the value written to `/proc/sys`
+//!   (and [`sysctl::enable_forwarding`]).
+//! * [`netns`]: in: a netns name (`/run/netns/NAME`) or path and a closure; out: the
+//!   closure's result, run on a fresh thread that entered that namespace.
+//!
+//! All fallible operations return [`SysError`]; per-packet I/O returns `std::io::Result`.
+//! The TUN, netlink and UDP constructors must be called inside a tokio runtime.
+
+mod error;
+pub mod netlink;
+pub mod netns;
+pub mod sysctl;
+pub mod tun;
+pub mod udp;
+
+pub use error::SysError;
+pub use netlink::{Netlink, Route, RouteKind, DEV_ROUTE_METRIC, UNREACHABLE_ROUTE_METRIC};
+pub use sysctl::{enable_forwarding, write_sysctl, Forwarding};
+pub use tun::Tun;
+pub use udp::{bind_udp, canonical, to_socket_family};

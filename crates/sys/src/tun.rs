@@ -1,0 +1,167 @@
+//! A layer-3 TUN device (`IFF_TUN | IFF_NO_PI`) driven by tokio.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use crate::SysError;
+
+const TUN_PATH: &str = "/dev/net/tun";
+
+/// A TUN device. Packets are raw IP packets (no packet-info header).
+///
+/// `recv` and `send` take `&self`, so one task can read while another writes
+/// (share it in an `Arc`). Dropping the `Tun` closes the file descriptor, which
+/// deletes the (non-persistent) interface.
+#[derive(Debug)]
+pub struct Tun {
+    fd: AsyncFd<OwnedFd>,
+    name: String,
+}
+
+/// Checks an interface name the way the kernel will (length < IFNAMSIZ, no NUL),
+/// and returns it as a NUL-padded `ifr_name` array.
+pub(crate) fn ifname_to_c(name: &str) -> Result<[libc::c_char; libc::IFNAMSIZ], SysError> {
+    let bytes = name.as_bytes();
+    if bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) || bytes.contains(&b'/') {
+        return Err(SysError::InvalidName(name.to_string()));
+    }
+    let mut out = [0 as libc::c_char; libc::IFNAMSIZ];
+    for (dst, src) in out.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    Ok(out)
+}
+
+fn ifname_from_c(raw: &[libc::c_char; libc::IFNAMSIZ]) -> String {
+    let bytes: Vec<u8> = raw
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+impl Tun {
+    /// Creates (or attaches to) the TUN interface `name` in the calling thread's
+    /// network namespace. An empty name lets the kernel choose (`tunN`); a name
+    /// containing `%d` is a kernel template. Returns the device with its actual name.
+    ///
+    /// Must be called from within a tokio runtime (the fd is registered with it).
+    /// The interface is created down; bring it up with [`crate::Netlink::link_up`].
+    pub fn create(name: &str) -> Result<Tun, SysError> {
+        let mut ifr_name = ifname_to_c(name)?;
+        SysError::require_runtime("Tun::create")?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(TUN_PATH)
+            .map_err(|e| SysError::io(format!("open {TUN_PATH}"), e))?;
+        let fd: OwnedFd = file.into();
+
+        // SAFETY: `ifreq` is a plain C struct (array + union of plain data); the
+        // all-zero bit pattern is a valid value for it.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        ifr.ifr_name = ifr_name;
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+
+        // SAFETY: `fd` is an open /dev/net/tun descriptor we own, and `ifr` is a
+        // valid, properly initialised `struct ifreq` that outlives the call; TUNSETIFF
+        // reads the name and flags from it and writes back the chosen name.
+        let rc = unsafe {
+            libc::ioctl(
+                fd.as_raw_fd(),
+                libc::TUNSETIFF,
+                &mut ifr as *mut libc::ifreq,
+            )
+        };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            return Err(SysError::io(format!("TUNSETIFF {name:?}"), err));
+        }
+        ifr_name = ifr.ifr_name;
+        let actual = ifname_from_c(&ifr_name);
+
+        // SAFETY: `OwnedFd::as_raw_fd` always returns the same descriptor, which stays
+        // open until the `OwnedFd` (owned by the `AsyncFd`) is dropped.
+        let fd =
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }
+                .map_err(|e| SysError::io("register TUN fd with tokio", e.into()))?;
+        tracing::debug!(requested = name, name = %actual, "created TUN device");
+        Ok(Tun { fd, name: actual })
+    }
+
+    /// The interface name the kernel assigned.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Reads one IP packet into `buf`, returning its length. A packet longer than
+    /// `buf` is truncated, so size `buf` for the interface MTU.
+    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.try_io(|inner| read_fd(inner.get_ref(), buf)) {
+                Ok(result) => return result,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Writes one IP packet to the interface (i.e. delivers it to the kernel's
+    /// network stack), returning the number of bytes written.
+    pub async fn send(&self, pkt: &[u8]) -> io::Result<usize> {
+        loop {
+            let mut guard = self.fd.writable().await?;
+            match guard.try_io(|inner| write_fd(inner.get_ref(), pkt)) {
+                Ok(result) => return result,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    nix::unistd::read(fd.as_raw_fd(), buf).map_err(io::Error::from)
+}
+
+fn write_fd(fd: &OwnedFd, pkt: &[u8]) -> io::Result<usize> {
+    nix::unistd::write(fd, pkt).map_err(io::Error::from)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ifname_validation() {
+        assert!(ifname_to_c("weft0").is_ok());
+        assert!(ifname_to_c("").is_ok());
+        assert!(ifname_to_c("123456789012345").is_ok());
+        assert!(matches!(
+            ifname_to_c("1234567890123456"),
+            Err(SysError::InvalidName(_))
+        ));
+        assert!(ifname_to_c("a\0b").is_err());
+        assert!(ifname_to_c("a/b").is_err());
+    }
+
+    #[test]
+    fn create_outside_runtime_is_an_error() {
+        assert!(matches!(Tun::create("weft0"), Err(SysError::NoRuntime(_))));
+    }
+
+    #[test]
+    fn ifname_roundtrip() {
+        let c = ifname_to_c("weft0").unwrap();
+        assert_eq!(ifname_from_c(&c), "weft0");
+        let c = ifname_to_c("123456789012345").unwrap();
+        assert_eq!(ifname_from_c(&c), "123456789012345");
+    }
+}

@@ -1,0 +1,630 @@
+//! Root-only tests. Each test creates its own network namespace `wsys-test-<random>`,
+//! works only inside it (interface names and ports can therefore repeat across tests,
+//! which run in parallel), and deletes it on drop, even when the test panics.
+//! Without root (or without `ip`/`/dev/net/tun`) the tests print a note and pass.
+
+#![allow(clippy::unwrap_used)]
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use weft_sys::netlink::ROUTE_PROTO;
+use weft_sys::{netns, udp, Netlink, Route, RouteKind, Tun};
+
+struct TestNs {
+    name: String,
+}
+
+impl TestNs {
+    /// Creates a fresh namespace with `lo` up, or `None` when we cannot (not root).
+    fn new() -> Option<TestNs> {
+        if !nix::unistd::geteuid().is_root()
+            || !std::path::Path::new("/dev/net/tun").exists()
+            || Command::new("ip").arg("-V").output().is_err()
+        {
+            eprintln!("skipping: needs root, /dev/net/tun and iproute2");
+            return None;
+        }
+        let name = format!("wsys-test-{:08x}", rand::random::<u32>());
+        run("ip", &["netns", "add", &name]);
+        let ns = TestNs { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        Some(ns)
+    }
+
+    /// `ip -n NS args...`, asserting success; returns stdout.
+    fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// `ip netns exec NS cmd args...`, returning (success, stdout+stderr).
+    fn exec(&self, cmd: &[&str]) -> (bool, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(cmd)
+            .output()
+            .unwrap();
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+
+    /// Runs an async test body on a current-thread runtime inside the namespace.
+    fn block_on<F, Fut>(&self, f: F) -> Fut::Output
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: Future,
+        Fut::Output: Send,
+    {
+        netns::run_in(&self.name, || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(30), f())
+                    .await
+                    .expect("test body timed out")
+            })
+        })
+        .unwrap()
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// Internet checksum (RFC 1071).
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for chunk in data.chunks(2) {
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from_be_bytes([chunk[0], 0])
+        };
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4 ICMP echo request `src -> dst`.
+fn icmp_echo_request(src: [u8; 4], dst: [u8; 4], id: u16, seq: u16) -> Vec<u8> {
+    let payload = b"weft-sys-test";
+    let mut icmp = vec![8, 0, 0, 0];
+    icmp.extend_from_slice(&id.to_be_bytes());
+    icmp.extend_from_slice(&seq.to_be_bytes());
+    icmp.extend_from_slice(payload);
+    let c = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let total = (20 + icmp.len()) as u16;
+    let mut pkt = vec![0x45, 0];
+    pkt.extend_from_slice(&total.to_be_bytes());
+    pkt.extend_from_slice(&[0, 1, 0x40, 0, 64, 1, 0, 0]);
+    pkt.extend_from_slice(&src);
+    pkt.extend_from_slice(&dst);
+    let c = checksum(&pkt);
+    pkt[10..12].copy_from_slice(&c.to_be_bytes());
+    pkt.extend_from_slice(&icmp);
+    pkt
+}
+
+/// Reads packets off the TUN until `pred` matches one (other traffic, e.g. IPv6
+/// router solicitations, is skipped).
+async fn read_until(tun: &Tun, pred: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let n = tun.recv(&mut buf).await.unwrap();
+        if pred(&buf[..n]) {
+            return buf[..n].to_vec();
+        }
+    }
+}
+
+#[test]
+fn run_in_enters_the_namespace() {
+    let Some(ns) = TestNs::new() else { return };
+    assert!(netns::exists(&ns.name));
+    assert!(netns::exists(&format!("/run/netns/{}", ns.name)));
+    let host_ino = std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino();
+    let target_ino = std::fs::metadata(format!("/run/netns/{}", ns.name))
+        .unwrap()
+        .ino();
+    let inside = netns::run_in(&ns.name, || {
+        std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino()
+    })
+    .unwrap();
+    assert_eq!(inside, target_ino);
+    assert_ne!(inside, host_ino);
+    // The caller's thread did not move.
+    assert_eq!(
+        std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino(),
+        host_ino
+    );
+    // Panics propagate.
+    let r = std::panic::catch_unwind(|| netns::run_in(&ns.name, || panic!("boom")));
+    assert!(r.is_err());
+}
+
+#[test]
+fn tun_create_up_address_mtu() {
+    let Some(ns) = TestNs::new() else { return };
+    let tun = ns.block_on(|| async {
+        let nl = Netlink::new().unwrap();
+        assert_eq!(nl.link_index("weft0").await.unwrap(), None);
+        let tun = Tun::create("weft0").unwrap();
+        assert_eq!(tun.name(), "weft0");
+        assert!(nl.link_index("weft0").await.unwrap().is_some());
+
+        nl.set_mtu("weft0", 1380).await.unwrap();
+        assert_eq!(nl.link_mtu("weft0").await.unwrap(), 1380);
+        nl.link_up("weft0").await.unwrap();
+        for _ in 0..2 {
+            nl.add_address("weft0", ip("10.99.0.1"), 24).await.unwrap();
+            nl.add_address("weft0", ip("fd99::1"), 64).await.unwrap();
+        }
+        let addrs = nl.addresses("weft0").await.unwrap();
+        assert!(addrs.contains(&(ip("10.99.0.1"), 24)), "{addrs:?}");
+        assert!(addrs.contains(&(ip("fd99::1"), 64)), "{addrs:?}");
+
+        // Kernel-chosen name from a template.
+        let t2 = Tun::create("wt%d").unwrap();
+        assert!(t2.name().starts_with("wt"), "{}", t2.name());
+        assert!(Tun::create("this-name-is-way-too-long").is_err());
+
+        // Errors and absent links.
+        assert!(matches!(
+            nl.link_up("nope0").await,
+            Err(weft_sys::SysError::NoSuchLink(_))
+        ));
+        assert!(nl.add_address("weft0", ip("10.0.0.1"), 33).await.is_err());
+        nl.delete_link("nope0").await.unwrap();
+
+        drop(t2);
+        tun
+    });
+    let link = ns.ip(&["link", "show", "weft0"]);
+    assert!(link.contains("mtu 1380"), "{link}");
+    assert!(link.contains(",UP"), "{link}");
+    let addr = ns.ip(&["addr", "show", "weft0"]);
+    assert!(addr.contains("inet 10.99.0.1/24"), "{addr}");
+    assert!(addr.contains("inet6 fd99::1/64"), "{addr}");
+    drop(tun);
+    let gone = ns.exec(&["ip", "link", "show", "weft0"]);
+    assert!(!gone.0, "{}", gone.1);
+}
+
+#[test]
+fn tun_drop_deletes_interface_and_delete_link_works() {
+    let Some(ns) = TestNs::new() else { return };
+    ns.block_on(|| async {
+        let nl = Netlink::new().unwrap();
+        let tun = Tun::create("weft0").unwrap();
+        assert!(nl.link_index("weft0").await.unwrap().is_some());
+        drop(tun);
+        assert_eq!(nl.link_index("weft0").await.unwrap(), None);
+
+        let _tun = Tun::create("weft1").unwrap();
+        nl.delete_link("weft1").await.unwrap();
+        assert_eq!(nl.link_index("weft1").await.unwrap(), None);
+        nl.delete_link("weft1").await.unwrap();
+    });
+}
+
+#[test]
+fn tun_packets_both_directions() {
+    let Some(ns) = TestNs::new() else { return };
+    ns.block_on(|| async {
+        let nl = Netlink::new().unwrap();
+        let tun = Arc::new(Tun::create("weft0").unwrap());
+        nl.add_address("weft0", ip("10.99.0.1"), 24).await.unwrap();
+        nl.add_address("weft0", ip("fd99::1"), 64).await.unwrap();
+        nl.link_up("weft0").await.unwrap();
+
+        // Kernel -> TUN: a datagram to the TUN's peer address comes out of the TUN.
+        let sock = tokio::net::UdpSocket::bind("0.0.0.0:0").await.unwrap();
+        sock.send_to(b"hello-v4", "10.99.0.2:9").await.unwrap();
+        let pkt = read_until(&tun, |p| p.len() > 20 && p[0] >> 4 == 4 && p[9] == 17).await;
+        assert_eq!(&pkt[16..20], &[10, 99, 0, 2]);
+        assert!(pkt.ends_with(b"hello-v4"));
+
+        let sock6 = tokio::net::UdpSocket::bind("[::]:0").await.unwrap();
+        sock6.send_to(b"hello-v6", "[fd99::2]:9").await.unwrap();
+        let pkt = read_until(&tun, |p| p.len() > 40 && p[0] >> 4 == 6 && p[6] == 17).await;
+        assert_eq!(
+            pkt[24..40],
+            "fd99::2".parse::<std::net::Ipv6Addr>().unwrap().octets()
+        );
+        assert!(pkt.ends_with(b"hello-v6"));
+
+        // A ping from the command line (ICMP echo request appears on the TUN).
+        let mut ping = std::process::Command::new("ping")
+            .args(["-c", "3", "-i", "0.2", "-W", "1", "10.99.0.7"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let pkt = read_until(&tun, |p| {
+            p.len() > 28 && p[0] >> 4 == 4 && p[9] == 1 && p[20] == 8
+        })
+        .await;
+        assert_eq!(&pkt[16..20], &[10, 99, 0, 7]);
+        let _ = ping.kill();
+        let _ = ping.wait();
+
+        // TUN -> kernel: an echo request written to the TUN is answered; the reply is
+        // read by a second task while this one writes (shared via Arc).
+        let reader = {
+            let tun = Arc::clone(&tun);
+            tokio::spawn(async move {
+                read_until(&tun, |p| {
+                    p.len() > 28 && p[0] >> 4 == 4 && p[9] == 1 && p[20] == 0
+                })
+                .await
+            })
+        };
+        let req = icmp_echo_request([10, 99, 0, 2], [10, 99, 0, 1], 0x4242, 7);
+        assert_eq!(tun.send(&req).await.unwrap(), req.len());
+        let reply = reader.await.unwrap();
+        assert_eq!(&reply[12..16], &[10, 99, 0, 1]);
+        assert_eq!(&reply[16..20], &[10, 99, 0, 2]);
+        assert_eq!(&reply[24..26], &0x4242u16.to_be_bytes());
+        assert_eq!(&reply[26..28], &7u16.to_be_bytes());
+    });
+}
+
+fn route_get(ns: &TestNs, v6: bool, dst: &str) -> (bool, String) {
+    let fam = if v6 { "-6" } else { "-4" };
+    ns.exec(&["ip", fam, "route", "get", dst])
+}
+
+#[test]
+fn routes_dev_and_unreachable_v4_v6() {
+    let Some(ns) = TestNs::new() else { return };
+    let _tuns = ns.block_on(|| async {
+        let nl = Netlink::new().unwrap();
+        let t0 = Tun::create("weft0").unwrap();
+        let t1 = Tun::create("weft1").unwrap();
+        for (name, v4, v6) in [
+            ("weft0", "10.99.0.1", "fd99::1"),
+            ("weft1", "10.98.0.1", "fd98::1"),
+        ] {
+            nl.link_up(name).await.unwrap();
+            nl.add_address(name, ip(v4), 24).await.unwrap();
+            nl.add_address(name, ip(v6), 64).await.unwrap();
+        }
+        for _ in 0..2 {
+            nl.replace_route(&Route::dev(net("10.100.1.0/24"), "weft0"))
+                .await
+                .unwrap();
+            nl.replace_route(&Route::unreachable(net("10.100.0.0/16")))
+                .await
+                .unwrap();
+            nl.replace_route(&Route::dev(net("fd00:100:1::/64"), "weft0"))
+                .await
+                .unwrap();
+            nl.replace_route(&Route::unreachable(net("fd00:100::/48")))
+                .await
+                .unwrap();
+        }
+        // Host bits are ignored.
+        nl.replace_route(&Route::dev(net("10.100.2.7/24"), "weft0"))
+            .await
+            .unwrap();
+        (t0, t1, nl)
+    });
+    let (_t0, _t1, _) = &_tuns;
+
+    let v4 = ns.ip(&["-4", "route", "show"]);
+    assert_eq!(v4.matches("10.100.1.0/24 dev weft0").count(), 1, "{v4}");
+    assert!(
+        v4.contains(&format!(
+            "10.100.1.0/24 dev weft0 proto {ROUTE_PROTO} scope link metric 100"
+        )),
+        "{v4}"
+    );
+    assert!(v4.contains("10.100.2.0/24 dev weft0"), "{v4}");
+    assert_eq!(v4.matches("unreachable 10.100.0.0/16").count(), 1, "{v4}");
+    assert!(v4.contains("metric 4000"), "{v4}");
+    let v6 = ns.ip(&["-6", "route", "show"]);
+    assert_eq!(v6.matches("fd00:100:1::/64 dev weft0").count(), 1, "{v6}");
+    assert!(v6.contains("metric 100"), "{v6}");
+    assert_eq!(v6.matches("unreachable fd00:100::/48").count(), 1, "{v6}");
+    assert!(v6.contains("metric 4000"), "{v6}");
+
+    // The dev route wins inside its prefix, the unreachable route catches the rest.
+    let (ok, out) = route_get(&ns, false, "10.100.1.5");
+    assert!(ok && out.contains("dev weft0"), "{out}");
+    let (ok, out) = route_get(&ns, false, "10.100.3.5");
+    assert!(!ok, "{out}");
+    let (ok, out) = route_get(&ns, true, "fd00:100:1::5");
+    assert!(ok && out.contains("dev weft0"), "{out}");
+    let (ok, out) = route_get(&ns, true, "fd00:100:2::5");
+    assert!(!ok || out.contains("unreachable"), "{out}");
+
+    ns.block_on(|| async {
+        let nl = Netlink::new().unwrap();
+        let via = nl.routes_via("weft0").await.unwrap();
+        for n in ["10.100.1.0/24", "10.100.2.0/24", "fd00:100:1::/64"] {
+            assert!(via.contains(&net(n)), "{n} not in {via:?}");
+        }
+        assert!(
+            !via.contains(&net("10.99.0.0/24")),
+            "kernel route listed: {via:?}"
+        );
+        assert!(
+            !via.contains(&net("fd99::/64")),
+            "kernel route listed: {via:?}"
+        );
+        assert!(nl.routes_via("nope0").await.unwrap().is_empty());
+
+        let owned = nl.owned_routes().await.unwrap();
+        assert!(
+            owned.contains(&Route::dev(net("10.100.1.0/24"), "weft0")),
+            "{owned:?}"
+        );
+        assert!(
+            owned.contains(&Route::unreachable(net("10.100.0.0/16"))),
+            "{owned:?}"
+        );
+        assert!(
+            owned.contains(&Route::unreachable(net("fd00:100::/48"))),
+            "{owned:?}"
+        );
+        assert_eq!(owned.len(), 5, "{owned:?}");
+
+        // REPLACE moves the route (same prefix + metric) to another device / adds src.
+        nl.replace_route(&Route::dev(net("10.100.1.0/24"), "weft1"))
+            .await
+            .unwrap();
+        nl.replace_route(&Route {
+            dst: net("fd00:100:1::/64"),
+            kind: RouteKind::Dev {
+                ifname: "weft1".into(),
+                src: Some(ip("fd98::1")),
+            },
+            metric: 100,
+        })
+        .await
+        .unwrap();
+    });
+    let v4 = ns.ip(&["-4", "route", "show"]);
+    assert!(!v4.contains("10.100.1.0/24 dev weft0"), "{v4}");
+    assert_eq!(v4.matches("10.100.1.0/24 dev weft1").count(), 1, "{v4}");
+    let v6 = ns.ip(&["-6", "route", "show"]);
+    assert!(!v6.contains("fd00:100:1::/64 dev weft0"), "{v6}");
+    assert!(v6.contains("fd00:100:1::/64 dev weft1"), "{v6}");
+    assert!(v6.contains("src fd98::1"), "{v6}");
+
+    ns.block_on(|| async {
+        let nl = Netlink::new().unwrap();
+        // Deleting with the wrong device does nothing (and is not an error).
+        nl.delete_route(&Route::dev(net("10.100.1.0/24"), "weft0"))
+            .await
+            .unwrap();
+        let owned = nl.owned_routes().await.unwrap();
+        assert!(
+            owned.iter().any(|r| r.dst == net("10.100.1.0/24")),
+            "{owned:?}"
+        );
+
+        for _ in 0..2 {
+            nl.delete_route(&Route::dev(net("10.100.1.0/24"), "weft1"))
+                .await
+                .unwrap();
+            nl.delete_route(&Route::dev(net("fd00:100:1::/64"), "weft1"))
+                .await
+                .unwrap();
+        }
+        nl.delete_route(&Route::dev(net("10.100.1.0/24"), "nope0"))
+            .await
+            .unwrap();
+    });
+    // Fail-closed: with the dev route gone, the unreachable route catches the packet.
+    let (ok, out) = route_get(&ns, false, "10.100.1.5");
+    assert!(!ok, "{out}");
+    let (ok, out) = route_get(&ns, true, "fd00:100:1::5");
+    assert!(!ok || out.contains("unreachable"), "{out}");
+
+    ns.block_on(|| async {
+        let nl = Netlink::new().unwrap();
+        for _ in 0..2 {
+            nl.delete_route(&Route::unreachable(net("10.100.0.0/16")))
+                .await
+                .unwrap();
+            nl.delete_route(&Route::unreachable(net("fd00:100::/48")))
+                .await
+                .unwrap();
+        }
+        nl.delete_route(&Route::dev(net("10.100.2.0/24"), "weft0"))
+            .await
+            .unwrap();
+        let owned = nl.owned_routes().await.unwrap();
+        assert!(owned.is_empty(), "{owned:?}");
+    });
+    let v4 = ns.ip(&["-4", "route", "show"]);
+    assert!(!v4.contains("10.100."), "{v4}");
+    let v6 = ns.ip(&["-6", "route", "show"]);
+    assert!(!v6.contains("fd00:100"), "{v6}");
+    drop(_tuns);
+}
+
+#[test]
+fn default_route_source_v4_then_v6() {
+    let Some(ns) = TestNs::new() else { return };
+    ns.block_on(|| async {
+        let nl = Netlink::new().unwrap();
+        assert_eq!(nl.default_route_source().await.unwrap(), None);
+    });
+    ns.ip(&[
+        "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b",
+    ]);
+    ns.ip(&["link", "set", "veth-a", "mtu", "1450", "up"]);
+    ns.ip(&["link", "set", "veth-b", "up"]);
+    ns.ip(&["addr", "add", "192.168.77.2/24", "dev", "veth-a"]);
+    ns.ip(&["addr", "add", "192.168.77.3/24", "dev", "veth-a"]);
+    ns.ip(&["addr", "add", "2001:db8:77::2/64", "dev", "veth-a", "nodad"]);
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "192.168.77.1",
+        "dev",
+        "veth-a",
+    ]);
+    ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        "2001:db8:77::1",
+        "dev",
+        "veth-a",
+    ]);
+    ns.block_on(|| async {
+        let nl = Netlink::new().unwrap();
+        assert_eq!(
+            nl.default_route_source().await.unwrap(),
+            Some(("veth-a".to_string(), ip("192.168.77.2"), 1450))
+        );
+    });
+    // A preferred source on the default route wins over the first address.
+    ns.ip(&[
+        "route",
+        "replace",
+        "default",
+        "via",
+        "192.168.77.1",
+        "dev",
+        "veth-a",
+        "src",
+        "192.168.77.3",
+    ]);
+    ns.block_on(|| async {
+        let nl = Netlink::new().unwrap();
+        assert_eq!(
+            nl.default_route_source().await.unwrap(),
+            Some(("veth-a".to_string(), ip("192.168.77.3"), 1450))
+        );
+    });
+    // IPv6 fallback when there is no IPv4 default route.
+    ns.ip(&["route", "del", "default"]);
+    ns.block_on(|| async {
+        let nl = Netlink::new().unwrap();
+        assert_eq!(
+            nl.default_route_source().await.unwrap(),
+            Some(("veth-a".to_string(), ip("2001:db8:77::2"), 1450))
+        );
+    });
+}
+
+#[test]
+fn udp_dual_stack_receives_ipv4_and_ipv6() {
+    let Some(ns) = TestNs::new() else { return };
+    ns.block_on(|| async {
+        let sock = weft_sys::bind_udp(51820).unwrap();
+        let local = sock.local_addr().unwrap();
+        assert_eq!(local, "[::]:51820".parse::<SocketAddr>().unwrap());
+        assert!(udp::socket_is_v6(&sock).unwrap());
+        let sref = socket2::SockRef::from(&sock);
+        assert!(sref.recv_buffer_size().unwrap() >= udp::UDP_BUFFER_BYTES);
+        assert!(sref.send_buffer_size().unwrap() >= udp::UDP_BUFFER_BYTES);
+
+        let mut buf = [0u8; 64];
+        let c4 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        c4.send_to(b"four", "127.0.0.1:51820").unwrap();
+        let (n, from) = sock.recv_from(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"four");
+        assert!(
+            from.is_ipv6(),
+            "dual-stack socket reports mapped addresses: {from}"
+        );
+        let from = weft_sys::canonical(from);
+        assert_eq!(from, c4.local_addr().unwrap());
+        assert!(from.is_ipv4());
+        sock.send_to(b"back4", weft_sys::to_socket_family(from, true))
+            .await
+            .unwrap();
+        c4.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (n, _) = c4.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"back4");
+
+        let c6 = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        c6.send_to(b"six", "[::1]:51820").unwrap();
+        let (n, from) = sock.recv_from(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"six");
+        assert_eq!(weft_sys::canonical(from), c6.local_addr().unwrap());
+
+        // The port is taken for both families now.
+        assert!(weft_sys::bind_udp(51820).is_err());
+    });
+}
+
+#[test]
+fn forwarding_is_per_namespace() {
+    let Some(ns) = TestNs::new() else { return };
+    let host_before = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+    let (_, v) = ns.exec(&["cat", "/proc/sys/net/ipv4/ip_forward"]);
+    assert_eq!(v.trim(), "0");
+    let fwd = netns::run_in(&ns.name, || weft_sys::enable_forwarding(true))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        fwd,
+        weft_sys::Forwarding {
+            ipv4: true,
+            ipv6: true
+        }
+    );
+    let (_, v) = ns.exec(&["cat", "/proc/sys/net/ipv4/ip_forward"]);
+    assert_eq!(v.trim(), "1");
+    let (_, v) = ns.exec(&["cat", "/proc/sys/net/ipv6/conf/all/forwarding"]);
+    assert_eq!(v.trim(), "1");
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap(),
+        host_before
+    );
+    netns::run_in(&ns.name, || {
+        weft_sys::write_sysctl("net.ipv4.conf.all.rp_filter", "2").unwrap();
+        assert_eq!(
+            weft_sys::sysctl::read_sysctl("net/ipv4/conf/all/rp_filter").unwrap(),
+            "2"
+        );
+    })
+    .unwrap();
+}

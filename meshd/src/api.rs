@@ -1,0 +1,137 @@
+//! The local API socket: one request line in, one JSON document out.
+//! Requests: `status` (the node and its peers) and `leave` (delete this node's record and its
+//! routes, then exit).
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use weft_core::node::PeerStatus;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    pub name: String,
+    pub public_key: String,
+    pub key_generation: u64,
+    pub listen_port: u16,
+    pub interface: String,
+    pub mtu: u32,
+    pub endpoints: Vec<String>,
+    pub mesh_addresses: Vec<String>,
+    pub pod_cidrs: Vec<String>,
+    pub cluster_cidrs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub node: NodeInfo,
+    pub registry: String,
+    pub peers: Vec<PeerStatus>,
+    pub refused_records: BTreeMap<String, String>,
+    pub drops: BTreeMap<&'static str, u64>,
+}
+
+/// Sends one request and returns the reply text.
+pub async fn request(socket: &Path, req: &str) -> Result<String> {
+    let stream = UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "connecting to meshd at {} (is it running?)",
+            socket.display()
+        )
+    })?;
+    let (r, mut w) = stream.into_split();
+    w.write_all(format!("{req}\n").as_bytes()).await?;
+    w.shutdown().await?;
+    let mut reply = String::new();
+    let mut lines = BufReader::new(r);
+    loop {
+        let mut line = String::new();
+        if lines.read_line(&mut line).await? == 0 {
+            break;
+        }
+        reply.push_str(&line);
+    }
+    if reply.is_empty() {
+        bail!("meshd closed the API socket without answering");
+    }
+    Ok(reply)
+}
+
+/// Human-readable `meshd status`.
+pub fn render(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let s = |v: &serde_json::Value| -> String {
+        match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => "-".into(),
+            other => other.to_string(),
+        }
+    };
+    let node = &v["node"];
+    out.push_str(&format!(
+        "node {}  key {}  port {}  if {} mtu {}\n  mesh {}  pods {}\n  registry {}\n",
+        s(&node["name"]),
+        s(&node["publicKey"]),
+        s(&node["listenPort"]),
+        s(&node["interface"]),
+        s(&node["mtu"]),
+        node["meshAddresses"]
+            .as_array()
+            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
+            .unwrap_or_default(),
+        node["podCidrs"]
+            .as_array()
+            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
+            .unwrap_or_default(),
+        s(&v["registry"]),
+    ));
+    out.push_str(&format!(
+        "\n{:<16} {:<46} {:<22} {:<18} {:>10} {:>12} {:>12}  drops\n",
+        "PEER", "PUBLIC KEY", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX"
+    ));
+    for p in v["peers"].as_array().into_iter().flatten() {
+        let hs = p["latestHandshakeSecsAgo"]
+            .as_f64()
+            .map(|x| format!("{x:.0}s ago"))
+            .unwrap_or_else(|| "never".into());
+        let drops = p["drops"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{:<16} {:<46} {:<22} {:<18} {:>10} {:>12} {:>12}  {}\n",
+            s(&p["name"]),
+            s(&p["publicKey"]),
+            s(&p["endpoint"]),
+            p["allowedIps"]
+                .as_array()
+                .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
+                .unwrap_or_default(),
+            hs,
+            s(&p["rxBytes"]),
+            s(&p["txBytes"]),
+            drops
+        ));
+    }
+    if let Some(m) = v["refusedRecords"].as_object() {
+        for (name, why) in m {
+            out.push_str(&format!("refused record {name}: {}\n", s(why)));
+        }
+    }
+    if let Some(m) = v["drops"].as_object() {
+        if !m.is_empty() {
+            let d: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            out.push_str(&format!("device drops: {}\n", d.join(" ")));
+        }
+    }
+    out
+}

@@ -1,0 +1,370 @@
+//! Flags of `meshd run`, each also read from `WEFT_<FLAG>`, and their validation.
+//!
+//! Everything is checked here before any socket, TUN or route exists; a bad value exits 64
+//! with a message naming the flag.
+
+use clap::Args;
+use ipnet::IpNet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use weft_core::record::check_name;
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// This node's name (a lowercase DNS name). Default: the hostname.
+    #[arg(long, env = "WEFT_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Where node records live: dir:PATH (a directory shared by all nodes).
+    #[arg(
+        long,
+        env = "WEFT_REGISTRY",
+        default_value = "dir:/var/lib/weft/registry"
+    )]
+    pub registry: String,
+    /// Name of the TUN interface.
+    #[arg(long, env = "WEFT_INTERFACE", default_value = "weft0")]
+    pub interface: String,
+    /// UDP port for WireGuard.
+    #[arg(long, env = "WEFT_LISTEN_PORT", default_value_t = 51820)]
+    pub listen_port: u16,
+    /// Underlay address other nodes reach this one at, IP[:PORT]; repeat for several, tried in
+    /// order. Default: the address of the interface holding the default route.
+    #[arg(long = "endpoint", env = "WEFT_ENDPOINT", value_delimiter = ',')]
+    pub endpoints: Vec<String>,
+    /// This node's pod range: one IPv4 and optionally one IPv6 CIDR. Required with dir:.
+    #[arg(long = "pod-cidr", env = "WEFT_POD_CIDR", value_delimiter = ',')]
+    pub pod_cidrs: Vec<String>,
+    /// The whole cluster's pod ranges; kept unreachable (fail closed) outside the mesh routes.
+    #[arg(
+        long = "cluster-cidr",
+        env = "WEFT_CLUSTER_CIDR",
+        value_delimiter = ',',
+        default_value = "10.42.0.0/16"
+    )]
+    pub cluster_cidrs: Vec<String>,
+    /// Holds private.key (created 0600 if absent, reused on restart).
+    #[arg(long, env = "WEFT_STATE_DIR", default_value = "/var/lib/weft")]
+    pub state_dir: PathBuf,
+    /// Unix socket for `meshd status` and `meshd leave`.
+    #[arg(long, env = "WEFT_API_SOCKET", default_value = "/run/weft/meshd.sock")]
+    pub api_socket: PathBuf,
+    /// MTU of the TUN and of pods. Default: the underlay MTU minus 80.
+    #[arg(long, env = "WEFT_MTU")]
+    pub mtu: Option<u32>,
+    /// Send a keepalive every SECS seconds (for nodes behind NAT); 0 or absent: off.
+    #[arg(long, env = "WEFT_PERSISTENT_KEEPALIVE")]
+    pub persistent_keepalive: Option<u16>,
+    /// Log format: text or json.
+    #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+/// An endpoint flag before the default port is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub node_name: String,
+    pub registry: String,
+    pub interface: String,
+    pub listen_port: u16,
+    /// Empty: find the default-route address at start-up.
+    pub endpoints: Vec<SocketAddr>,
+    pub pod_cidrs: Vec<IpNet>,
+    pub cluster_cidrs: Vec<IpNet>,
+    pub state_dir: PathBuf,
+    pub api_socket: PathBuf,
+    pub mtu: Option<u32>,
+    pub persistent_keepalive: Option<u16>,
+    pub json_logs: bool,
+}
+
+/// A flag with a bad value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid value for --{flag}: {reason}")]
+pub struct ConfigError {
+    pub flag: &'static str,
+    pub reason: String,
+}
+
+fn bad(flag: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        flag,
+        reason: reason.into(),
+    }
+}
+
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into a buffer we own.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    std::str::from_utf8(&buf[..end])
+        .ok()
+        .map(|s| s.to_lowercase())
+}
+
+fn parse_cidr(flag: &'static str, s: &str) -> Result<IpNet, ConfigError> {
+    let net: IpNet = s
+        .trim()
+        .parse()
+        .map_err(|_| bad(flag, format!("{s:?} is not a CIDR such as 10.42.1.0/24")))?;
+    if net.trunc() != net {
+        return Err(bad(
+            flag,
+            format!("{net} has host bits set (did you mean {}?)", net.trunc()),
+        ));
+    }
+    if net.prefix_len() == 0 {
+        return Err(bad(flag, format!("{net} is a default route")));
+    }
+    Ok(net)
+}
+
+impl RunArgs {
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let node_name = match &self.node_name {
+            Some(n) => n.clone(),
+            None => hostname().ok_or_else(|| bad("node-name", "no hostname; set --node-name"))?,
+        };
+        check_name(&node_name).map_err(|e| bad("node-name", e.to_string()))?;
+
+        let registry = self.registry.trim().to_string();
+        match registry.split_once(':') {
+            Some(("dir", path)) if !path.is_empty() => {}
+            Some(("etcd" | "etcds" | "k8s" | "kubernetes", _)) => {
+                return Err(bad(
+                    "registry",
+                    format!("{registry:?}: only dir:PATH is supported by this build"),
+                ))
+            }
+            _ => return Err(bad("registry", format!("{registry:?} is not dir:PATH"))),
+        }
+
+        let iface = &self.interface;
+        if iface.is_empty()
+            || iface.len() > 15
+            || iface == "."
+            || iface == ".."
+            || iface
+                .bytes()
+                .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
+        {
+            return Err(bad(
+                "interface",
+                format!("{iface:?} is not an interface name (1-15 bytes, no '/', ':' or spaces)"),
+            ));
+        }
+        if self.listen_port == 0 {
+            return Err(bad("listen-port", "must be 1-65535"));
+        }
+
+        let mut endpoints = Vec::new();
+        for e in &self.endpoints {
+            let e = e.trim();
+            let ep = if let Ok(sa) = e.parse::<SocketAddr>() {
+                sa
+            } else if let Ok(ip) = e
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+            {
+                SocketAddr::new(ip, self.listen_port)
+            } else {
+                return Err(bad("endpoint", format!("{e:?} is not IP or IP:PORT")));
+            };
+            if ep.port() == 0 || ep.ip().is_unspecified() || ep.ip().is_multicast() {
+                return Err(bad("endpoint", format!("{ep} is not a unicast IP:PORT")));
+            }
+            endpoints.push(ep);
+        }
+
+        let cluster_cidrs = self
+            .cluster_cidrs
+            .iter()
+            .map(|c| parse_cidr("cluster-cidr", c))
+            .collect::<Result<Vec<_>, _>>()?;
+        if cluster_cidrs.is_empty() {
+            return Err(bad("cluster-cidr", "at least one is required"));
+        }
+        let pod_cidrs = self
+            .pod_cidrs
+            .iter()
+            .map(|c| parse_cidr("pod-cidr", c))
+            .collect::<Result<Vec<_>, _>>()?;
+        if pod_cidrs.is_empty() {
+            return Err(bad(
+                "pod-cidr",
+                "required with the dir registry (one IPv4, optionally one IPv6)",
+            ));
+        }
+        let v4 = pod_cidrs
+            .iter()
+            .filter(|c| matches!(c, IpNet::V4(_)))
+            .count();
+        if v4 != 1 || pod_cidrs.len() - v4 > 1 {
+            return Err(bad(
+                "pod-cidr",
+                "give exactly one IPv4 and at most one IPv6 range",
+            ));
+        }
+        for p in &pod_cidrs {
+            if p.hosts().nth(1).is_none() {
+                return Err(bad(
+                    "pod-cidr",
+                    format!("{p} is too small for a mesh address and pods"),
+                ));
+            }
+            if !cluster_cidrs.iter().any(|c| c.contains(p)) {
+                return Err(bad(
+                    "pod-cidr",
+                    format!(
+                        "{p} is outside every --cluster-cidr, so it would not be kept fail-closed"
+                    ),
+                ));
+            }
+            if let Some(ep) = endpoints.iter().find(|e| p.contains(&e.ip())) {
+                return Err(bad(
+                    "pod-cidr",
+                    format!("{p} contains this node's endpoint {ep}"),
+                ));
+            }
+        }
+        if let Some(ep) = endpoints
+            .iter()
+            .find(|e| cluster_cidrs.iter().any(|c| c.contains(&e.ip())))
+        {
+            return Err(bad(
+                "endpoint",
+                format!("{ep} is inside a --cluster-cidr: tunnel traffic would route into itself"),
+            ));
+        }
+
+        if let Some(mtu) = self.mtu {
+            let min = if pod_cidrs.iter().any(|c| matches!(c, IpNet::V6(_))) {
+                1280
+            } else {
+                576
+            };
+            if !(min..=65_455).contains(&mtu) {
+                return Err(bad("mtu", format!("{mtu} is outside {min}-65455")));
+            }
+        }
+        let persistent_keepalive = match self.persistent_keepalive {
+            None | Some(0) => None,
+            Some(s) => Some(s),
+        };
+        let json_logs = match self.log_format.as_str() {
+            "text" => false,
+            "json" => true,
+            other => return Err(bad("log-format", format!("{other:?}: use text or json"))),
+        };
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(bad("state-dir", "must not be empty"));
+        }
+        if self.api_socket.as_os_str().is_empty() || self.api_socket.as_os_str().len() > 107 {
+            return Err(bad(
+                "api-socket",
+                "must be a path of 1-107 bytes (a unix socket path)",
+            ));
+        }
+        Ok(Config {
+            node_name,
+            registry,
+            interface: iface.clone(),
+            listen_port: self.listen_port,
+            endpoints,
+            pod_cidrs,
+            cluster_cidrs,
+            state_dir: self.state_dir.clone(),
+            api_socket: self.api_socket.clone(),
+            mtu: self.mtu,
+            persistent_keepalive,
+            json_logs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: RunArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut v = vec!["meshd", "--node-name", "n1", "--pod-cidr", "10.42.1.0/24"];
+        v.extend_from_slice(args);
+        T::try_parse_from(v).expect("clap").a.validate()
+    }
+
+    #[test]
+    fn defaults_and_good_values() {
+        let c = parse(&[
+            "--endpoint",
+            "198.18.0.11",
+            "--endpoint",
+            "[2001:db8::1]:5000",
+        ])
+        .expect("ok");
+        assert_eq!(c.listen_port, 51820);
+        assert_eq!(c.endpoints[0], "198.18.0.11:51820".parse().expect("ep"));
+        assert_eq!(c.endpoints[1], "[2001:db8::1]:5000".parse().expect("ep"));
+        assert_eq!(
+            c.cluster_cidrs,
+            vec!["10.42.0.0/16".parse::<IpNet>().expect("net")]
+        );
+        assert_eq!(c.interface, "weft0");
+    }
+
+    #[test]
+    fn each_bad_value_names_its_flag() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--endpoint", "nope"], "endpoint"),
+            (&["--endpoint", "10.42.9.9"], "endpoint"),
+            (&["--pod-cidr", "10.42.2.0/24"], "pod-cidr"),
+            (&["--cluster-cidr", "10.42.0.0/33"], "cluster-cidr"),
+            (&["--interface", "a-very-long-interface-name"], "interface"),
+            (&["--interface", "we/ft"], "interface"),
+            (&["--mtu", "100"], "mtu"),
+            (&["--registry", "etcd://127.0.0.1:2379"], "registry"),
+            (&["--registry", "/tmp/x"], "registry"),
+            (&["--log-format", "xml"], "log-format"),
+            (&["--listen-port", "0"], "listen-port"),
+        ];
+        for (args, flag) in cases {
+            let e = parse(args).expect_err("should fail");
+            assert_eq!(e.flag, *flag, "{args:?}: {e}");
+        }
+        let e = T::try_parse_from([
+            "meshd",
+            "--node-name",
+            "Bad_Name",
+            "--pod-cidr",
+            "10.42.1.0/24",
+        ])
+        .expect("clap")
+        .a
+        .validate()
+        .expect_err("bad name");
+        assert_eq!(e.flag, "node-name");
+        // A pod range outside the cluster range.
+        let e = T::try_parse_from(["meshd", "--node-name", "n1", "--pod-cidr", "10.50.1.0/24"])
+            .expect("clap")
+            .a
+            .validate()
+            .expect_err("outside");
+        assert_eq!(e.flag, "pod-cidr");
+        let e = T::try_parse_from(["meshd", "--node-name", "n1"])
+            .expect("clap")
+            .a
+            .validate()
+            .expect_err("missing");
+        assert_eq!(e.flag, "pod-cidr");
+    }
+}

@@ -1,0 +1,504 @@
+//! `meshd run`: sets up the node (fail-closed routes first), then one event loop drives the
+//! sans-IO `weft_core::node::Node` with packets from the TUN and the UDP socket, timer ticks,
+//! registry events and API requests, and carries out what it asks for.
+
+use crate::api::{NodeInfo, Status};
+use crate::config::Config;
+use crate::keyfile;
+use anyhow::{Context, Result};
+use ipnet::IpNet;
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UdpSocket, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot};
+use weft_core::node::{Node, Output};
+use weft_core::reconcile::{desired_peers, plan};
+use weft_core::record::{mesh_address, NodeRecord, SCHEMA_VERSION};
+use weft_registry::{Connectivity, Event, Registry};
+use weft_sys::{Netlink, Route, RouteKind, Tun, DEV_ROUTE_METRIC};
+
+const TICK: Duration = Duration::from_millis(250);
+
+enum ApiRequest {
+    Status(oneshot::Sender<String>),
+    Leave(oneshot::Sender<String>),
+}
+
+enum Exit {
+    Stop,
+    Leave(oneshot::Sender<String>),
+}
+
+struct Daemon {
+    cfg: Config,
+    node: Node,
+    own: NodeRecord,
+    mtu: u32,
+    tun: Arc<Tun>,
+    udp: Arc<UdpSocket>,
+    udp_v6: bool,
+    nl: Netlink,
+    registry: Arc<dyn Registry>,
+    records: BTreeMap<String, NodeRecord>,
+    refused: BTreeMap<String, String>,
+    routes: HashSet<Route>,
+    connectivity: String,
+}
+
+pub async fn run(cfg: Config) -> Result<()> {
+    let (key, created) = keyfile::load_or_create(&cfg.state_dir)?;
+    let public = key.public_key();
+    tracing::info!(node = %cfg.node_name, key = %public, created, "node key");
+
+    let nl = Netlink::new().context("opening rtnetlink")?;
+    // Fail closed before anything else: a packet for a pod range never follows the default
+    // route in plaintext, whether or not meshd is running. These routes outlive meshd.
+    for c in &cfg.cluster_cidrs {
+        nl.replace_route(&Route::unreachable(*c))
+            .await
+            .with_context(|| format!("installing unreachable route for {c}"))?;
+    }
+
+    let underlay = nl.default_route_source().await.ok().flatten();
+    let endpoints = if cfg.endpoints.is_empty() {
+        match &underlay {
+            Some((_, ip, _)) => vec![std::net::SocketAddr::new(*ip, cfg.listen_port)],
+            None => anyhow::bail!(
+                "no --endpoint given and no interface holds a default route to take it from"
+            ),
+        }
+    } else {
+        cfg.endpoints.clone()
+    };
+    let mtu = match (cfg.mtu, &underlay) {
+        (Some(m), _) => m,
+        (None, Some((_, _, m))) => m.saturating_sub(80).max(576),
+        (None, None) => 1420,
+    };
+    let has_v6 = cfg.pod_cidrs.iter().any(|c| matches!(c, IpNet::V6(_)));
+    let fwd = weft_sys::enable_forwarding(has_v6).context("enabling forwarding")?;
+    tracing::debug!(?fwd, "forwarding");
+
+    let registry = weft_registry::open(&cfg.registry).context("opening the registry")?;
+    let previous = match weft_registry::get_node(&*registry, &cfg.node_name).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read this node's previous record");
+            None
+        }
+    };
+    let key_generation = match &previous {
+        Some(r) if r.public_key == public => r.key_generation.max(1),
+        Some(r) => r.key_generation + 1,
+        None => 1,
+    };
+    let own = NodeRecord {
+        schema: SCHEMA_VERSION,
+        name: cfg.node_name.clone(),
+        public_key: public,
+        endpoints,
+        pod_cidrs: cfg.pod_cidrs.clone(),
+        key_generation,
+    };
+    own.check().context("this node's own record is invalid")?;
+
+    let tun = Tun::create(&cfg.interface).context("creating the TUN device")?;
+    let ifname = tun.name().to_string();
+    nl.set_mtu(&ifname, mtu)
+        .await
+        .context("setting the TUN MTU")?;
+    for c in &cfg.pod_cidrs {
+        if let Some(addr) = mesh_address(c) {
+            let len = if addr.is_ipv4() { 32 } else { 128 };
+            nl.add_address(&ifname, addr, len)
+                .await
+                .with_context(|| format!("adding mesh address {addr}"))?;
+        }
+    }
+    nl.link_up(&ifname).await.context("bringing the TUN up")?;
+    let udp = weft_sys::bind_udp(cfg.listen_port)
+        .with_context(|| format!("binding UDP port {}", cfg.listen_port))?;
+    let udp_v6 = weft_sys::udp::socket_is_v6(&udp).unwrap_or(false);
+
+    let listener = bind_api(&cfg.api_socket)?;
+    let (api_tx, mut api_rx) = mpsc::channel(16);
+    tokio::spawn(serve_api(listener, api_tx));
+
+    let (ev_tx, mut ev_rx) = mpsc::channel(256);
+    tokio::spawn(watch_nodes(registry.clone(), ev_tx));
+
+    let node = Node::new(key, cfg.persistent_keepalive);
+    let mut d = Daemon {
+        cfg,
+        node,
+        own,
+        mtu,
+        tun: Arc::new(tun),
+        udp: Arc::new(udp),
+        udp_v6,
+        nl,
+        registry,
+        records: BTreeMap::new(),
+        refused: BTreeMap::new(),
+        routes: HashSet::new(),
+        connectivity: "connecting".into(),
+    };
+    d.publish().await;
+    tracing::info!(
+        interface = %ifname, mtu, port = d.cfg.listen_port,
+        endpoints = ?d.own.endpoints, pod_cidrs = ?d.own.pod_cidrs, "meshd running"
+    );
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let tun = d.tun.clone();
+    let udp = d.udp.clone();
+    let mut tun_buf = vec![0u8; 65_536];
+    let mut udp_buf = vec![0u8; 65_600];
+    let mut republish_at: Option<Instant> = None;
+
+    let exit = loop {
+        tokio::select! {
+            r = tun.recv(&mut tun_buf) => match r {
+                Ok(n) => {
+                    d.node.handle_tun(&tun_buf[..n], Instant::now());
+                    d.flush().await;
+                }
+                Err(e) => tracing::warn!(error = %e, "reading the TUN"),
+            },
+            r = udp.recv_from(&mut udp_buf) => match r {
+                Ok((n, from)) => {
+                    d.node.handle_udp(weft_sys::canonical(from), &udp_buf[..n], Instant::now());
+                    d.flush().await;
+                }
+                Err(e) => tracing::debug!(error = %e, "reading the UDP socket"),
+            },
+            _ = tick.tick() => {
+                d.node.handle_timeout(Instant::now());
+                d.flush().await;
+                if republish_at.is_some_and(|t| Instant::now() >= t) {
+                    republish_at = None;
+                    if !d.publish().await {
+                        republish_at = Some(Instant::now() + Duration::from_secs(2));
+                    }
+                }
+            },
+            ev = ev_rx.recv() => match ev {
+                Some(ev) => {
+                    if d.handle_event(ev) {
+                        republish_at = Some(Instant::now());
+                    }
+                    d.reconcile().await;
+                }
+                None => {
+                    tracing::error!("registry watch ended; restarting it");
+                    let (tx, rx) = mpsc::channel(256);
+                    ev_rx = rx;
+                    tokio::spawn(watch_nodes(d.registry.clone(), tx));
+                }
+            },
+            Some(req) = api_rx.recv() => match req {
+                ApiRequest::Status(reply) => {
+                    let _ = reply.send(d.status_json());
+                }
+                ApiRequest::Leave(reply) => break Exit::Leave(reply),
+            },
+            _ = sigterm.recv() => break Exit::Stop,
+            _ = sigint.recv() => break Exit::Stop,
+        }
+    };
+    d.shutdown(exit).await;
+    Ok(())
+}
+
+fn bind_api(path: &std::path::Path) -> Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another meshd is answering on {}; refusing to start a second one",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+async fn serve_api(listener: UnixListener, tx: mpsc::Sender<ApiRequest>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            let read = tokio::time::timeout(
+                Duration::from_secs(5),
+                BufReader::new(r).read_line(&mut line),
+            )
+            .await;
+            if !matches!(read, Ok(Ok(_))) {
+                return;
+            }
+            let (otx, orx) = oneshot::channel();
+            let req = match line.trim() {
+                "status" => ApiRequest::Status(otx),
+                "leave" => ApiRequest::Leave(otx),
+                other => {
+                    let msg = serde_json::json!({"error": format!("unknown request {other:?}; use status or leave")});
+                    let _ = w.write_all(format!("{msg}\n").as_bytes()).await;
+                    return;
+                }
+            };
+            if tx.send(req).await.is_err() {
+                return;
+            }
+            if let Ok(reply) = orx.await {
+                let _ = w.write_all(reply.as_bytes()).await;
+                let _ = w.write_all(b"\n").await;
+            }
+        });
+    }
+}
+
+/// Forwards registry events to the loop. Retries with backoff when the watch cannot start.
+async fn watch_nodes(registry: Arc<dyn Registry>, tx: mpsc::Sender<Event<NodeRecord>>) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match weft_registry::nodes(&registry).watch(None).await {
+            Ok(mut w) => {
+                backoff = Duration::from_millis(200);
+                while let Some(ev) = w.next().await {
+                    if tx.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+                tracing::warn!("registry watch stopped; restarting");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the registry");
+                let _ = tx
+                    .send(Event::Status(Connectivity::Unreachable(e.to_string())))
+                    .await;
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+impl Daemon {
+    /// Writes this node's record. Returns false if the registry refused it.
+    async fn publish(&mut self) -> bool {
+        match weft_registry::put_node(&*self.registry, &self.own).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not publish this node's record; will retry");
+                false
+            }
+        }
+    }
+
+    /// Applies a registry event to the known records. Returns true if our own record should be
+    /// written again (the registry came back after being unreachable).
+    fn handle_event(&mut self, ev: Event<NodeRecord>) -> bool {
+        match ev {
+            Event::Reset { items, .. } => {
+                self.records = items.into_iter().map(|r| (r.name.clone(), r)).collect();
+                let was_down = !self.connectivity.starts_with("connected");
+                self.connectivity = "connected".into();
+                // After an outage, write our record again in case the registry lost it; a
+                // record deleted while the registry was readable stays deleted (`leave`).
+                was_down && !self.records.contains_key(&self.own.name)
+            }
+            Event::Upsert { item, .. } => {
+                self.records.insert(item.name.clone(), item);
+                false
+            }
+            Event::Delete { name, .. } => {
+                self.records.remove(&name);
+                false
+            }
+            Event::Status(Connectivity::Connected) => {
+                let was_down = self.connectivity.starts_with("unreachable");
+                self.connectivity = "connected".into();
+                was_down
+            }
+            Event::Status(Connectivity::Unreachable(why)) => {
+                // Keep every peer: an unreadable registry is not a deleted record.
+                self.connectivity = format!("unreachable: {why}");
+                false
+            }
+        }
+    }
+
+    async fn reconcile(&mut self) {
+        let (desired, refused) = desired_peers(&self.own, self.records.values().cloned());
+        let refused: BTreeMap<String, String> = refused
+            .into_iter()
+            .map(|(n, e)| (n, e.to_string()))
+            .collect();
+        for (name, why) in &refused {
+            if self.refused.get(name) != Some(why) {
+                tracing::warn!(record = %name, reason = %why, "refusing node record");
+            }
+        }
+        self.refused = refused;
+        let cmds = plan(&desired, self.node.peer_configs());
+        let now = Instant::now();
+        for cmd in cmds {
+            tracing::debug!(?cmd, "reconcile");
+            if let Err(e) = self.node.apply(cmd, now) {
+                tracing::warn!(error = %e, "peer change refused");
+            }
+        }
+        self.flush().await;
+        self.sync_routes().await;
+    }
+
+    fn src_for(&self, dst: &IpNet) -> Option<IpAddr> {
+        self.own
+            .pod_cidrs
+            .iter()
+            .filter_map(mesh_address)
+            .find(|a| a.is_ipv4() == matches!(dst, IpNet::V4(_)))
+    }
+
+    async fn sync_routes(&mut self) {
+        let ifname = self.tun.name().to_string();
+        let mut want: HashSet<Route> = HashSet::new();
+        for p in self.node.peer_configs() {
+            for net in &p.allowed_ips {
+                want.insert(Route {
+                    dst: *net,
+                    kind: RouteKind::Dev {
+                        ifname: ifname.clone(),
+                        src: self.src_for(net),
+                    },
+                    metric: DEV_ROUTE_METRIC,
+                });
+            }
+        }
+        let stale: Vec<Route> = self.routes.difference(&want).cloned().collect();
+        for r in stale {
+            match self.nl.delete_route(&r).await {
+                Ok(()) => {
+                    self.routes.remove(&r);
+                }
+                Err(e) => tracing::warn!(error = %e, dst = %r.dst, "removing route"),
+            }
+        }
+        let new: Vec<Route> = want.difference(&self.routes).cloned().collect();
+        for r in new {
+            match self.nl.replace_route(&r).await {
+                Ok(()) => {
+                    self.routes.insert(r);
+                }
+                Err(e) => tracing::warn!(error = %e, dst = %r.dst, "adding route"),
+            }
+        }
+    }
+
+    /// Carries out everything the node asked for.
+    async fn flush(&mut self) {
+        while let Some(o) = self.node.poll_output() {
+            match o {
+                Output::Transmit { dst, payload } => {
+                    let to = weft_sys::to_socket_family(dst, self.udp_v6);
+                    if let Err(e) = self.udp.send_to(&payload, to).await {
+                        tracing::debug!(error = %e, %dst, "UDP send");
+                    }
+                }
+                Output::Deliver(p) => {
+                    if let Err(e) = self.tun.send(&p).await {
+                        tracing::debug!(error = %e, "TUN write");
+                    }
+                }
+            }
+        }
+    }
+
+    fn status_json(&self) -> String {
+        let st = Status {
+            node: NodeInfo {
+                name: self.own.name.clone(),
+                public_key: self.own.public_key.to_base64(),
+                key_generation: self.own.key_generation,
+                listen_port: self.cfg.listen_port,
+                interface: self.tun.name().to_string(),
+                mtu: self.mtu,
+                endpoints: self.own.endpoints.iter().map(|e| e.to_string()).collect(),
+                mesh_addresses: self
+                    .own
+                    .mesh_addresses()
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect(),
+                pod_cidrs: self.own.pod_cidrs.iter().map(|c| c.to_string()).collect(),
+                cluster_cidrs: self
+                    .cfg
+                    .cluster_cidrs
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect(),
+            },
+            registry: self.connectivity.clone(),
+            peers: self.node.peer_status(),
+            refused_records: self.refused.clone(),
+            drops: self.node.drops().by_name(),
+        };
+        serde_json::to_string(&st).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+
+    async fn shutdown(mut self, exit: Exit) {
+        let routes: Vec<Route> = self.routes.drain().collect();
+        for r in &routes {
+            if let Err(e) = self.nl.delete_route(r).await {
+                tracing::debug!(error = %e, dst = %r.dst, "removing route");
+            }
+        }
+        let _ = std::fs::remove_file(&self.cfg.api_socket);
+        match exit {
+            Exit::Stop => {
+                // The record stays so a restart is seamless; the unreachable routes stay so
+                // nothing leaks while meshd is away.
+                tracing::info!("stopping: record and fail-closed routes kept");
+            }
+            Exit::Leave(reply) => {
+                let deleted = self
+                    .registry
+                    .delete(weft_registry::Kind::Nodes, &self.own.name)
+                    .await;
+                for c in &self.cfg.cluster_cidrs {
+                    if let Err(e) = self.nl.delete_route(&Route::unreachable(*c)).await {
+                        tracing::warn!(error = %e, cidr = %c, "removing unreachable route");
+                    }
+                }
+                let msg = match deleted {
+                    Ok(_) => serde_json::json!({"left": true, "node": self.own.name}),
+                    Err(e) => serde_json::json!({"left": false, "error": e.to_string()}),
+                };
+                tracing::info!(%msg, "left the mesh");
+                let _ = reply.send(msg.to_string());
+                // Give the API task a moment to write the reply.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        // Dropping the TUN deletes the interface (and with it any route through it).
+        drop(self.tun);
+    }
+}

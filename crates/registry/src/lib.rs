@@ -1,1 +1,304 @@
-//! weft-registry (placeholder until written)
+//! weft-registry: where nodes publish their records and learn about everyone else's.
+//!
+//! In: a registry spec such as `dir:/var/lib/weft/registry` (see [`open`]), objects to publish
+//! (raw bytes through [`Registry::put`], or typed values such as a [`weft_core::NodeRecord`]
+//! through [`Typed`] / [`put_node`]). Out: point reads and listings, and watch streams of
+//! events: a full [`RawEvent::Reset`] listing first (and again after every resync), then
+//! [`RawEvent::Upsert`] / [`RawEvent::Delete`] per change and [`RawEvent::Status`] when the
+//! registry becomes unreachable or reachable again. An unreachable registry never produces
+//! deletes: "record deleted" and "cannot see the registry" are different events.
+//!
+//! The registry is a set of typed collections ([`Kind`]); today only node records exist, later
+//! external peers, revocations, rotation requests and CIDR claims join them. [`Registry`] is the
+//! raw, object-safe, backend-neutral interface (held as `Arc<dyn Registry>`); [`Typed`] decodes
+//! and validates on top of it, skipping (and logging) objects that fail to parse so one bad
+//! record never ends a watch. Backends: [`dir`] (one JSON file per object, the embedded default).
+//! etcd and Kubernetes CRD backends plug in behind the same trait later.
+
+pub mod dir;
+mod typed;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use dir::{DirOptions, DirRegistry};
+pub use typed::{
+    delete_node, get_node, list_nodes, nodes, put_node, watch_nodes, Event, Object, Typed,
+    TypedWatch,
+};
+
+/// Largest object a backend stores or reads (1 MiB); node records are a few hundred bytes.
+pub const MAX_OBJECT_BYTES: usize = 1 << 20;
+
+/// A collection in the registry. Each has a stable name used as directory / key prefix /
+/// resource name by the backends, so it must never change once released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Kind {
+    /// Node records ([`weft_core::NodeRecord`]), one per node, named after the node.
+    Nodes,
+}
+
+impl Kind {
+    /// Every collection this build knows.
+    pub const ALL: &'static [Kind] = &[Kind::Nodes];
+
+    /// The stable collection name ("nodes").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Nodes => "nodes",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A position in a registry's change history. Ordered within one backend instance; what it means
+/// beyond that depends on the backend (the `dir` backend uses a per-process counter, etcd would
+/// use its mod revision).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Revision(pub u64);
+
+impl fmt::Display for Revision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "r{}", self.0)
+    }
+}
+
+/// Whether a watch can currently see the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Connectivity {
+    Connected,
+    /// The registry cannot be read; the reason is for humans. Consumers keep what they have.
+    Unreachable(String),
+}
+
+/// One event of a raw watch. Values are the bytes as stored; see [`TypedWatch`] for decoded ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawEvent {
+    /// The complete contents of the collection, sorted by name. Replaces everything the consumer
+    /// knew: names it had that are absent here were deleted. Sent first on every watch and again
+    /// after a resync (for example when the registry comes back after being unreachable).
+    Reset {
+        items: Vec<(String, Vec<u8>)>,
+        revision: Revision,
+    },
+    /// An object was created or its content changed.
+    Upsert {
+        name: String,
+        value: Vec<u8>,
+        revision: Revision,
+    },
+    /// An object was deleted from the registry (never sent because the registry is unreachable).
+    Delete { name: String, revision: Revision },
+    /// Connectivity changed. A watch starts connected: its first event is a `Reset`, or
+    /// `Status(Unreachable)` if the registry cannot be read at that moment. After
+    /// `Unreachable`, the next `Connected` is followed by a `Reset`.
+    Status(Connectivity),
+}
+
+/// The receiving end of a watch. Dropping it stops the backend's watcher.
+#[derive(Debug)]
+pub struct WatchStream {
+    rx: tokio::sync::mpsc::Receiver<RawEvent>,
+}
+
+impl WatchStream {
+    /// Wraps a channel fed by a backend's watcher task (for backend implementations).
+    pub fn new(rx: tokio::sync::mpsc::Receiver<RawEvent>) -> Self {
+        WatchStream { rx }
+    }
+
+    /// The next event; `None` only when the backend's watcher has stopped for good.
+    pub async fn next(&mut self) -> Option<RawEvent> {
+        self.rx.recv().await
+    }
+
+    pub fn into_inner(self) -> tokio::sync::mpsc::Receiver<RawEvent> {
+        self.rx
+    }
+}
+
+/// A decoding or validation error of some object type, boxed so every kind can report its own.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a registry operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry spec {spec:?} is malformed: {reason}")]
+    BadSpec { spec: String, reason: String },
+    #[error("registry scheme `{scheme}` is not supported yet in this build (supported: dir:PATH)")]
+    NotSupportedYet { scheme: String },
+    #[error("unknown registry scheme `{scheme}` (supported: dir:PATH)")]
+    UnknownScheme { scheme: String },
+    #[error("invalid object name {name:?} in {kind}: {reason}")]
+    InvalidName {
+        kind: Kind,
+        name: String,
+        reason: weft_core::RecordError,
+    },
+    #[error("object {kind}/{name} is {size} bytes, more than the limit of {MAX_OBJECT_BYTES}")]
+    TooLarge {
+        kind: Kind,
+        name: String,
+        size: usize,
+    },
+    #[error("refusing to store invalid object {kind}/{name}: {source}")]
+    Invalid {
+        kind: Kind,
+        name: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("object {location} cannot be decoded: {source}")]
+    Decode {
+        location: String,
+        #[source]
+        source: BoxError,
+    },
+    #[error("object {location} holds a record named {record_name:?}; the names must match")]
+    NameMismatch {
+        location: String,
+        record_name: String,
+    },
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("registry internal error: {0}")]
+    Internal(String),
+}
+
+impl RegistryError {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        RegistryError::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Checks an object name: a lowercase DNS name ([`weft_core::record::check_name`]). Names become
+/// file names and keys, so this is what keeps `..` and `/` out of paths.
+pub fn check_object_name(kind: Kind, name: &str) -> Result<(), RegistryError> {
+    weft_core::record::check_name(name).map_err(|reason| RegistryError::InvalidName {
+        kind,
+        name: name.to_string(),
+        reason,
+    })
+}
+
+/// The raw, backend-neutral registry interface. Object-safe: hold it as `Arc<dyn Registry>`.
+///
+/// Names are checked with [`check_object_name`] by every backend; values are opaque bytes of at
+/// most [`MAX_OBJECT_BYTES`].
+#[async_trait::async_trait]
+pub trait Registry: Send + Sync + fmt::Debug {
+    /// What this registry is, for logs ("dir:/var/lib/weft/registry"). Never contains secrets.
+    fn describe(&self) -> String;
+
+    /// Where one object lives, for log lines about it (a file path, a key).
+    fn location(&self, kind: Kind, name: &str) -> String {
+        format!("{}/{kind}/{name}", self.describe())
+    }
+
+    /// Creates or replaces an object. Readers see either the old or the new value, never a mix.
+    async fn put(&self, kind: Kind, name: &str, value: &[u8]) -> Result<Revision, RegistryError>;
+
+    /// Reads one object; `None` if it does not exist.
+    async fn get(&self, kind: Kind, name: &str) -> Result<Option<Vec<u8>>, RegistryError>;
+
+    /// Deletes an object; `false` if it did not exist.
+    async fn delete(&self, kind: Kind, name: &str) -> Result<bool, RegistryError>;
+
+    /// All objects of a collection, sorted by name, with the revision they were read at.
+    async fn list(&self, kind: Kind) -> Result<(Vec<(String, Vec<u8>)>, Revision), RegistryError>;
+
+    /// Watches a collection. The stream begins with a [`RawEvent::Reset`]. `from` lets backends
+    /// with a history resume after that revision; backends without one (such as `dir`) ignore it
+    /// and always begin with a `Reset`, which consumers must handle anyway.
+    async fn watch(&self, kind: Kind, from: Option<Revision>)
+        -> Result<WatchStream, RegistryError>;
+}
+
+/// Opens a registry from its spec.
+///
+/// Supported: `dir:PATH` (created if missing). Recognised but not in this build: `etcd://`,
+/// `etcds://`, `k8s:` / `kubernetes:` / `crd:`.
+pub fn open(spec: &str) -> Result<Arc<dyn Registry>, RegistryError> {
+    let spec = spec.trim();
+    let Some((scheme, rest)) = spec.split_once(':') else {
+        return Err(RegistryError::BadSpec {
+            spec: spec.to_string(),
+            reason: "expected SCHEME:..., for example dir:/var/lib/weft/registry".into(),
+        });
+    };
+    match scheme {
+        "dir" => {
+            if rest.is_empty() {
+                return Err(RegistryError::BadSpec {
+                    spec: spec.to_string(),
+                    reason: "dir: needs a path, for example dir:/var/lib/weft/registry".into(),
+                });
+            }
+            Ok(Arc::new(DirRegistry::open(rest)?))
+        }
+        // Only the scheme goes into the error: the rest may hold credentials.
+        "etcd" | "etcds" | "k8s" | "kubernetes" | "crd" => Err(RegistryError::NotSupportedYet {
+            scheme: scheme.to_string(),
+        }),
+        _ => Err(RegistryError::UnknownScheme {
+            scheme: scheme.to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_specs() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let spec = format!("dir:{}", tmp.path().join("reg").display());
+        let reg = open(&spec).expect("open dir");
+        assert!(reg.describe().starts_with("dir:"));
+        assert!(
+            tmp.path().join("reg/nodes").is_dir(),
+            "open creates the collection dirs"
+        );
+
+        let e = open("etcd://user:secret@10.0.0.1:2379").expect_err("etcd");
+        let msg = e.to_string();
+        assert!(msg.contains("not supported yet in this build"), "{msg}");
+        assert!(!msg.contains("secret"), "credentials leaked into {msg}");
+        assert!(matches!(
+            open("k8s:"),
+            Err(RegistryError::NotSupportedYet { .. })
+        ));
+        assert!(matches!(
+            open("ftp:x"),
+            Err(RegistryError::UnknownScheme { .. })
+        ));
+        assert!(matches!(
+            open("/just/a/path"),
+            Err(RegistryError::BadSpec { .. })
+        ));
+        assert!(matches!(open("dir:"), Err(RegistryError::BadSpec { .. })));
+    }
+
+    #[test]
+    fn kind_names_are_stable() {
+        assert_eq!(Kind::Nodes.as_str(), "nodes");
+        assert_eq!(Kind::ALL, &[Kind::Nodes]);
+    }
+}

@@ -22,6 +22,8 @@ use weft_registry::{Connectivity, Event, Registry};
 use weft_sys::{Netlink, Route, RouteKind, Tun, DEV_ROUTE_METRIC};
 
 const TICK: Duration = Duration::from_millis(250);
+/// Packets read per wake-up before outputs are flushed.
+const BURST: usize = 64;
 
 enum ApiRequest {
     Status(oneshot::Sender<String>),
@@ -167,14 +169,31 @@ pub async fn run(cfg: Config) -> Result<()> {
         tokio::select! {
             r = tun.recv(&mut tun_buf) => match r {
                 Ok(n) => {
-                    d.node.handle_tun(&tun_buf[..n], Instant::now());
+                    let now = Instant::now();
+                    d.node.handle_tun(&tun_buf[..n], now);
+                    // Drain the burst that is already waiting before going back to select.
+                    for _ in 1..BURST {
+                        match tun.try_recv(&mut tun_buf) {
+                            Ok(n) => d.node.handle_tun(&tun_buf[..n], now),
+                            Err(_) => break,
+                        }
+                    }
                     d.flush().await;
                 }
                 Err(e) => tracing::warn!(error = %e, "reading the TUN"),
             },
             r = udp.recv_from(&mut udp_buf) => match r {
                 Ok((n, from)) => {
-                    d.node.handle_udp(weft_sys::canonical(from), &udp_buf[..n], Instant::now());
+                    let now = Instant::now();
+                    d.node.handle_udp(weft_sys::canonical(from), &udp_buf[..n], now);
+                    for _ in 1..BURST {
+                        match udp.try_recv_from(&mut udp_buf) {
+                            Ok((n, from)) => {
+                                d.node.handle_udp(weft_sys::canonical(from), &udp_buf[..n], now)
+                            }
+                            Err(_) => break,
+                        }
+                    }
                     d.flush().await;
                 }
                 Err(e) => tracing::debug!(error = %e, "reading the UDP socket"),
@@ -419,12 +438,24 @@ impl Daemon {
             match o {
                 Output::Transmit { dst, payload } => {
                     let to = weft_sys::to_socket_family(dst, self.udp_v6);
-                    if let Err(e) = self.udp.send_to(&payload, to).await {
+                    let r = match self.udp.try_send_to(&payload, to) {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            self.udp.send_to(&payload, to).await
+                        }
+                        r => r,
+                    };
+                    if let Err(e) = r {
                         tracing::debug!(error = %e, %dst, "UDP send");
                     }
                 }
                 Output::Deliver(p) => {
-                    if let Err(e) = self.tun.send(&p).await {
+                    let r = match self.tun.try_send(&p) {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            self.tun.send(&p).await
+                        }
+                        r => r,
+                    };
+                    if let Err(e) = r {
                         tracing::debug!(error = %e, "TUN write");
                     }
                 }

@@ -113,6 +113,19 @@ impl Tun {
         }
     }
 
+    /// Reads one packet if one is waiting, or fails with `WouldBlock`: for draining a burst
+    /// after [`Tun::recv`] without going back to the scheduler for every packet.
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.fd
+            .try_io(Interest::READABLE, |inner| read_fd(inner, buf))
+    }
+
+    /// Writes one packet if the device takes it now, or fails with `WouldBlock`.
+    pub fn try_send(&self, pkt: &[u8]) -> io::Result<usize> {
+        self.fd
+            .try_io(Interest::WRITABLE, |inner| write_fd(inner, pkt))
+    }
+
     /// Writes one IP packet to the interface (i.e. delivers it to the kernel's
     /// network stack), returning the number of bytes written.
     pub async fn send(&self, pkt: &[u8]) -> io::Result<usize> {

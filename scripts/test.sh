@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The one command that installs what the tests need and runs them all (as root):
+#   sudo scripts/test.sh
+# Steps: test dependencies (apt + boringtun-cli), fmt, clippy, the sans-IO dependency rule,
+# unit tests, virtual-clock tests, then the netns end-to-end tests (serial, one thread).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
+export CARGO_TERM_COLOR=never
+start=$(date +%s)
+step() { echo; echo "=== $* ($(( $(date +%s) - start ))s)"; }
+
+step "install test dependencies"
+scripts/install-test-deps.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "weft-core stays sans-IO"
+tree=$(cargo tree -p weft-core -e normal --prefix none)
+bad=$(echo "$tree" | grep -E '^(tokio|mio|socket2|netlink-[a-z-]+|rtnetlink|async-io|async-std|smol|tun|tun-tap) ' || true)
+if [ -n "$bad" ]; then
+    echo "weft-core must not depend on tokio, sockets or netlink; cargo tree shows:"; echo "$bad"; exit 1
+fi
+# nix arrives only through boringtun's clock (features time/user); its socket/net parts must not.
+if cargo tree -p weft-core -e features -i nix 2>/dev/null | grep -qE 'nix feature "(socket|net|ioctl)"'; then
+    echo "weft-core pulls in nix with socket/net features"; exit 1
+fi
+echo "ok: no tokio, socket or netlink crate under weft-core"
+
+step "build binaries"
+cargo build --workspace --bins
+
+step "unit and integration tests (no namespaces)"
+cargo test --workspace --exclude weft-tests
+
+step "virtual-clock tests (separate workspace: boringtun mock-instant)"
+CARGO_TARGET_DIR="$PWD/target" cargo test --manifest-path tests/vclock/Cargo.toml
+
+step "netns end-to-end tests (serial)"
+cargo test -p weft-tests -- --test-threads=1
+
+step "all tests passed in $(( $(date +%s) - start ))s"

@@ -480,6 +480,7 @@ impl Node {
         let had_session = ks.has_session();
         let mut authenticated = false;
         let mut drop: Option<DropReason> = None;
+        let mut decrypted: Option<(&mut [u8], std::net::IpAddr)> = None;
         match ks.tunn.decapsulate(Some(from.ip()), datagram, buf) {
             TunnResult::Done => {
                 // A keepalive or a cookie reply that verified.
@@ -494,25 +495,18 @@ impl Node {
                     payload: p.to_vec(),
                 });
             }
-            TunnResult::WriteToTunnelV4(p, src) => {
-                authenticated = true;
-                // Device-wide crypto-routing: the most specific owner of the source must be
-                // the peer that sent it.
-                if self.allowed.source_allowed(src.into(), &id) {
-                    peer.rx_bytes += p.len() as u64;
-                    self.outputs.push_back(Output::Deliver(p.to_vec()));
-                } else {
-                    drop = Some(DropReason::SourceNotAllowed);
-                }
-            }
-            TunnResult::WriteToTunnelV6(p, src) => {
-                authenticated = true;
-                if self.allowed.source_allowed(src.into(), &id) {
-                    peer.rx_bytes += p.len() as u64;
-                    self.outputs.push_back(Output::Deliver(p.to_vec()));
-                } else {
-                    drop = Some(DropReason::SourceNotAllowed);
-                }
+            TunnResult::WriteToTunnelV4(p, src) => decrypted = Some((p, src.into())),
+            TunnResult::WriteToTunnelV6(p, src) => decrypted = Some((p, src.into())),
+        }
+        if let Some((p, src)) = decrypted {
+            authenticated = true;
+            // Device-wide crypto-routing: the most specific owner of the source must be the
+            // peer that sent it.
+            if self.allowed.source_allowed(src, &id) {
+                peer.rx_bytes += p.len() as u64;
+                self.outputs.push_back(Output::Deliver(p.to_vec()));
+            } else {
+                drop = Some(DropReason::SourceNotAllowed);
             }
         }
         if let Some(reason) = drop {
@@ -671,17 +665,8 @@ mod tests {
     use super::*;
     use crate::peer::PeerConfig;
 
-    pub(crate) fn ipv4_packet(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
-        let total = 20 + payload.len();
-        let mut p = vec![0u8; total];
-        p[0] = 0x45;
-        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-        p[8] = 64;
-        p[9] = 17;
-        p[12..16].copy_from_slice(&src);
-        p[16..20].copy_from_slice(&dst);
-        p[20..].copy_from_slice(payload);
-        p
+    fn ipv4_packet(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
+        crate::packet::ipv4_packet(src, dst, 17, payload)
     }
 
     struct Net {

@@ -9,16 +9,7 @@ use weft_core::peer::{DropReason, PeerConfig};
 use weft_core::PrivateKey;
 
 fn ipv4_packet(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
-    let total = 20 + payload.len();
-    let mut p = vec![0u8; total];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    p[8] = 64;
-    p[9] = 17;
-    p[12..16].copy_from_slice(&src);
-    p[16..20].copy_from_slice(&dst);
-    p[20..].copy_from_slice(payload);
-    p
+    weft_core::packet::ipv4_packet(src, dst, 17, payload)
 }
 
 struct Sim {
@@ -135,7 +126,10 @@ impl Sim {
     }
 
     fn initiations_to(&self, dst: SocketAddr) -> usize {
-        self.sent.iter().filter(|(_, d, t, _)| *d == dst && *t == 1).count()
+        self.sent
+            .iter()
+            .filter(|(_, d, t, _)| *d == dst && *t == 1)
+            .count()
     }
 }
 
@@ -178,8 +172,16 @@ fn soak_past_reject_after_time_rekeys_and_loses_nothing() {
         }
         sim.advance(Duration::from_secs(1));
     }
-    assert_eq!(sim.delivered[0].len(), expected[0], "lost packets towards node 0");
-    assert_eq!(sim.delivered[1].len(), expected[1], "lost packets towards node 1");
+    assert_eq!(
+        sim.delivered[0].len(),
+        expected[0],
+        "lost packets towards node 0"
+    );
+    assert_eq!(
+        sim.delivered[1].len(),
+        expected[1],
+        "lost packets towards node 1"
+    );
     let inits = sim.sent.iter().filter(|(_, _, t, _)| *t == 1).count();
     // 400 s of traffic with REKEY_AFTER_TIME 120 s: at least three rekeys beyond the first.
     assert!(inits >= 4, "only {inits} handshakes in 400 s");
@@ -199,7 +201,10 @@ fn persistent_keepalive_keeps_an_idle_link_warm() {
         .iter()
         .filter(|(_, _, t, len)| *t == 4 && *len == 32)
         .count();
-    assert!(keepalives >= 2, "expected keepalives from both nodes, got {keepalives}");
+    assert!(
+        keepalives >= 2,
+        "expected keepalives from both nodes, got {keepalives}"
+    );
 
     // Without persistent keepalive an idle link stays silent.
     let mut quiet = Sim::new(2, None);
@@ -208,7 +213,12 @@ fn persistent_keepalive_keeps_an_idle_link_warm() {
     quiet.advance(Duration::from_secs(15));
     let before = quiet.sent.len();
     quiet.advance(Duration::from_secs(30));
-    assert_eq!(quiet.sent.len(), before, "idle link sent {:?}", &quiet.sent[before..]);
+    assert_eq!(
+        quiet.sent.len(),
+        before,
+        "idle link sent {:?}",
+        &quiet.sent[before..]
+    );
 }
 
 #[test]
@@ -228,7 +238,11 @@ fn second_endpoint_used_when_first_does_not_answer() {
     assert!(sim.delivered[1].is_empty());
     assert_eq!(sim.initiations_to(dead), 1);
     sim.advance(Duration::from_secs(6));
-    assert_eq!(sim.delivered[1], vec![p], "queued packet delivered via the second endpoint");
+    assert_eq!(
+        sim.delivered[1],
+        vec![p],
+        "queued packet delivered via the second endpoint"
+    );
     let st = sim.nodes[0].1.peer_status();
     assert_eq!(st[0].endpoint.as_deref(), Some("198.18.0.12:51820"));
 }

@@ -76,8 +76,9 @@ fn main() -> ExitCode {
             };
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One event loop owns the device; a current-thread runtime keeps every wake-up on the
+    // thread that handles the packet (lower latency than handing work between workers).
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

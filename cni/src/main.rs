@@ -1,119 +1,110 @@
-//! weft-cni: the CNI plugin that will put pods on the weft mesh.
+//! weft-cni: the CNI plugin that puts pods on the weft mesh (CNI SPEC 1.1).
 //!
-//! In: the CNI environment (`CNI_COMMAND`, ...) and, for ADD/DEL/CHECK, the network
-//! configuration on stdin, as the container runtime provides them (CNI spec 1.1). Out: a CNI
-//! result or error as JSON on stdout, exit code 0 on success and 1 on error.
-//!
-//! This build implements only `VERSION`. Any other `CNI_COMMAND` (ADD, DEL, CHECK, ...) or none
-//! at all gets a CNI error with code 4 ("invalid necessary environment variables": this build
-//! cannot act on the `CNI_COMMAND` it was given) saying ADD/DEL/CHECK are not implemented yet.
-//! No tokio on purpose: a CNI plugin is a short-lived process run per pod operation.
+//! In: the `CNI_*` environment and the network configuration on stdin, as a container runtime
+//! gives them; meshd's `STATE_DIR/node.json` (the node's pod CIDRs and MTU). Out: a CNI result
+//! (ADD) or error as JSON on stdout, exit 0 or 1; a veth pair, addresses, routes and an
+//! allocation file per attachment (ADD), and their exact removal (DEL, GC). A current-thread
+//! runtime at most: the plugin is a short-lived process run once per pod operation.
 
-use serde::Serialize;
-use std::io::Write;
+mod attach;
+mod conf;
+mod error;
+mod ipam;
+
+use conf::Command;
+use error::CniError;
+use std::io::{Read, Write};
 use std::process::ExitCode;
 
-/// The CNI spec version this plugin speaks.
-const CNI_VERSION: &str = "1.1.0";
-/// Every spec version this plugin can answer `VERSION` for.
-const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
-
-/// CNI well-known error code 4: "invalid necessary environment variables".
-const ERR_INVALID_ENV: u32 = 4;
-
 const USAGE: &str = "\
-weft-cni: the weft CNI plugin (CNI spec 1.1).
+weft-cni: the weft CNI plugin (CNI spec 1.1; cniVersion 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0).
 
-Run by the container runtime, not by hand. It reads CNI_COMMAND and the other CNI_* variables
-from the environment and the network configuration from stdin, and writes JSON to stdout.
+Run by the container runtime, not by hand: it reads CNI_COMMAND (ADD, DEL, CHECK, STATUS, GC,
+VERSION) and the other CNI_* variables from the environment and the network configuration from
+stdin, and writes JSON to stdout. ADD gives the pod a veth pair and an address from this node's
+pod CIDR (read from STATE_DIR/node.json, written by meshd); DEL and GC remove them.
 
-This build implements only CNI_COMMAND=VERSION. ADD, DEL, CHECK and GC are not implemented
-yet: they return a CNI error (code 4) and exit 1.
+Config fields: stateDir (/var/lib/weft), meshdSocket (/run/weft/meshd.sock), ipMasq (true),
+ipam (optional: delegate to a standard IPAM plugin such as host-local).
 
 Example:
   CNI_COMMAND=VERSION weft-cni
 ";
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct VersionResult<'a> {
-    cni_version: &'a str,
-    supported_versions: &'a [&'a str],
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct CniError<'a> {
-    cni_version: &'a str,
-    code: u32,
-    msg: &'a str,
-    details: String,
-}
-
-/// What to print on stdout and the exit status, for a given command line and `CNI_COMMAND`.
-fn respond(args: &[String], command: Option<&str>) -> (String, ExitCode) {
-    if args.len() == 1 && matches!(args[0].as_str(), "--help" | "-h") {
-        return (USAGE.to_string(), ExitCode::SUCCESS);
-    }
-    match command {
-        Some("VERSION") => {
-            let v = VersionResult {
-                cni_version: CNI_VERSION,
-                supported_versions: SUPPORTED_VERSIONS,
-            };
-            (to_json(&v), ExitCode::SUCCESS)
-        }
-        Some(cmd @ ("ADD" | "DEL" | "CHECK" | "GC" | "STATUS")) => error(
-            "command not implemented in this build",
-            format!(
-                "CNI_COMMAND={cmd} is not implemented in this build of weft-cni; \
-                 only VERSION is (ADD, DEL and CHECK come in a later release)"
-            ),
-        ),
-        Some(other) => error(
-            "unknown CNI_COMMAND",
-            format!(
-                "CNI_COMMAND={other:?} is not a CNI command; this build of weft-cni implements \
-                 only VERSION (ADD, DEL and CHECK are not implemented yet)"
-            ),
-        ),
-        None => error(
-            "CNI_COMMAND is not set",
-            "weft-cni is a CNI plugin run by the container runtime with CNI_COMMAND set; \
-             this build implements only CNI_COMMAND=VERSION (ADD, DEL and CHECK are not \
-             implemented yet). Run with --help for usage."
-                .to_string(),
-        ),
-    }
-}
-
-fn error(msg: &str, details: String) -> (String, ExitCode) {
-    let e = CniError {
-        cni_version: CNI_VERSION,
-        code: ERR_INVALID_ENV,
-        msg,
-        details,
-    };
-    (to_json(&e), ExitCode::FAILURE)
-}
-
-fn to_json<T: Serialize>(v: &T) -> String {
-    // Plain strings and numbers always serialise; the fallback is unreachable in practice.
-    serde_json::to_string(v).unwrap_or_else(|_| {
-        format!(r#"{{"cniVersion":"{CNI_VERSION}","code":999,"msg":"internal error"}}"#)
+fn version_json() -> String {
+    serde_json::json!({
+        "cniVersion": conf::DEFAULT_VERSION,
+        "supportedVersions": conf::SUPPORTED_VERSIONS,
     })
+    .to_string()
+}
+
+/// Runs one CNI command; returns what to print and whether it succeeded.
+fn run(stdin: &[u8]) -> (String, bool) {
+    let env = match conf::read_env(|k| std::env::var(k).ok()) {
+        Ok(e) => e,
+        Err(e) => return (e.to_json(&conf::sniff_version(stdin)), false),
+    };
+    if env.command == Command::Version {
+        return (version_json(), true);
+    }
+    let conf = match conf::parse(stdin) {
+        Ok(c) => c,
+        Err(e) => return (e.to_json(&conf::sniff_version(stdin)), false),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let e = CniError::new(error::IO_FAILURE, "cannot start the runtime", e.to_string());
+            return (e.to_json(&conf.cni_version), false);
+        }
+    };
+    let r: Result<Option<String>, CniError> = rt.block_on(async {
+        match env.command {
+            Command::Add => attach::add(&env, &conf).await.map(|v| Some(v.to_string())),
+            Command::Del => attach::del(&env, &conf).await.map(|_| None),
+            Command::Check => attach::check(&env, &conf).await.map(|_| None),
+            Command::Status => attach::status(&conf).await.map(|_| None),
+            Command::Gc => attach::gc(&conf).await.map(|_| None),
+            Command::Version => Ok(Some(version_json())),
+        }
+    });
+    match r {
+        Ok(out) => (out.unwrap_or_default(), true),
+        Err(e) => (e.to_json(&conf.cni_version), false),
+    }
 }
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let command = std::env::var("CNI_COMMAND").ok();
-    let (out, code) = respond(&args, command.as_deref().filter(|c| !c.is_empty()));
-    let mut stdout = std::io::stdout().lock();
-    if writeln!(stdout, "{}", out.trim_end())
-        .and_then(|()| stdout.flush())
-        .is_err()
-    {
-        return ExitCode::FAILURE;
+    if args.len() == 1 && matches!(args[0].as_str(), "--help" | "-h") {
+        print!("{USAGE}");
+        return ExitCode::SUCCESS;
     }
-    code
+    let mut stdin = Vec::new();
+    let needs_stdin = !matches!(
+        std::env::var("CNI_COMMAND").as_deref(),
+        Ok("VERSION") | Err(_)
+    );
+    if needs_stdin {
+        if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
+            let e = CniError::new(error::IO_FAILURE, "cannot read stdin", e.to_string());
+            println!("{}", e.to_json(conf::DEFAULT_VERSION));
+            return ExitCode::FAILURE;
+        }
+    }
+    let (out, ok) = run(&stdin);
+    let mut so = std::io::stdout().lock();
+    if !out.is_empty() {
+        let _ = writeln!(so, "{out}");
+    }
+    let _ = so.flush();
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

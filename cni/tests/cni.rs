@@ -43,25 +43,107 @@ fn version() {
     );
 }
 
-fn assert_cni_error(out: &Output, detail_has: &str) {
-    assert_eq!(out.status.code(), Some(1));
+fn run_with(env: &[(&str, &str)], stdin: &str) -> Output {
+    let mut cmd = Command::new(PLUGIN);
+    for k in [
+        "CNI_COMMAND",
+        "CNI_CONTAINERID",
+        "CNI_NETNS",
+        "CNI_IFNAME",
+        "CNI_PATH",
+    ] {
+        cmd.env_remove(k);
+    }
+    cmd.envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run weft-cni");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("wait")
+}
+
+fn assert_code(out: &Output, code: u64) -> serde_json::Value {
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
     let v = json(out);
-    assert_eq!(v["cniVersion"], "1.1.0");
-    assert_eq!(v["code"], 4);
+    assert_eq!(v["code"], code, "{v}");
     assert!(v["msg"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
-    let details = v["details"].as_str().expect("details");
-    assert!(details.contains(detail_has), "{details}");
-    assert!(details.contains("not implemented"), "{details}");
+    v
+}
+
+const CONF: &str = r#"{"cniVersion":"1.0.0","name":"weft","type":"weft-cni"}"#;
+
+#[test]
+fn bad_environment_is_code_4_naming_every_variable() {
+    let v = assert_code(&run_with(&[("CNI_COMMAND", "ADD")], CONF), 4);
+    let msg = v["msg"].as_str().unwrap_or_default();
+    for name in ["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_PATH"] {
+        assert!(msg.contains(name), "{msg}");
+    }
+    assert_eq!(v["cniVersion"], "1.0.0");
+    assert_code(&run_with(&[], CONF), 4);
+    assert_code(&run_with(&[("CNI_COMMAND", "BOGUS")], CONF), 4);
+    for bad in ["0123456789abcdef", "a/b", "a:b", "a b", ".", ".."] {
+        let v = assert_code(
+            &run_with(
+                &[
+                    ("CNI_COMMAND", "ADD"),
+                    ("CNI_CONTAINERID", "c1"),
+                    ("CNI_NETNS", "/run/netns/none"),
+                    ("CNI_IFNAME", bad),
+                    ("CNI_PATH", "/opt/cni/bin"),
+                ],
+                CONF,
+            ),
+            4,
+        );
+        assert!(
+            v["msg"]
+                .as_str()
+                .unwrap_or_default()
+                .ends_with("CNI_IFNAME"),
+            "{bad}: {v}"
+        );
+    }
 }
 
 #[test]
-fn unimplemented_commands_are_cni_errors() {
-    for cmd in ["ADD", "DEL", "CHECK"] {
-        assert_cni_error(&run(Some(cmd), &[]), cmd);
-    }
-    assert_cni_error(&run(Some("BOGUS"), &[]), "BOGUS");
-    assert_cni_error(&run(None, &[]), "CNI_COMMAND");
-    assert_cni_error(&run(Some(""), &[]), "CNI_COMMAND");
+fn bad_config_has_spec_codes() {
+    let env = [
+        ("CNI_COMMAND", "DEL"),
+        ("CNI_CONTAINERID", "c1"),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", "/opt/cni/bin"),
+    ];
+    assert_code(&run_with(&env, "{not json"), 6);
+    assert_code(
+        &run_with(
+            &env,
+            r#"{"cniVersion":"2.0.0","name":"weft","type":"weft-cni"}"#,
+        ),
+        1,
+    );
+    let v = assert_code(
+        &run_with(
+            &env,
+            r#"{"cniVersion":"1.1.0","name":"weft","type":"weft-cni","mystery":true}"#,
+        ),
+        2,
+    );
+    assert!(v["msg"].as_str().unwrap_or_default().contains("mystery"));
+    assert_code(
+        &run_with(
+            &env,
+            r#"{"cniVersion":"1.1.0","name":"weft","type":"weft-cni","ipMasq":"yes"}"#,
+        ),
+        7,
+    );
 }
 
 #[test]
@@ -70,7 +152,8 @@ fn help() {
         let out = run(None, &[flag]);
         assert!(out.status.success());
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("VERSION"), "{text}");
-        assert!(text.contains("not implemented"), "{text}");
+        for cmd in ["ADD", "DEL", "CHECK", "STATUS", "GC", "VERSION"] {
+            assert!(text.contains(cmd), "{text}");
+        }
     }
 }

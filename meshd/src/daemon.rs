@@ -126,6 +126,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         .with_context(|| format!("binding UDP port {}", cfg.listen_port))?;
     let udp_v6 = weft_sys::udp::socket_is_v6(&udp).unwrap_or(false);
 
+    write_node_file(&cfg, mtu)?;
     let listener = bind_api(&cfg.api_socket)?;
     let (api_tx, mut api_rx) = mpsc::channel(16);
     tokio::spawn(serve_api(listener, api_tx));
@@ -234,6 +235,27 @@ pub async fn run(cfg: Config) -> Result<()> {
     };
     d.shutdown(exit).await;
     Ok(())
+}
+
+/// `STATE_DIR/node.json`: what the CNI plugin needs to know about this node (pod CIDRs, cluster
+/// CIDRs, mesh addresses, MTU), replaced atomically. It stays while meshd restarts.
+pub const NODE_FILE: &str = "node.json";
+
+fn write_node_file(cfg: &Config, mtu: u32) -> Result<()> {
+    let info = serde_json::json!({
+        "name": cfg.node_name,
+        "podCidrs": cfg.pod_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        "clusterCidrs": cfg.cluster_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        "meshAddresses": cfg.pod_cidrs.iter().filter_map(mesh_address).map(|a| a.to_string()).collect::<Vec<_>>(),
+        "mtu": mtu,
+    });
+    let path = cfg.state_dir.join(NODE_FILE);
+    let tmp = cfg
+        .state_dir
+        .join(format!(".{NODE_FILE}.tmp{}", std::process::id()));
+    std::fs::write(&tmp, format!("{info:#}\n"))
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn bind_api(path: &std::path::Path) -> Result<UnixListener> {
@@ -514,6 +536,7 @@ impl Daemon {
                     .registry
                     .delete(weft_registry::Kind::Nodes, &self.own.name)
                     .await;
+                let _ = std::fs::remove_file(self.cfg.state_dir.join(NODE_FILE));
                 for c in &self.cfg.cluster_cidrs {
                     if let Err(e) = self.nl.delete_route(&Route::unreachable(*c)).await {
                         tracing::warn!(error = %e, cidr = %c, "removing unreachable route");

@@ -8,6 +8,7 @@
 mod api;
 mod config;
 mod daemon;
+mod install;
 mod keyfile;
 
 use clap::{Parser, Subcommand};
@@ -37,6 +38,9 @@ enum Cmd {
         #[arg(long, env = "WEFT_API_SOCKET", default_value = "/run/weft/meshd.sock")]
         api_socket: PathBuf,
     },
+    /// Install the CNI plugin: copy weft-cni (from next to meshd) into the CNI bin dir and write
+    /// 10-weft.conflist into the CNI conf dir, both atomically.
+    InstallCni(install::InstallArgs),
     /// Leave the mesh for good: the running meshd deletes this node's record, removes its
     /// routes (also the fail-closed ones) and exits.
     Leave {
@@ -126,6 +130,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::InstallCni(args) => match install::run(&args) {
+            Ok(msg) => {
+                println!("{msg}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("meshd install-cni: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Leave { api_socket } => match rt.block_on(api::request(&api_socket, "leave")) {
             Ok(reply) => {
                 print!("{reply}");

@@ -48,6 +48,14 @@ pub enum RouteKind {
     },
     /// `RTN_UNREACHABLE`: the kernel rejects matching packets (ICMP unreachable).
     Unreachable,
+    /// Through `gateway` on interface `ifname` (scope universe): a pod's default route via its
+    /// link-local gateway.
+    Via {
+        /// Output interface.
+        ifname: String,
+        /// Next hop (same family as the destination).
+        gateway: IpAddr,
+    },
 }
 
 impl Route {
@@ -154,6 +162,19 @@ fn route_message(
             m.header.kind = RouteType::Unreachable;
             m.header.scope = RouteScope::Universe;
         }
+        RouteKind::Via { ifname, gateway } => {
+            let oif = oif.ok_or_else(|| SysError::NoSuchLink(ifname.clone()))?;
+            if gateway.is_ipv4() != dst.addr().is_ipv4() {
+                return Err(SysError::InvalidArgument(format!(
+                    "route {dst}: gateway {gateway} is of a different address family"
+                )));
+            }
+            m.header.kind = RouteType::Unicast;
+            m.header.scope = RouteScope::Universe;
+            m.attributes.push(RouteAttribute::Oif(oif));
+            m.attributes
+                .push(RouteAttribute::Gateway(route_addr(*gateway)));
+        }
     }
     if for_delete {
         // Like `ip route del`: match any scope.
@@ -204,6 +225,13 @@ fn route_metric(m: &RouteMessage) -> u32 {
             _ => None,
         })
         .unwrap_or(0)
+}
+
+fn route_gateway(m: &RouteMessage) -> Option<IpAddr> {
+    m.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(g) => from_route_addr(g),
+        _ => None,
+    })
 }
 
 fn route_prefsrc(m: &RouteMessage) -> Option<IpAddr> {
@@ -393,9 +421,84 @@ impl Netlink {
             .collect())
     }
 
+    /// Creates a veth pair `name` <-> `peer`, both with `mtu`, both down, in this namespace.
+    pub async fn add_veth(&self, name: &str, peer: &str, mtu: u32) -> Result<(), SysError> {
+        ifname_to_c(name)?;
+        ifname_to_c(peer)?;
+        let mut req = self
+            .handle
+            .link()
+            .add()
+            .veth(name.to_string(), peer.to_string());
+        req.message_mut().attributes.push(LinkAttribute::Mtu(mtu));
+        req.execute()
+            .await
+            .map_err(|e| SysError::netlink(format!("add veth {name} <-> {peer}"), e))?;
+        // The peer end gets the MTU through IFLA_INFO_DATA only on newer kernels; set it too.
+        self.set_mtu(peer, mtu).await
+    }
+
+    /// Moves link `name` into the network namespace open at `netns_fd`.
+    pub async fn move_to_netns(&self, name: &str, netns_fd: std::os::fd::RawFd) -> Result<(), SysError> {
+        let index = self.existing_index(name).await?;
+        self.handle
+            .link()
+            .set(index)
+            .setns_by_fd(netns_fd)
+            .execute()
+            .await
+            .map_err(|e| SysError::netlink(format!("move {name} to another netns"), e))
+    }
+
+    /// Renames a (down) link.
+    pub async fn rename_link(&self, name: &str, new_name: &str) -> Result<(), SysError> {
+        ifname_to_c(new_name)?;
+        let index = self.existing_index(name).await?;
+        self.handle
+            .link()
+            .set(index)
+            .name(new_name.to_string())
+            .execute()
+            .await
+            .map_err(|e| SysError::netlink(format!("rename {name} to {new_name}"), e))
+    }
+
+    /// The link's hardware address as `aa:bb:cc:dd:ee:ff`, if it has one.
+    pub async fn link_mac(&self, name: &str) -> Result<Option<String>, SysError> {
+        let link = self.existing_link(name).await?;
+        Ok(link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Address(mac) if !mac.is_empty() => Some(
+                mac.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":"),
+            ),
+            _ => None,
+        }))
+    }
+
+    /// Names of every link in this namespace.
+    pub async fn link_names(&self) -> Result<Vec<String>, SysError> {
+        let links: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| SysError::netlink("dump links", e))?;
+        Ok(links.iter().filter_map(link_name).collect())
+    }
+
+    async fn existing_index(&self, name: &str) -> Result<u32, SysError> {
+        Ok(self.existing_link(name).await?.header.index)
+    }
+
     async fn route_oif_index(&self, route: &Route) -> Result<Option<u32>, SysError> {
         match &route.kind {
-            RouteKind::Dev { ifname, .. } => self.link_index(ifname).await,
+            RouteKind::Dev { ifname, .. } | RouteKind::Via { ifname, .. } => {
+                self.link_index(ifname).await
+            }
             RouteKind::Unreachable => Ok(None),
         }
     }
@@ -418,7 +521,7 @@ impl Netlink {
     /// interface). Ok if it is absent (or its interface is gone).
     pub async fn delete_route(&self, route: &Route) -> Result<(), SysError> {
         let oif = self.route_oif_index(route).await?;
-        if matches!(route.kind, RouteKind::Dev { .. }) && oif.is_none() {
+        if matches!(route.kind, RouteKind::Dev { .. } | RouteKind::Via { .. }) && oif.is_none() {
             // Routes disappear with their interface.
             return Ok(());
         }
@@ -483,9 +586,12 @@ impl Netlink {
                     let Some(ifname) = self.link_name_by_index(oif).await? else {
                         continue;
                     };
-                    RouteKind::Dev {
-                        ifname,
-                        src: route_prefsrc(&m),
+                    match route_gateway(&m) {
+                        Some(gateway) => RouteKind::Via { ifname, gateway },
+                        None => RouteKind::Dev {
+                            ifname,
+                            src: route_prefsrc(&m),
+                        },
                     }
                 }
                 _ => continue,

@@ -439,7 +439,11 @@ impl Netlink {
     }
 
     /// Moves link `name` into the network namespace open at `netns_fd`.
-    pub async fn move_to_netns(&self, name: &str, netns_fd: std::os::fd::RawFd) -> Result<(), SysError> {
+    pub async fn move_to_netns(
+        &self,
+        name: &str,
+        netns_fd: std::os::fd::RawFd,
+    ) -> Result<(), SysError> {
         let index = self.existing_index(name).await?;
         self.handle
             .link()

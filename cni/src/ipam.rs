@@ -108,8 +108,9 @@ impl Store {
                 .create_new(true)
                 .open(&path)
                 .map_err(|e| io("cannot record the allocation", &path, e))?;
+            // No fsync (host-local does none either): after a crash the pods are set up anew,
+            // and the file is created before any address is configured.
             f.write_all(format!("{cid}\n{ifname}\n").as_bytes())
-                .and_then(|_| f.sync_all())
                 .map_err(|e| io("cannot record the allocation", &path, e))?;
             let fam = if ip.is_ipv4() { "V4" } else { "V6" };
             let _ = fs::write(

@@ -25,11 +25,6 @@ pub fn host_ifname(cid: &str, ifname: &str) -> String {
     format!("wft{}", &hex::encode(h)[..11])
 }
 
-fn peer_tmp_name(cid: &str, ifname: &str) -> String {
-    let h = Sha256::digest(format!("{cid}/{ifname}").as_bytes());
-    format!("wfp{}", &hex::encode(h)[..11])
-}
-
 pub fn is_host_ifname(name: &str) -> bool {
     name.len() == 14 && name.starts_with("wft") && name[3..].bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -94,9 +89,6 @@ impl Undo<'_> {
             // Deleting one end removes the pair, wherever the other end is.
             let _ = host.delete_link(h).await;
         }
-        let _ = host
-            .delete_link(&peer_tmp_name(&self.env.container_id, &self.env.ifname))
-            .await;
         match self.lease {
             Some(Lease::Own { state_dir, network }) => {
                 if let Ok(s) = Store::lock(&state_dir, &network) {
@@ -179,18 +171,17 @@ async fn add_steps(
 
     // The veth pair, created in the host namespace, one end moved into the container.
     let host_if = host_ifname(&env.container_id, &env.ifname);
-    let tmp = peer_tmp_name(&env.container_id, &env.ifname);
     // Leftovers of an ADD that crashed half way for this same attachment.
     host.delete_link(&host_if).await?;
-    host.delete_link(&tmp).await?;
-    host.add_veth(&host_if, &tmp, node.mtu).await?;
+    // The container end is created inside the container's namespace under its final name:
+    // moving a link between namespaces afterwards would cost an RCU grace period.
+    host.add_veth_into(&host_if, &env.ifname, ns.as_raw_fd(), node.mtu)
+        .await?;
     undo.host_if = Some(host_if.clone());
     failpoint("after-veth")?;
-    host.move_to_netns(&tmp, ns.as_raw_fd()).await?;
     failpoint("after-move")?;
 
     // Container side.
-    cont.rename_link(&tmp, &env.ifname).await?;
     cont.link_up(&env.ifname).await?;
     for ip in &ips {
         let len = if ip.is_ipv4() { 32 } else { 128 };
@@ -317,8 +308,6 @@ pub fn result(
 pub async fn del(env: &Env, conf: &NetConf) -> Result<()> {
     let host = Netlink::new()?;
     host.delete_link(&host_ifname(&env.container_id, &env.ifname))
-        .await?;
-    host.delete_link(&peer_tmp_name(&env.container_id, &env.ifname))
         .await?;
     // If the host end is gone but the container end survived (it cannot, as a pair, but a
     // runtime may hand us a netns someone else configured), leave the container alone.

@@ -421,50 +421,40 @@ impl Netlink {
             .collect())
     }
 
-    /// Creates a veth pair `name` <-> `peer`, both with `mtu`, both down, in this namespace.
-    pub async fn add_veth(&self, name: &str, peer: &str, mtu: u32) -> Result<(), SysError> {
+    /// Creates a veth pair whose `peer` end is born in the network namespace open at
+    /// `peer_netns_fd` (no move afterwards: moving a link costs an RCU grace period), both ends
+    /// with `mtu`. `name` stays in this namespace, up.
+    pub async fn add_veth_into(
+        &self,
+        name: &str,
+        peer: &str,
+        peer_netns_fd: std::os::fd::RawFd,
+        mtu: u32,
+    ) -> Result<(), SysError> {
+        use netlink_packet_route::link::{InfoData, InfoVeth, LinkInfo};
         ifname_to_c(name)?;
         ifname_to_c(peer)?;
+        // rtnetlink's `veth(a, b)` names the main link `b` and the peer `a`.
         let mut req = self
             .handle
             .link()
             .add()
-            .veth(name.to_string(), peer.to_string());
-        req.message_mut().attributes.push(LinkAttribute::Mtu(mtu));
-        req.execute()
-            .await
-            .map_err(|e| SysError::netlink(format!("add veth {name} <-> {peer}"), e))?;
-        // The peer end gets the MTU through IFLA_INFO_DATA only on newer kernels; set it too.
-        self.set_mtu(peer, mtu).await
-    }
-
-    /// Moves link `name` into the network namespace open at `netns_fd`.
-    pub async fn move_to_netns(
-        &self,
-        name: &str,
-        netns_fd: std::os::fd::RawFd,
-    ) -> Result<(), SysError> {
-        let index = self.existing_index(name).await?;
-        self.handle
-            .link()
-            .set(index)
-            .setns_by_fd(netns_fd)
-            .execute()
-            .await
-            .map_err(|e| SysError::netlink(format!("move {name} to another netns"), e))
-    }
-
-    /// Renames a (down) link.
-    pub async fn rename_link(&self, name: &str, new_name: &str) -> Result<(), SysError> {
-        ifname_to_c(new_name)?;
-        let index = self.existing_index(name).await?;
-        self.handle
-            .link()
-            .set(index)
-            .name(new_name.to_string())
-            .execute()
-            .await
-            .map_err(|e| SysError::netlink(format!("rename {name} to {new_name}"), e))
+            .veth(peer.to_string(), name.to_string());
+        let msg = req.message_mut();
+        msg.attributes.push(LinkAttribute::Mtu(mtu));
+        for attr in msg.attributes.iter_mut() {
+            if let LinkAttribute::LinkInfo(infos) = attr {
+                for info in infos.iter_mut() {
+                    if let LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))) = info {
+                        p.attributes.push(LinkAttribute::Mtu(mtu));
+                        p.attributes.push(LinkAttribute::NetNsFd(peer_netns_fd));
+                    }
+                }
+            }
+        }
+        req.execute().await.map_err(|e| {
+            SysError::netlink(format!("add veth {name} <-> {peer} (in another netns)"), e)
+        })
     }
 
     /// The link's hardware address as `aa:bb:cc:dd:ee:ff`, if it has one.
@@ -492,10 +482,6 @@ impl Netlink {
             .await
             .map_err(|e| SysError::netlink("dump links", e))?;
         Ok(links.iter().filter_map(link_name).collect())
-    }
-
-    async fn existing_index(&self, name: &str) -> Result<u32, SysError> {
-        Ok(self.existing_link(name).await?.header.index)
     }
 
     async fn route_oif_index(&self, route: &Route) -> Result<Option<u32>, SysError> {

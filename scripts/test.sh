@@ -34,6 +34,9 @@ echo "ok: no tokio, socket or netlink crate under weft-core"
 step "build binaries"
 cargo build --workspace --bins
 
+step "build the failpoint-enabled weft-cni (target/failpoints, for the CNI failure tests)"
+cargo build -p weft-cni --features failpoints --target-dir target/failpoints
+
 step "unit and integration tests (no namespaces)"
 cargo test --workspace --exclude weft-tests
 

@@ -407,13 +407,7 @@ pub async fn check(env: &Env, conf: &NetConf) -> Result<()> {
 
 /// GC: releases every allocation (and host veth) whose attachment is not listed as valid.
 pub async fn gc(conf: &NetConf) -> Result<()> {
-    let valid = conf.valid_attachments.clone().ok_or_else(|| {
-        CniError::new(
-            INVALID_CONFIG,
-            "GC needs cni.dev/valid-attachments",
-            "the config has no cni.dev/valid-attachments",
-        )
-    })?;
+    let valid = conf.valid_attachments.clone().unwrap_or_default();
     let host = Netlink::new()?;
     let keep: std::collections::BTreeSet<String> =
         valid.iter().map(|(c, i)| host_ifname(c, i)).collect();

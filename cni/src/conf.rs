@@ -140,7 +140,7 @@ pub struct NetConf {
     /// The delegated IPAM section, if any.
     pub ipam: Option<Value>,
     pub prev_result: Option<Value>,
-    /// GC: the attachments to keep (container id, ifname).
+    /// GC: the attachments to keep (container id, ifname); absent or null means none.
     pub valid_attachments: Option<BTreeSet<(String, String)>>,
     /// The configuration as received, for delegation to an IPAM plugin.
     pub raw: Value,
@@ -284,8 +284,10 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf> {
             ))
         }
     };
+    // A Go runtime encodes an empty list as null; the reference plugins read a missing list
+    // as empty too.
     let valid_attachments = match obj.get("cni.dev/valid-attachments") {
-        None => None,
+        None | Some(Value::Null) => None,
         Some(Value::Array(items)) => {
             let mut set = BTreeSet::new();
             for it in items {

@@ -8,7 +8,9 @@
 //! - node `i` (0-based) in `wt-<pid>-<seq>-n<i>`, `eth0` = 198.18.0.(10+i)/24 on the bridge,
 //!   registry name `node-<i>`, pod CIDR 10.42.(i+1).0/24, mesh address 10.42.(i+1).1;
 //! - pod `k` of node `i` in `wt-<pid>-<seq>-n<i>p<k>`: `eth0` 10.42.(i+1).(10+k)/32, default via
-//!   169.254.1.1 (proxy ARP on the host veth, Calico style), /32 host route in the node.
+//!   169.254.1.1 (proxy ARP on the host veth, Calico style), /32 host route in the node;
+//! - pods attached by the weft-cni plugin instead (empty namespaces `wt-<pid>-<seq>-n<i>cp<k>`,
+//!   see [`cni`]).
 //!
 //! All nodes share one `dir:` registry in the cluster's temp dir. meshd is run as
 //! `ip netns exec NODE meshd run ...` (see [`Node::start_meshd`]). Everything is torn down when
@@ -20,6 +22,7 @@
 
 pub mod capture;
 pub mod cluster;
+pub mod cni;
 pub mod traffic;
 pub mod util;
 
@@ -27,6 +30,11 @@ pub use capture::{parse_pcap, Capture, Marker, Packet, Packets};
 pub use cluster::{
     drops_of, harness_namespaces, peer_of, wg_genkey, wg_pubkey, Cluster, ClusterOpts, Node, Pod,
     RecordSpec, Registry, WgImpl, WgKeys, WgPeer, CLUSTER_CIDR, LOW_ORDER_KEY, MESH_PORT,
+};
+pub use cni::{
+    cnitool_bin, cnitool_container_id, expected_host_veth, netns_path, ns_snapshot, result_host_if,
+    result_ipv4, weft_cni_best_bin, weft_cni_bin, weft_cni_failpoints_bin, CniCall, CniOutput,
+    CniPod, NetSnapshot, OutsideHost, CNI_NET, CNI_VERSIONS, FAILPOINTS, REF_PLUGINS,
 };
 pub use traffic::{
     ping, sh_in, tcp_transfer, udp_send, BgPing, PingOpts, PingResult, TcpOpts, TcpResult,

@@ -392,8 +392,26 @@ impl Packets {
     /// carry only the first bytes of the encrypted datagram). Non-first fragments count as
     /// violations; ARP and IPv6 are not IPv4 and are ignored.
     pub fn ipv4_violations(&self, among: &[Ipv4Addr], ports: &[u16]) -> Vec<String> {
+        self.ipv4_violations_where(
+            |i| among.is_empty() || (among.contains(&i.src) && among.contains(&i.dst)),
+            ports,
+        )
+    }
+
+    /// Like [`Packets::ipv4_violations`], for every IPv4 packet sent by or to one of `hosts`
+    /// (the nodes): the underlay router's own housekeeping (IGMP reports of its bridge, say)
+    /// is not node traffic and is left out.
+    pub fn ipv4_violations_of_hosts(&self, hosts: &[Ipv4Addr], ports: &[u16]) -> Vec<String> {
+        self.ipv4_violations_where(|i| hosts.contains(&i.src) || hosts.contains(&i.dst), ports)
+    }
+
+    fn ipv4_violations_where(
+        &self,
+        keep: impl Fn(&Ipv4Info) -> bool,
+        ports: &[u16],
+    ) -> Vec<String> {
         self.ipv4()
-            .filter(|(_, i)| among.is_empty() || (among.contains(&i.src) && among.contains(&i.dst)))
+            .filter(|(_, i)| keep(i))
             .filter(|(p, i)| {
                 let wg_udp = i.proto == PROTO_UDP
                     && !i.later_fragment

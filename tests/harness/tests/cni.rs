@@ -266,11 +266,17 @@ fn a_cnitool_pods_reach_each_other_encrypted() {
             .map(|p| p.summary())
             .collect::<Vec<_>>()
     );
-    let v = b.ipv4_violations(&[], &[MESH_PORT]);
+    let v = b.ipv4_violations_of_hosts(&c.underlay_ips(), &[MESH_PORT]);
     assert!(
         v.is_empty(),
         "non-WireGuard IPv4 on the bridge: {:?}",
         &v[..v.len().min(10)]
+    );
+    let pod_range = b.ipv4_touching(std::net::Ipv4Addr::new(10, 42, 0, 0), 16);
+    assert!(
+        pod_range.is_empty(),
+        "pod addresses on the underlay: {:?}",
+        &pod_range[..pod_range.len().min(10)]
     );
     assert!(
         b.wireguard_data_count() > 0,

@@ -188,6 +188,7 @@ impl Node {
     }
 
     pub fn add_peer(&mut self, cfg: PeerConfig, now: Instant) -> Result<(), NodeError> {
+        let _span = tracing::info_span!("peer", peer = %cfg.name).entered();
         if self.names.contains_key(&cfg.name) {
             return Err(NodeError::DuplicateName(cfg.name));
         }
@@ -224,7 +225,7 @@ impl Node {
             tx_bytes: 0,
             last_handshake: None,
         };
-        tracing::info!(peer = %peer.config.name, key = %peer.config.public_key.fingerprint(), "peer added");
+        tracing::info!(key = %peer.config.public_key.fingerprint(), "peer added");
         self.peers.insert(id, peer);
         // Handshake at once rather than waiting for traffic, so a restarted node is reachable
         // from both sides right away.
@@ -233,6 +234,7 @@ impl Node {
     }
 
     pub fn update_peer(&mut self, cfg: PeerConfig, now: Instant) -> Result<(), NodeError> {
+        let _span = tracing::info_span!("peer", peer = %cfg.name).entered();
         let id = *self
             .names
             .get(&cfg.name)
@@ -265,7 +267,7 @@ impl Node {
                 let old_slot = std::mem::replace(&mut p.current, slot);
                 self.indices.remove(&old_slot.index);
             }
-            tracing::info!(peer = %cfg.name, key = %cfg.public_key.fingerprint(), "peer key changed");
+            tracing::info!(key = %cfg.public_key.fingerprint(), "peer key changed");
         }
         if old.allowed_ips != cfg.allowed_ips {
             self.allowed.retain(|v| *v != id);
@@ -302,6 +304,7 @@ impl Node {
     }
 
     pub fn remove_peer(&mut self, name: &str) -> Result<(), NodeError> {
+        let _span = tracing::info_span!("peer", peer = %name).entered();
         let id = self
             .names
             .remove(name)
@@ -317,7 +320,7 @@ impl Node {
             self.drops.add(DropReason::NoPeer, queued);
         }
         self.allowed.retain(|v| *v != id);
-        tracing::info!(peer = %name, "peer removed");
+        tracing::info!("peer removed");
         Ok(())
     }
 

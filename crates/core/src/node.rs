@@ -187,22 +187,31 @@ impl Node {
         }
     }
 
+    /// A peer key must not be this node's own key nor belong to another peer (`owner` may
+    /// already hold it).
+    fn check_key_free(&self, key: PublicKey, owner: Option<PeerId>) -> Result<(), NodeError> {
+        if key == self.public_key() {
+            return Err(NodeError::OwnKey(key));
+        }
+        match self.keys.get(&key) {
+            Some((other, _)) if Some(*other) != owner => {
+                let name = self
+                    .peers
+                    .get(other)
+                    .map(|p| p.config.name.clone())
+                    .unwrap_or_default();
+                Err(NodeError::DuplicateKey(key, name))
+            }
+            _ => Ok(()),
+        }
+    }
+
     pub fn add_peer(&mut self, cfg: PeerConfig, now: Instant) -> Result<(), NodeError> {
         let _span = tracing::info_span!("peer", peer = %cfg.name).entered();
         if self.names.contains_key(&cfg.name) {
             return Err(NodeError::DuplicateName(cfg.name));
         }
-        if cfg.public_key == self.public_key() {
-            return Err(NodeError::OwnKey(cfg.public_key));
-        }
-        if let Some((other, _)) = self.keys.get(&cfg.public_key) {
-            let other = self
-                .peers
-                .get(other)
-                .map(|p| p.config.name.clone())
-                .unwrap_or_default();
-            return Err(NodeError::DuplicateKey(cfg.public_key, other));
-        }
+        self.check_key_free(cfg.public_key, None)?;
         let id = self.next_id;
         self.next_id += 1;
         let slot = self.new_slot(cfg.public_key);
@@ -239,20 +248,7 @@ impl Node {
             .names
             .get(&cfg.name)
             .ok_or_else(|| NodeError::UnknownPeer(cfg.name.clone()))?;
-        let own = self.public_key();
-        if cfg.public_key == own {
-            return Err(NodeError::OwnKey(cfg.public_key));
-        }
-        if let Some((other, _)) = self.keys.get(&cfg.public_key) {
-            if *other != id {
-                let other = self
-                    .peers
-                    .get(other)
-                    .map(|p| p.config.name.clone())
-                    .unwrap_or_default();
-                return Err(NodeError::DuplicateKey(cfg.public_key, other));
-            }
-        }
+        self.check_key_free(cfg.public_key, Some(id))?;
         let old = match self.peers.get(&id) {
             Some(p) => p.config.clone(),
             None => return Err(NodeError::UnknownPeer(cfg.name)),
@@ -878,6 +874,39 @@ mod tests {
         net.nodes[0].1.handle_tun(&p, now);
         net.run(now);
         assert_eq!(net.delivered[1].last(), Some(&p));
+    }
+
+    #[test]
+    fn own_or_taken_keys_are_refused() {
+        let now = Instant::now();
+        let (mut net, cfgs) = Net::new(3);
+        let node = &mut net.nodes[0].1;
+        let mut own = cfgs[1].clone();
+        own.public_key = cfgs[0].public_key;
+        assert_eq!(
+            node.add_peer(own, now),
+            Err(NodeError::OwnKey(cfgs[0].public_key))
+        );
+        node.add_peer(cfgs[1].clone(), now).expect("add n2");
+        let mut thief = cfgs[2].clone();
+        thief.public_key = cfgs[1].public_key;
+        assert_eq!(
+            node.add_peer(thief.clone(), now),
+            Err(NodeError::DuplicateKey(cfgs[1].public_key, "n2".into()))
+        );
+        node.add_peer(cfgs[2].clone(), now).expect("add n3");
+        assert_eq!(
+            node.update_peer(thief, now),
+            Err(NodeError::DuplicateKey(cfgs[1].public_key, "n2".into()))
+        );
+        // Keeping its own key in an update is fine.
+        let mut moved = cfgs[1].clone();
+        moved.endpoints = vec!["198.18.0.99:51820".parse().expect("ep")];
+        node.update_peer(moved, now).expect("same key");
+        assert_eq!(
+            node.add_peer(cfgs[1].clone(), now),
+            Err(NodeError::DuplicateName("n2".into()))
+        );
     }
 
     #[test]

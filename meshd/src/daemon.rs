@@ -85,7 +85,13 @@ pub async fn run(cfg: Config) -> Result<()> {
     let fwd = weft_sys::enable_forwarding(has_v6).context("enabling forwarding")?;
     tracing::debug!(?fwd, "forwarding");
 
-    let registry = weft_registry::open(&cfg.registry).context("opening the registry")?;
+    let registry = weft_registry::open_with(
+        &cfg.registry,
+        &weft_registry::OpenOptions {
+            etcd: cfg.etcd.options(),
+        },
+    )
+    .context("opening the registry")?;
     let previous = match weft_registry::get_node(&*registry, &cfg.node_name).await {
         Ok(r) => r,
         Err(e) => {
@@ -343,9 +349,10 @@ async fn watch_nodes(registry: Arc<dyn Registry>, tx: mpsc::Sender<Event<NodeRec
 }
 
 impl Daemon {
-    /// Writes this node's record. Returns false if the registry refused it.
+    /// Writes this node's record (bound to this process's lease where the registry has leases).
+    /// Returns false if the registry refused it.
     async fn publish(&mut self) -> bool {
-        match weft_registry::put_node(&*self.registry, &self.own).await {
+        match weft_registry::put_own_node(&*self.registry, &self.own).await {
             Ok(_) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "could not publish this node's record; will retry");

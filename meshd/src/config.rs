@@ -193,12 +193,14 @@ impl RunArgs {
                     ));
                 }
             }
-            Some(("k8s" | "kubernetes", _)) => return Err(bad(
-                "registry",
-                format!(
+            Some(("k8s" | "kubernetes", _)) => {
+                return Err(bad(
+                    "registry",
+                    format!(
                     "{registry:?}: only dir:PATH and etcd://HOST:PORT are supported by this build"
                 ),
-            )),
+                ))
+            }
             _ => {
                 return Err(bad(
                     "registry",

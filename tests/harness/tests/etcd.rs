@@ -1,0 +1,228 @@
+//! End-to-end tests of meshd with the etcd registry: a real etcd runs in the switch namespace
+//! (198.18.0.1:2379, see `Cluster::start_etcd`) and the nodes reach it over the underlay.
+//! Need root, etcd (scripts/install-test-deps.sh) and the workspace binaries; run serially:
+//!   cargo build --workspace --bins && cargo test -p weft-tests --test etcd -- --test-threads=1
+
+use std::time::{Duration, Instant};
+use weft_tests::{Cluster, Etcd, Node, PingOpts, Pod};
+
+const READY: Duration = Duration::from_secs(20);
+/// Lease TTL the tests give meshd, so an expiry is quick to observe.
+const TTL: &str = "5";
+
+fn setup() {
+    weft_tests::set_nettool(env!("CARGO_BIN_EXE_weft-nettool"));
+}
+
+fn etcd_args(etcd: &Etcd) -> Vec<String> {
+    vec![
+        "--registry".into(),
+        etcd.spec(),
+        "--etcd-lease-ttl".into(),
+        TTL.into(),
+    ]
+}
+
+fn start(n: &Node, args: &[String]) {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    n.start_meshd(&refs).expect("start meshd");
+}
+
+/// n nodes with one pod each, meshd on etcd everywhere, mesh ready.
+fn etcd_mesh(n: usize) -> (Cluster, Etcd, Vec<Pod>) {
+    setup();
+    let c = Cluster::with_nodes(n).expect("cluster");
+    let etcd = c.start_etcd().expect("etcd");
+    let pods: Vec<Pod> = (0..n).map(|i| c.node(i).add_pod(0).expect("pod")).collect();
+    for i in 0..n {
+        start(c.node(i), &etcd_args(&etcd));
+    }
+    c.wait_mesh_ready(READY).expect("mesh ready");
+    (c, etcd, pods)
+}
+
+fn all_pods_ping(c: &Cluster, pods: &[Pod]) {
+    for a in pods {
+        for b in pods {
+            if a.node_index == b.node_index {
+                continue;
+            }
+            let r = a
+                .ping(b.ip, &PingOpts::count(3).interval(0.05))
+                .expect("ping");
+            assert!(
+                r.all_received(),
+                "{} -> {}: {}/{}\n{}",
+                a.ip,
+                b.ip,
+                r.received,
+                r.transmitted,
+                c.debug_report()
+            );
+        }
+    }
+}
+
+fn peer_names(n: &Node) -> Vec<String> {
+    n.status_peer_names().unwrap_or_default()
+}
+
+fn public_key_of(n: &Node) -> String {
+    n.status_json().expect("status")["node"]["publicKey"]
+        .as_str()
+        .expect("publicKey")
+        .to_string()
+}
+
+/// 3 nodes form a mesh through etcd (records at /weft/nodes/NAME, each bound to a lease). A node
+/// killed with SIGKILL stays a peer until its lease runs out, then leaves every peer list;
+/// restarted, it rejoins under the same key with the same public key. `meshd leave` deletes the
+/// record at once.
+#[test]
+fn etcd_mesh_expiry_rejoin_and_leave() {
+    let (c, etcd, pods) = etcd_mesh(3);
+    all_pods_ping(&c, &pods);
+    let keys = etcd.keys("/weft/").expect("keys");
+    assert_eq!(
+        keys,
+        [
+            "/weft/nodes/node-0",
+            "/weft/nodes/node-1",
+            "/weft/nodes/node-2"
+        ]
+    );
+    for k in &keys {
+        assert!(
+            etcd.lease_of(k).expect("lease").is_some(),
+            "{k} is not bound to a lease"
+        );
+    }
+    for i in 0..3 {
+        let st = c.node(i).status_json().expect("status");
+        assert_eq!(st["registry"].as_str(), Some("connected"), "{st}");
+    }
+
+    // SIGKILL: nobody deletes the record, the lease expires after the TTL (5 s).
+    let n2 = c.node(2);
+    let key2 = public_key_of(n2);
+    n2.stop_meshd(libc::SIGKILL).expect("SIGKILL");
+    let killed = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    for i in 0..2 {
+        assert!(
+            peer_names(c.node(i)).contains(&"node-2".to_string()),
+            "node-{i} dropped node-2 before its lease could expire"
+        );
+    }
+    for i in 0..2 {
+        let gone = weft_tests::wait_until(Duration::from_secs(15), || {
+            !peer_names(c.node(i)).contains(&"node-2".to_string())
+        });
+        assert!(
+            gone,
+            "node-{i} still lists node-2 {:?} after SIGKILL\n{}",
+            killed.elapsed(),
+            c.debug_report()
+        );
+    }
+    eprintln!(
+        "node-2 left every peer list {:?} after SIGKILL",
+        killed.elapsed()
+    );
+    assert!(!etcd
+        .keys("/weft/")
+        .expect("keys")
+        .contains(&"/weft/nodes/node-2".to_string()));
+
+    // Restarted with the same state dir: same key, back in etcd and in every peer list.
+    start(n2, &etcd_args(&etcd));
+    assert_eq!(public_key_of(n2), key2, "public key changed across restart");
+    c.wait_mesh_ready(READY).expect("mesh ready after rejoin");
+    assert!(etcd
+        .keys("/weft/")
+        .expect("keys")
+        .contains(&"/weft/nodes/node-2".to_string()));
+    all_pods_ping(&c, &pods);
+
+    // leave: the record goes at once (no waiting for the lease), the peers drop node-1.
+    c.node(1).meshd_leave().expect("leave");
+    assert!(
+        weft_tests::wait_until(Duration::from_secs(3), || !etcd
+            .keys("/weft/")
+            .unwrap_or_default()
+            .contains(&"/weft/nodes/node-1".to_string())),
+        "node-1's record still in etcd after leave"
+    );
+    for i in [0, 2] {
+        assert!(
+            weft_tests::wait_until(Duration::from_secs(3), || !peer_names(c.node(i))
+                .contains(&"node-1".to_string())),
+            "node-{i} still lists node-1 after leave"
+        );
+    }
+}
+
+/// etcd is down for 30 s while pods ping each other at 20 Hz: no packet is lost, meshd reports
+/// the registry unreachable and keeps every peer; when etcd returns everyone resyncs (still all
+/// peers, registry connected) and a change made afterwards is seen.
+#[test]
+fn etcd_outage_keeps_traffic_flowing() {
+    let (c, mut etcd, pods) = etcd_mesh(3);
+    let pings: Vec<_> = [(0, 1), (1, 2), (2, 0)]
+        .iter()
+        .map(|&(a, b)| {
+            pods[a]
+                .bg_ping(pods[b].ip, &PingOpts::count(700).interval(0.05).wait(1))
+                .expect("bg ping")
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    etcd.stop();
+    let down = Instant::now();
+    for n in &c.nodes {
+        n.wait_status(Duration::from_secs(10), |st| {
+            st["registry"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("unreachable"))
+        })
+        .expect("registry reported unreachable");
+    }
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(down.elapsed()));
+    for n in &c.nodes {
+        assert_eq!(
+            peer_names(n).len(),
+            2,
+            "{} lost a peer during the outage",
+            n.name
+        );
+    }
+    etcd.start().expect("etcd back");
+    for n in &c.nodes {
+        n.wait_status(Duration::from_secs(10), |st| {
+            st["registry"].as_str() == Some("connected")
+                && st["peers"].as_array().is_some_and(|p| p.len() == 2)
+        })
+        .expect("resynced after etcd returned");
+    }
+    // Keep pinging a little after the return, then check every packet made it.
+    std::thread::sleep(Duration::from_secs(2));
+    for p in pings {
+        let r = p.stop();
+        assert!(r.transmitted >= 600, "ping ran too short: {}", r.output);
+        assert_eq!(
+            r.lost(),
+            0,
+            "lost {:?} of {} during the etcd outage\n{}",
+            r.lost_seqs(),
+            r.transmitted,
+            c.debug_report()
+        );
+    }
+    // The registry works again: a leave is seen by the others.
+    c.node(2).meshd_leave().expect("leave");
+    for i in 0..2 {
+        assert!(weft_tests::wait_until(Duration::from_secs(5), || {
+            !peer_names(c.node(i)).contains(&"node-2".to_string())
+        }));
+    }
+}

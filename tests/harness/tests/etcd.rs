@@ -163,19 +163,19 @@ fn etcd_mesh_expiry_rejoin_and_leave() {
 }
 
 /// etcd is down for 30 s while pods ping each other at 20 Hz: no packet is lost, meshd reports
-/// the registry unreachable and keeps every peer; when etcd returns everyone resyncs (still all
-/// peers, registry connected) and a change made afterwards is seen.
+/// the registry unreachable and keeps every peer. Meanwhile node 0's meshd is restarted: it comes
+/// up from its cached peer set (the registry cannot be read) and routes again. When etcd returns
+/// everyone resyncs (all peers, registry connected) and a change made afterwards is seen.
 #[test]
 fn etcd_outage_keeps_traffic_flowing() {
     let (c, mut etcd, pods) = etcd_mesh(3);
-    let pings: Vec<_> = [(0, 1), (1, 2), (2, 0)]
+    let opts = PingOpts::count(700).interval(0.05).wait(1);
+    // 1 <-> 2 for the whole test; 0 -> 1 until node 0's meshd is restarted.
+    let long: Vec<_> = [(1, 2), (2, 1)]
         .iter()
-        .map(|&(a, b)| {
-            pods[a]
-                .bg_ping(pods[b].ip, &PingOpts::count(700).interval(0.05).wait(1))
-                .expect("bg ping")
-        })
+        .map(|&(a, b)| pods[a].bg_ping(pods[b].ip, &opts).expect("bg ping"))
         .collect();
+    let short = pods[0].bg_ping(pods[1].ip, &opts).expect("bg ping");
     std::thread::sleep(Duration::from_secs(2));
     etcd.stop();
     let down = Instant::now();
@@ -187,6 +187,45 @@ fn etcd_outage_keeps_traffic_flowing() {
         })
         .expect("registry reported unreachable");
     }
+    std::thread::sleep(Duration::from_secs(8));
+    let r = short.stop();
+    assert!(r.transmitted >= 150, "ping ran too short: {}", r.output);
+    assert_eq!(
+        r.lost(),
+        0,
+        "0 -> 1 lost {:?} during the outage",
+        r.lost_seqs()
+    );
+
+    // Restart node 0 while etcd is still down: it must come up from its cache and route.
+    let n0 = c.node(0);
+    n0.stop_meshd(libc::SIGTERM).expect("SIGTERM");
+    start(n0, &etcd_args(&etcd));
+    let st = n0
+        .wait_status(Duration::from_secs(5), |st| {
+            st["peers"].as_array().is_some_and(|p| p.len() == 2)
+        })
+        .expect("restarted meshd has its cached peers");
+    assert!(
+        st["registry"].as_str().is_some_and(|r| r != "connected"),
+        "etcd is down, yet: {st}"
+    );
+    for (a, b) in [(0, 1), (1, 0), (0, 2), (2, 0)] {
+        let bg = pods[a]
+            .bg_ping(pods[b].ip, &PingOpts::count(200).interval(0.05).wait(1))
+            .expect("bg ping");
+        let ok = weft_tests::wait_until(Duration::from_secs(5), || bg.replies_so_far() > 0);
+        let r = bg.stop();
+        assert!(
+            ok,
+            "{} -> {}: no reply within 5 s of the restart during the outage: {}\n{}",
+            pods[a].ip,
+            pods[b].ip,
+            r.output,
+            c.debug_report()
+        );
+    }
+
     std::thread::sleep(Duration::from_secs(30).saturating_sub(down.elapsed()));
     for n in &c.nodes {
         assert_eq!(
@@ -204,9 +243,19 @@ fn etcd_outage_keeps_traffic_flowing() {
         })
         .expect("resynced after etcd returned");
     }
-    // Keep pinging a little after the return, then check every packet made it.
-    std::thread::sleep(Duration::from_secs(2));
-    for p in pings {
+    // Past the old lease of node 0's first meshd (5 s TTL): its record must survive, rebound to
+    // the new meshd's lease.
+    std::thread::sleep(Duration::from_secs(7));
+    for n in &c.nodes {
+        assert_eq!(
+            peer_names(n).len(),
+            2,
+            "{} lost a peer after etcd returned\n{}",
+            n.name,
+            c.debug_report()
+        );
+    }
+    for p in long {
         let r = p.stop();
         assert!(r.transmitted >= 600, "ping ran too short: {}", r.output);
         assert_eq!(
@@ -218,6 +267,7 @@ fn etcd_outage_keeps_traffic_flowing() {
             c.debug_report()
         );
     }
+    all_pods_ping(&c, &pods);
     // The registry works again: a leave is seen by the others.
     c.node(2).meshd_leave().expect("leave");
     for i in 0..2 {

@@ -132,7 +132,7 @@ fn record(name: &str, n: u8) -> NodeRecord {
 
 fn short_ttl() -> EtcdOptions {
     EtcdOptions {
-        lease_ttl: Duration::from_secs(2),
+        lease_ttl: Duration::from_secs(3),
         ..EtcdOptions::default()
     }
 }
@@ -264,7 +264,7 @@ async fn owned_record_lives_with_its_keepalive() {
         Event::Reset { items, .. } => assert_eq!(items, vec![a.clone()]),
         other => panic!("expected reset, got {other:?}"),
     }
-    // Kept alive well past the 2 s TTL.
+    // Kept alive well past the 3 s TTL.
     assert!(
         timeout(5 * SEC, w.next()).await.is_err(),
         "no event while the owner keeps its lease alive"
@@ -287,7 +287,7 @@ async fn owned_record_lives_with_its_keepalive() {
     // The owner goes away without deleting: the record expires after the TTL.
     let gone = Instant::now();
     drop(owner);
-    match next(&mut w, 6 * SEC).await {
+    match next(&mut w, 8 * SEC).await {
         Event::Delete { name, .. } => assert_eq!(name, "node-a"),
         other => panic!("expected expiry, got {other:?}"),
     }
@@ -316,7 +316,7 @@ async fn compaction_past_the_watch_revision_resyncs() {
     let etcd = Etcd::start().await;
     let writer = etcd.open(EtcdOptions::default());
     let watcher = etcd.open(EtcdOptions {
-        test_watch_delay: Duration::from_millis(1500),
+        test_watch_delay: Duration::from_secs(3),
         ..EtcdOptions::default()
     });
     for i in 1..=3u8 {
@@ -474,4 +474,172 @@ async fn watch_started_while_etcd_is_down_reports_unreachable() {
             .expect("open"),
         RawEvent::Reset { .. }
     ));
+}
+
+/// Runs openssl with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
+fn make_pki(dir: &std::path::Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=weft-test-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+    for (name, eku, san) in [
+        (
+            "server",
+            "serverAuth,clientAuth",
+            "subjectAltName=IP:127.0.0.1\n",
+        ),
+        ("client", "clientAuth", ""),
+    ] {
+        std::fs::write(
+            dir.join(format!("{name}.ext")),
+            format!("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage={eku}\n{san}"),
+        )
+        .expect("ext file");
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN=weft-{name}"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-out",
+                &format!("{name}.pem"),
+                "-extfile",
+                &format!("{name}.ext"),
+            ],
+        );
+    }
+}
+
+/// etcd with client-certificate authentication: a registry with the CA and a client certificate
+/// works; one without the client certificate, or without TLS, cannot read it.
+#[tokio::test]
+async fn tls_with_client_certificates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    make_pki(d);
+    let (cp, pp) = (free_port(), free_port());
+    let client = format!("https://127.0.0.1:{cp}");
+    let peer = format!("http://127.0.0.1:{pp}");
+    let log = std::fs::File::create(d.join("etcd.log")).expect("log");
+    let child = Command::new("etcd")
+        .args(["--name", "t", "--data-dir"])
+        .arg(d.join("data"))
+        .args(["--listen-client-urls", &client])
+        .args(["--advertise-client-urls", &client])
+        .args(["--listen-peer-urls", &peer])
+        .args(["--initial-advertise-peer-urls", &peer])
+        .args(["--initial-cluster", &format!("t={peer}")])
+        .arg("--client-cert-auth")
+        .arg(format!("--trusted-ca-file={}", d.join("ca.pem").display()))
+        .arg(format!("--cert-file={}", d.join("server.pem").display()))
+        .arg(format!("--key-file={}", d.join("server.key").display()))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("starting etcd");
+    let mut etcd = Etcd {
+        child: Some(child),
+        client_port: cp,
+        peer_port: pp,
+        dir,
+    };
+    let spec = format!("etcd://127.0.0.1:{cp}");
+    let open = |ca: bool, cert: bool| {
+        let d = etcd.dir.path();
+        weft_registry::open_with(
+            &spec,
+            &OpenOptions {
+                etcd: EtcdOptions {
+                    ca_file: ca.then(|| d.join("ca.pem")),
+                    cert_file: cert.then(|| d.join("client.pem")),
+                    key_file: cert.then(|| d.join("client.key")),
+                    request_timeout: Duration::from_secs(1),
+                    ..EtcdOptions::default()
+                },
+            },
+        )
+        .expect("open")
+    };
+    let good = open(true, true);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while good.list(Kind::Nodes).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "TLS etcd not reachable:\n{}",
+            etcd.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let a = record("node-a", 1);
+    put_own_node(&*good, &a).await.expect("put over TLS");
+    assert_eq!(get_node(&*good, "node-a").await.expect("get"), Some(a));
+    assert!(
+        open(true, false).list(Kind::Nodes).await.is_err(),
+        "no client certificate, yet etcd answered"
+    );
+    assert!(
+        open(false, false).list(Kind::Nodes).await.is_err(),
+        "plain HTTP to a TLS etcd answered"
+    );
+    etcd.kill();
 }

@@ -643,3 +643,95 @@ async fn tls_with_client_certificates() {
     );
     etcd.kill();
 }
+
+/// etcd with authentication on: a user limited to `/weft/` works with the backend, also across an
+/// etcd restart (which invalidates its token); a wrong password fails without showing up in the
+/// error; the user cannot write outside the prefix.
+#[tokio::test]
+async fn user_and_password_survive_an_etcd_restart() {
+    let mut etcd = Etcd::start().await;
+    let mut raw = etcd.raw().await;
+    raw.user_add("root", "rootpw", None).await.expect("root");
+    raw.user_grant_role("root", "root")
+        .await
+        .expect("root role");
+    raw.role_add("weft-node").await.expect("role");
+    raw.role_grant_permission(
+        "weft-node",
+        etcd_client::Permission::read_write("/weft/").with_prefix(),
+    )
+    .await
+    .expect("grant");
+    raw.user_add("node", "s3cret-pw", None).await.expect("user");
+    raw.user_grant_role("node", "weft-node")
+        .await
+        .expect("user role");
+    raw.auth_enable().await.expect("auth enable");
+
+    let with = |user: &str, pw: &str| {
+        etcd.open(EtcdOptions {
+            username: Some(user.into()),
+            password: Some(pw.into()),
+            request_timeout: Duration::from_secs(2),
+            ..EtcdOptions::default()
+        })
+    };
+    let bad = with("node", "wrong-pw").list(Kind::Nodes).await;
+    let e = bad.expect_err("wrong password accepted");
+    assert!(!e.to_string().contains("wrong-pw"), "{e}");
+    assert!(
+        etcd.open(EtcdOptions::default())
+            .list(Kind::Nodes)
+            .await
+            .is_err(),
+        "anonymous access with auth on"
+    );
+
+    let reg = with("node", "s3cret-pw");
+    let a = record("node-a", 1);
+    put_own_node(&*reg, &a).await.expect("put own as node");
+    assert_eq!(get_node(&*reg, "node-a").await.expect("get"), Some(a));
+    let mut w = reg.watch(Kind::Nodes, None).await.expect("watch");
+    assert!(matches!(
+        timeout(5 * SEC, w.next())
+            .await
+            .expect("event")
+            .expect("open"),
+        RawEvent::Reset { .. }
+    ));
+    let mut node_client = etcd_client::Client::connect(
+        [format!("http://127.0.0.1:{}", etcd.client_port)],
+        Some(etcd_client::ConnectOptions::new().with_user("node", "s3cret-pw")),
+    )
+    .await
+    .expect("node client");
+    assert!(
+        node_client.put("/other/x", "y", None).await.is_err(),
+        "the node user wrote outside /weft/"
+    );
+
+    // Restart etcd: the old token is gone; the backend logs in again.
+    etcd.kill();
+    etcd.spawn().await;
+    let mut saw_reset = false;
+    let deadline = Instant::now() + 20 * SEC;
+    while !saw_reset {
+        assert!(Instant::now() < deadline, "no resync after the restart");
+        match timeout(20 * SEC, w.next())
+            .await
+            .expect("event")
+            .expect("open")
+        {
+            RawEvent::Reset { items, .. } => {
+                saw_reset = items.iter().any(|(n, _)| n == "node-a");
+            }
+            RawEvent::Delete { name, .. } => panic!("delete of {name} across an etcd restart"),
+            _ => {}
+        }
+    }
+    put_node(&*reg, &record("node-b", 2))
+        .await
+        .expect("put after restart");
+    let (items, _) = reg.list(Kind::Nodes).await.expect("list after restart");
+    assert_eq!(items.len(), 2);
+}

@@ -28,13 +28,13 @@ fn start(n: &Node, args: &[String]) {
     n.start_meshd(&refs).expect("start meshd");
 }
 
-/// n nodes with one pod each, meshd on etcd everywhere, mesh ready.
-fn etcd_mesh(n: usize) -> (Cluster, Etcd, Vec<Pod>) {
+/// n nodes with one pod each, meshd on etcd on the first `running` of them, mesh ready.
+fn etcd_mesh(n: usize, running: usize) -> (Cluster, Etcd, Vec<Pod>) {
     setup();
     let c = Cluster::with_nodes(n).expect("cluster");
     let etcd = c.start_etcd().expect("etcd");
     let pods: Vec<Pod> = (0..n).map(|i| c.node(i).add_pod(0).expect("pod")).collect();
-    for i in 0..n {
+    for i in 0..running {
         start(c.node(i), &etcd_args(&etcd));
     }
     c.wait_mesh_ready(READY).expect("mesh ready");
@@ -80,7 +80,7 @@ fn public_key_of(n: &Node) -> String {
 /// record at once.
 #[test]
 fn etcd_mesh_expiry_rejoin_and_leave() {
-    let (c, etcd, pods) = etcd_mesh(3);
+    let (c, etcd, pods) = etcd_mesh(3, 3);
     all_pods_ping(&c, &pods);
     let keys = etcd.keys("/weft/").expect("keys");
     assert_eq!(
@@ -165,10 +165,11 @@ fn etcd_mesh_expiry_rejoin_and_leave() {
 /// etcd is down for 30 s while pods ping each other at 20 Hz: no packet is lost, meshd reports
 /// the registry unreachable and keeps every peer. Meanwhile node 0's meshd is restarted: it comes
 /// up from its cached peer set (the registry cannot be read) and routes again. When etcd returns
-/// everyone resyncs (all peers, registry connected) and a change made afterwards is seen.
+/// everyone resyncs (all peers, registry connected); a node added right after is reachable from
+/// all within 5 s, and a leave is seen by the others.
 #[test]
 fn etcd_outage_keeps_traffic_flowing() {
-    let (c, mut etcd, pods) = etcd_mesh(3);
+    let (c, mut etcd, pods) = etcd_mesh(4, 3);
     let opts = PingOpts::count(700).interval(0.05).wait(1);
     // 1 <-> 2 for the whole test; 0 -> 1 until node 0's meshd is restarted.
     let long: Vec<_> = [(1, 2), (2, 1)]
@@ -179,7 +180,7 @@ fn etcd_outage_keeps_traffic_flowing() {
     std::thread::sleep(Duration::from_secs(2));
     etcd.stop();
     let down = Instant::now();
-    for n in &c.nodes {
+    for n in &c.nodes[..3] {
         n.wait_status(Duration::from_secs(10), |st| {
             st["registry"]
                 .as_str()
@@ -227,7 +228,7 @@ fn etcd_outage_keeps_traffic_flowing() {
     }
 
     std::thread::sleep(Duration::from_secs(30).saturating_sub(down.elapsed()));
-    for n in &c.nodes {
+    for n in &c.nodes[..3] {
         assert_eq!(
             peer_names(n).len(),
             2,
@@ -236,7 +237,7 @@ fn etcd_outage_keeps_traffic_flowing() {
         );
     }
     etcd.start().expect("etcd back");
-    for n in &c.nodes {
+    for n in &c.nodes[..3] {
         n.wait_status(Duration::from_secs(10), |st| {
             st["registry"].as_str() == Some("connected")
                 && st["peers"].as_array().is_some_and(|p| p.len() == 2)
@@ -246,7 +247,7 @@ fn etcd_outage_keeps_traffic_flowing() {
     // Past the old lease of node 0's first meshd (5 s TTL): its record must survive, rebound to
     // the new meshd's lease.
     std::thread::sleep(Duration::from_secs(7));
-    for n in &c.nodes {
+    for n in &c.nodes[..3] {
         assert_eq!(
             peer_names(n).len(),
             2,
@@ -267,10 +268,44 @@ fn etcd_outage_keeps_traffic_flowing() {
             c.debug_report()
         );
     }
-    all_pods_ping(&c, &pods);
+    all_pods_ping(&c, &pods[..3]);
+
+    // A node added now is reachable from every pod (and reaches them) within 5 s.
+    let added = Instant::now();
+    start(c.node(3), &etcd_args(&etcd));
+    let bgs: Vec<_> = (0..3)
+        .flat_map(|i| [(i, 3), (3, i)])
+        .map(|(a, b)| {
+            (
+                a,
+                b,
+                pods[a]
+                    .bg_ping(pods[b].ip, &PingOpts::count(200).interval(0.05).wait(1))
+                    .expect("bg ping"),
+            )
+        })
+        .collect();
+    for (a, b, bg) in bgs {
+        let left = Duration::from_secs(5).saturating_sub(added.elapsed());
+        let ok = weft_tests::wait_until(left, || bg.replies_so_far() > 0);
+        let r = bg.stop();
+        assert!(
+            ok,
+            "{} -> {}: no reply within 5 s of adding node-3: {}\n{}",
+            pods[a].ip,
+            pods[b].ip,
+            r.output,
+            c.debug_report()
+        );
+    }
+    eprintln!(
+        "node-3 reachable both ways from all {:?} after its start",
+        added.elapsed()
+    );
+
     // The registry works again: a leave is seen by the others.
     c.node(2).meshd_leave().expect("leave");
-    for i in 0..2 {
+    for i in [0, 1, 3] {
         assert!(weft_tests::wait_until(Duration::from_secs(5), || {
             !peer_names(c.node(i)).contains(&"node-2".to_string())
         }));

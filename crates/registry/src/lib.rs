@@ -62,8 +62,8 @@ impl fmt::Display for Kind {
 }
 
 /// A position in a registry's change history. Ordered within one backend instance; what it means
-/// beyond that depends on the backend (the `dir` backend uses a per-process counter, etcd would
-/// use its mod revision).
+/// beyond that depends on the backend (the `dir` backend uses a per-process counter, etcd uses
+/// its revisions).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Revision(pub u64);
 

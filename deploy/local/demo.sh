@@ -20,7 +20,8 @@ down() {
 }
 if [ "${1:-}" = "--down" ]; then down; echo "demo removed"; exit 0; fi
 [ "$(id -u)" -eq 0 ] || { echo "run as root (network namespaces)"; exit 1; }
-for b in ip tcpdump ping; do command -v $b >/dev/null || { echo "missing $b: run scripts/install-test-deps.sh"; exit 1; }; done
+# protoc: building meshd builds the etcd-client crate.
+for b in ip tcpdump ping protoc; do command -v $b >/dev/null || { echo "missing $b: run scripts/install-test-deps.sh"; exit 1; }; done
 
 echo "== building meshd"
 cargo build -q -p weft-meshd

@@ -14,7 +14,9 @@ pub struct RunArgs {
     /// This node's name (a lowercase DNS name). Default: the hostname.
     #[arg(long, env = "WEFT_NODE_NAME")]
     pub node_name: Option<String>,
-    /// Where node records live: dir:PATH (a directory shared by all nodes).
+    /// Where node records live: dir:PATH (a directory shared by all nodes) or
+    /// etcd://HOST:PORT[,HOST:PORT...] (etcds:// or --etcd-ca for TLS; user and password from
+    /// WEFT_ETCD_USERNAME / WEFT_ETCD_PASSWORD).
     #[arg(
         long,
         env = "WEFT_REGISTRY",
@@ -57,6 +59,47 @@ pub struct RunArgs {
     /// Log format: text or json.
     #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// etcd registry: key prefix; records live at PREFIX/nodes/NAME.
+    #[arg(long, env = "WEFT_ETCD_PREFIX", default_value = "/weft")]
+    pub etcd_prefix: String,
+    /// etcd registry: CA bundle (PEM) to verify etcd with; turns on TLS.
+    #[arg(long, env = "WEFT_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// etcd registry: client certificate (PEM) for mutual TLS; needs --etcd-key and --etcd-ca.
+    #[arg(long, env = "WEFT_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    /// etcd registry: client key (PEM) for mutual TLS; needs --etcd-cert.
+    #[arg(long, env = "WEFT_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd registry: TTL in seconds of the lease this node's record is bound to (kept alive
+    /// while meshd runs; the record disappears this long after meshd dies).
+    #[arg(long, env = "WEFT_ETCD_LEASE_TTL", default_value_t = 60)]
+    pub etcd_lease_ttl: u64,
+}
+
+/// Settings of the etcd registry (unused with dir:). The user name and password are not here:
+/// they are read from the environment when the registry is opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    pub prefix: String,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub lease_ttl_secs: u64,
+}
+
+impl EtcdConfig {
+    /// The registry options: these settings plus the credentials from the environment.
+    pub fn options(&self) -> weft_registry::EtcdOptions {
+        weft_registry::EtcdOptions {
+            prefix: self.prefix.clone(),
+            ca_file: self.ca.clone(),
+            cert_file: self.cert.clone(),
+            key_file: self.key.clone(),
+            lease_ttl: std::time::Duration::from_secs(self.lease_ttl_secs),
+            ..weft_registry::EtcdOptions::from_env()
+        }
+    }
 }
 
 /// An endpoint flag before the default port is known.
@@ -75,6 +118,7 @@ pub struct Config {
     pub mtu: Option<u32>,
     pub persistent_keepalive: Option<u16>,
     pub json_logs: bool,
+    pub etcd: EtcdConfig,
 }
 
 /// A flag with a bad value.
@@ -131,15 +175,38 @@ impl RunArgs {
         check_name(&node_name).map_err(|e| bad("node-name", e.to_string()))?;
 
         let registry = self.registry.trim().to_string();
+        let etcd = self.validate_etcd()?;
         match registry.split_once(':') {
             Some(("dir", path)) if !path.is_empty() => {}
-            Some(("etcd" | "etcds" | "k8s" | "kubernetes", _)) => {
+            Some(("etcd" | "etcds", _)) => {
+                // The error names the problem without quoting the spec (it may hold secrets).
+                weft_registry::parse_etcd_spec(&registry)
+                    .map_err(|e| bad("registry", e.to_string()))?;
+                if registry.starts_with("etcds:") && etcd.ca.is_none() {
+                    return Err(bad("etcd-ca", "etcds:// needs a CA file"));
+                }
+                let env = weft_registry::EtcdOptions::from_env();
+                if env.username.is_some() != env.password.is_some() {
+                    return Err(bad(
+                        "registry",
+                        "WEFT_ETCD_USERNAME and WEFT_ETCD_PASSWORD must be set together",
+                    ));
+                }
+            }
+            Some(("k8s" | "kubernetes", _)) => {
                 return Err(bad(
                     "registry",
-                    format!("{registry:?}: only dir:PATH is supported by this build"),
+                    format!(
+                    "{registry:?}: only dir:PATH and etcd://HOST:PORT are supported by this build"
+                ),
                 ))
             }
-            _ => return Err(bad("registry", format!("{registry:?} is not dir:PATH"))),
+            _ => {
+                return Err(bad(
+                    "registry",
+                    "expected dir:PATH or etcd://HOST:PORT[,HOST:PORT...]",
+                ))
+            }
         }
 
         let iface = &self.interface;
@@ -196,7 +263,7 @@ impl RunArgs {
         if pod_cidrs.is_empty() {
             return Err(bad(
                 "pod-cidr",
-                "required with the dir registry (one IPv4, optionally one IPv6)",
+                "required (one IPv4, optionally one IPv6); allocation from the registry comes later",
             ));
         }
         let v4 = pod_cidrs
@@ -282,6 +349,42 @@ impl RunArgs {
             mtu: self.mtu,
             persistent_keepalive,
             json_logs,
+            etcd,
+        })
+    }
+
+    /// The etcd flags, checked whatever the registry (a bad value is a mistake either way).
+    fn validate_etcd(&self) -> Result<EtcdConfig, ConfigError> {
+        weft_registry::etcd::check_prefix(&self.etcd_prefix).map_err(|e| bad("etcd-prefix", e))?;
+        if !(2..=86_400).contains(&self.etcd_lease_ttl) {
+            return Err(bad("etcd-lease-ttl", "must be 2-86400 seconds"));
+        }
+        for (flag, path) in [
+            ("etcd-ca", &self.etcd_ca),
+            ("etcd-cert", &self.etcd_cert),
+            ("etcd-key", &self.etcd_key),
+        ] {
+            if let Some(p) = path {
+                if let Err(e) = std::fs::File::open(p) {
+                    return Err(bad(flag, format!("cannot read {}: {e}", p.display())));
+                }
+            }
+        }
+        if self.etcd_cert.is_some() && self.etcd_key.is_none() {
+            return Err(bad("etcd-key", "--etcd-cert needs --etcd-key"));
+        }
+        if self.etcd_key.is_some() && self.etcd_cert.is_none() {
+            return Err(bad("etcd-cert", "--etcd-key needs --etcd-cert"));
+        }
+        if self.etcd_cert.is_some() && self.etcd_ca.is_none() {
+            return Err(bad("etcd-ca", "a client certificate needs --etcd-ca (TLS)"));
+        }
+        Ok(EtcdConfig {
+            prefix: self.etcd_prefix.clone(),
+            ca: self.etcd_ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            lease_ttl_secs: self.etcd_lease_ttl,
         })
     }
 }
@@ -320,6 +423,25 @@ mod tests {
             vec!["10.42.0.0/16".parse::<IpNet>().expect("net")]
         );
         assert_eq!(c.interface, "weft0");
+        assert_eq!(c.etcd.prefix, "/weft");
+        assert_eq!(c.etcd.lease_ttl_secs, 60);
+        let c = parse(&[
+            "--registry",
+            "etcd://127.0.0.1:2379,[::1]:2379,etcd.example:2379",
+            "--etcd-prefix",
+            "/k/weft",
+            "--etcd-lease-ttl",
+            "5",
+        ])
+        .expect("etcd ok");
+        assert_eq!(c.etcd.prefix, "/k/weft");
+        assert_eq!(c.etcd.lease_ttl_secs, 5);
+    }
+
+    #[test]
+    fn registry_errors_do_not_quote_credentials() {
+        let e = parse(&["--registry", "etcd://u:secret@127.0.0.1:2379"]).expect_err("creds");
+        assert!(!e.to_string().contains("secret"), "{e}");
     }
 
     #[test]
@@ -332,8 +454,19 @@ mod tests {
             (&["--interface", "a-very-long-interface-name"], "interface"),
             (&["--interface", "we/ft"], "interface"),
             (&["--mtu", "100"], "mtu"),
-            (&["--registry", "etcd://127.0.0.1:2379"], "registry"),
+            (&["--registry", "etcd://127.0.0.1"], "registry"),
+            (
+                &["--registry", "etcd://u:secret@127.0.0.1:2379"],
+                "registry",
+            ),
+            (&["--registry", "etcds://127.0.0.1:2379"], "etcd-ca"),
+            (&["--registry", "k8s:"], "registry"),
             (&["--registry", "/tmp/x"], "registry"),
+            (&["--etcd-prefix", "weft"], "etcd-prefix"),
+            (&["--etcd-prefix", "/weft/"], "etcd-prefix"),
+            (&["--etcd-lease-ttl", "1"], "etcd-lease-ttl"),
+            (&["--etcd-ca", "/nonexistent/ca.pem"], "etcd-ca"),
+            (&["--etcd-cert", "/nonexistent/c.pem"], "etcd-cert"),
             (&["--log-format", "xml"], "log-format"),
             (&["--listen-port", "0"], "listen-port"),
         ];

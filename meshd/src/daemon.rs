@@ -49,6 +49,54 @@ struct Daemon {
     refused: BTreeMap<String, String>,
     routes: HashSet<Route>,
     connectivity: String,
+    /// The task writing this node's record until the registry accepts it.
+    publisher: Option<tokio::task::JoinHandle<()>>,
+    /// The peer cache last written (to skip identical writes).
+    cached: String,
+}
+
+/// How long start-up waits for the registry before going on without it.
+const REGISTRY_STARTUP_WAIT: Duration = Duration::from_secs(1);
+
+/// `STATE_DIR/peers.json`: the last known records (this node's too), so meshd started while the
+/// registry is unreachable comes up with its peers.
+pub const PEER_CACHE_FILE: &str = "peers.json";
+
+/// Reads the peer cache; a missing or bad file (or bad entries in it) is logged and skipped.
+fn load_peer_cache(state_dir: &std::path::Path) -> Vec<NodeRecord> {
+    let path = state_dir.join(PEER_CACHE_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot read the peer cache");
+            return Vec::new();
+        }
+    };
+    let items: Vec<serde_json::Value> = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "ignoring a malformed peer cache");
+            return Vec::new();
+        }
+    };
+    items
+        .into_iter()
+        .filter_map(|v| match NodeRecord::from_json(v.to_string().as_bytes()) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "skipping a cached record");
+                None
+            }
+        })
+        .collect()
+}
+
+/// A random wait in [d/2, d] (spreads retries of many nodes).
+fn jittered(d: Duration) -> Duration {
+    use rand::Rng;
+    let ms = d.as_millis().max(2) as u64;
+    Duration::from_millis(rand::thread_rng().gen_range(ms / 2..=ms))
 }
 
 pub async fn run(cfg: Config) -> Result<()> {
@@ -85,12 +133,29 @@ pub async fn run(cfg: Config) -> Result<()> {
     let fwd = weft_sys::enable_forwarding(has_v6).context("enabling forwarding")?;
     tracing::debug!(?fwd, "forwarding");
 
-    let registry = weft_registry::open(&cfg.registry).context("opening the registry")?;
-    let previous = match weft_registry::get_node(&*registry, &cfg.node_name).await {
-        Ok(r) => r,
-        Err(e) => {
+    let registry = weft_registry::open_with(
+        &cfg.registry,
+        &weft_registry::OpenOptions {
+            etcd: cfg.etcd.options(),
+        },
+    )
+    .context("opening the registry")?;
+    let cached = load_peer_cache(&cfg.state_dir);
+    // Bounded: a registry that cannot be reached must not hold up the data path.
+    let previous = match tokio::time::timeout(
+        REGISTRY_STARTUP_WAIT,
+        weft_registry::get_node(&*registry, &cfg.node_name),
+    )
+    .await
+    {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "could not read this node's previous record");
-            None
+            cached.iter().find(|r| r.name == cfg.node_name).cloned()
+        }
+        Err(_) => {
+            tracing::warn!("registry did not answer; using this node's cached record");
+            cached.iter().find(|r| r.name == cfg.node_name).cloned()
         }
     };
     let key_generation = match &previous {
@@ -149,8 +214,17 @@ pub async fn run(cfg: Config) -> Result<()> {
         refused: BTreeMap::new(),
         routes: HashSet::new(),
         connectivity: "connecting".into(),
+        publisher: None,
+        cached: String::new(),
     };
-    d.publish().await;
+    if !cached.is_empty() {
+        // Come up with the last known peers (the registry may be unreachable right now); the
+        // watch's first Reset replaces them.
+        tracing::info!(records = cached.len(), "starting from the cached peer set");
+        d.records = cached.into_iter().map(|r| (r.name.clone(), r)).collect();
+        d.reconcile().await;
+    }
+    d.spawn_publish();
     tracing::info!(
         interface = %ifname, mtu, port = d.cfg.listen_port,
         endpoints = ?d.own.endpoints, pod_cidrs = ?d.own.pod_cidrs, "meshd running"
@@ -164,7 +238,6 @@ pub async fn run(cfg: Config) -> Result<()> {
     let udp = d.udp.clone();
     let mut tun_buf = vec![0u8; 65_536];
     let mut udp_buf = vec![0u8; 65_600];
-    let mut republish_at: Option<Instant> = None;
 
     let exit = loop {
         tokio::select! {
@@ -202,19 +275,14 @@ pub async fn run(cfg: Config) -> Result<()> {
             _ = tick.tick() => {
                 d.node.handle_timeout(Instant::now());
                 d.flush().await;
-                if republish_at.is_some_and(|t| Instant::now() >= t) {
-                    republish_at = None;
-                    if !d.publish().await {
-                        republish_at = Some(Instant::now() + Duration::from_secs(2));
-                    }
-                }
             },
             ev = ev_rx.recv() => match ev {
                 Some(ev) => {
                     if d.handle_event(ev) {
-                        republish_at = Some(Instant::now());
+                        d.spawn_publish();
                     }
                     d.reconcile().await;
+                    d.save_peer_cache();
                 }
                 None => {
                     tracing::error!("registry watch ended; restarting it");
@@ -343,13 +411,53 @@ async fn watch_nodes(registry: Arc<dyn Registry>, tx: mpsc::Sender<Event<NodeRec
 }
 
 impl Daemon {
-    /// Writes this node's record. Returns false if the registry refused it.
-    async fn publish(&mut self) -> bool {
-        match weft_registry::put_node(&*self.registry, &self.own).await {
-            Ok(_) => true,
+    /// Writes this node's record in the background (bound to this process's lease where the
+    /// registry has leases), retrying with jittered backoff capped at 2 s until it is accepted.
+    /// Never blocks the event loop, so an unreachable registry cannot stall the data path.
+    fn spawn_publish(&mut self) {
+        if let Some(h) = self.publisher.take() {
+            h.abort();
+        }
+        let registry = self.registry.clone();
+        let own = self.own.clone();
+        self.publisher = Some(tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match weft_registry::put_own_node(&*registry, &own).await {
+                    Ok(_) => {
+                        tracing::debug!("published this node's record");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not publish this node's record; will retry")
+                    }
+                }
+                tokio::time::sleep(jittered(backoff)).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }));
+    }
+
+    /// Writes the known records to the peer cache when they changed (atomically).
+    fn save_peer_cache(&mut self) {
+        let items: Vec<serde_json::Value> = self
+            .records
+            .values()
+            .filter_map(|r| serde_json::from_slice(&r.to_json()).ok())
+            .collect();
+        let text = serde_json::Value::Array(items).to_string();
+        if text == self.cached {
+            return;
+        }
+        let path = self.cfg.state_dir.join(PEER_CACHE_FILE);
+        let tmp = self
+            .cfg
+            .state_dir
+            .join(format!(".{PEER_CACHE_FILE}.tmp{}", std::process::id()));
+        match std::fs::write(&tmp, &text).and_then(|_| std::fs::rename(&tmp, &path)) {
+            Ok(()) => self.cached = text,
             Err(e) => {
-                tracing::warn!(error = %e, "could not publish this node's record; will retry");
-                false
+                tracing::warn!(file = %path.display(), error = %e, "cannot write the peer cache")
             }
         }
     }
@@ -532,6 +640,10 @@ impl Daemon {
                 tracing::info!("stopping: record and fail-closed routes kept");
             }
             Exit::Leave(reply) => {
+                if let Some(h) = self.publisher.take() {
+                    h.abort();
+                }
+                let _ = std::fs::remove_file(self.cfg.state_dir.join(PEER_CACHE_FILE));
                 let deleted = self
                     .registry
                     .delete(weft_registry::Kind::Nodes, &self.own.name)

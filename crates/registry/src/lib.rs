@@ -12,10 +12,12 @@
 //! external peers, revocations, rotation requests and CIDR claims join them. [`Registry`] is the
 //! raw, object-safe, backend-neutral interface (held as `Arc<dyn Registry>`); [`Typed`] decodes
 //! and validates on top of it, skipping (and logging) objects that fail to parse so one bad
-//! record never ends a watch. Backends: [`dir`] (one JSON file per object, the embedded default).
-//! etcd and Kubernetes CRD backends plug in behind the same trait later.
+//! record never ends a watch. Backends: [`dir`] (one JSON file per object, the embedded default)
+//! and [`etcd`] (one key per object, a node's own record bound to a lease, see
+//! [`Registry::put_owned`]). A Kubernetes CRD backend plugs in behind the same trait later.
 
 pub mod dir;
+pub mod etcd;
 mod typed;
 
 use std::fmt;
@@ -23,9 +25,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use dir::{DirOptions, DirRegistry};
+pub use etcd::{EtcdOptions, EtcdRegistry};
 pub use typed::{
-    delete_node, get_node, list_nodes, nodes, put_node, watch_nodes, Event, Object, Typed,
-    TypedWatch,
+    delete_node, get_node, list_nodes, nodes, put_node, put_own_node, watch_nodes, Event, Object,
+    Typed, TypedWatch,
 };
 
 /// Largest object a backend stores or reads (1 MiB); node records are a few hundred bytes.
@@ -59,8 +62,8 @@ impl fmt::Display for Kind {
 }
 
 /// A position in a registry's change history. Ordered within one backend instance; what it means
-/// beyond that depends on the backend (the `dir` backend uses a per-process counter, etcd would
-/// use its mod revision).
+/// beyond that depends on the backend (the `dir` backend uses a per-process counter, etcd uses
+/// its revisions).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Revision(pub u64);
 
@@ -132,9 +135,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub enum RegistryError {
     #[error("registry spec {spec:?} is malformed: {reason}")]
     BadSpec { spec: String, reason: String },
-    #[error("registry scheme `{scheme}` is not supported yet in this build (supported: dir:PATH)")]
+    #[error("registry scheme `{scheme}` is not supported yet in this build (supported: dir:PATH, etcd://HOST:PORT[,HOST:PORT...])")]
     NotSupportedYet { scheme: String },
-    #[error("unknown registry scheme `{scheme}` (supported: dir:PATH)")]
+    #[error(
+        "unknown registry scheme `{scheme}` (supported: dir:PATH, etcd://HOST:PORT[,HOST:PORT...])"
+    )]
     UnknownScheme { scheme: String },
     #[error("invalid object name {name:?} in {kind}: {reason}")]
     InvalidName {
@@ -172,6 +177,13 @@ pub enum RegistryError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    /// A remote registry (etcd) refused or did not answer; `target` never holds credentials.
+    #[error("{op} {target}: {reason}")]
+    Backend {
+        op: &'static str,
+        target: String,
+        reason: String,
     },
     #[error("registry internal error: {0}")]
     Internal(String),
@@ -214,6 +226,19 @@ pub trait Registry: Send + Sync + fmt::Debug {
     /// Creates or replaces an object. Readers see either the old or the new value, never a mix.
     async fn put(&self, kind: Kind, name: &str, value: &[u8]) -> Result<Revision, RegistryError>;
 
+    /// Creates or replaces an object that belongs to this process (a node's own record): backends
+    /// with leases bind it to one that lives as long as this registry handle keeps it alive, and
+    /// write it again if the lease is lost. Backends without leases (such as `dir`) store it like
+    /// [`Registry::put`], which is the default.
+    async fn put_owned(
+        &self,
+        kind: Kind,
+        name: &str,
+        value: &[u8],
+    ) -> Result<Revision, RegistryError> {
+        self.put(kind, name, value).await
+    }
+
     /// Reads one object; `None` if it does not exist.
     async fn get(&self, kind: Kind, name: &str) -> Result<Option<Vec<u8>>, RegistryError>;
 
@@ -230,15 +255,33 @@ pub trait Registry: Send + Sync + fmt::Debug {
         -> Result<WatchStream, RegistryError>;
 }
 
+/// Options of every backend, for [`open_with`].
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    pub etcd: EtcdOptions,
+}
+
+/// Opens a registry from its spec, with the etcd credentials from the environment
+/// ([`EtcdOptions::from_env`]) and default options otherwise; see [`open_with`].
+pub fn open(spec: &str) -> Result<Arc<dyn Registry>, RegistryError> {
+    open_with(
+        spec,
+        &OpenOptions {
+            etcd: EtcdOptions::from_env(),
+        },
+    )
+}
+
 /// Opens a registry from its spec.
 ///
-/// Supported: `dir:PATH` (created if missing). Recognised but not in this build: `etcd://`,
-/// `etcds://`, `k8s:` / `kubernetes:` / `crd:`.
-pub fn open(spec: &str) -> Result<Arc<dyn Registry>, RegistryError> {
+/// Supported: `dir:PATH` (created if missing) and `etcd://HOST:PORT[,HOST:PORT...]` (`etcds://`
+/// for TLS; TLS is also used whenever a CA file is set). Recognised but not in this build:
+/// `k8s:` / `kubernetes:` / `crd:`. Errors never contain credentials.
+pub fn open_with(spec: &str, options: &OpenOptions) -> Result<Arc<dyn Registry>, RegistryError> {
     let spec = spec.trim();
     let Some((scheme, rest)) = spec.split_once(':') else {
         return Err(RegistryError::BadSpec {
-            spec: spec.to_string(),
+            spec: redact(spec),
             reason: "expected SCHEME:..., for example dir:/var/lib/weft/registry".into(),
         });
     };
@@ -252,13 +295,47 @@ pub fn open(spec: &str) -> Result<Arc<dyn Registry>, RegistryError> {
             }
             Ok(Arc::new(DirRegistry::open(rest)?))
         }
+        "etcd" | "etcds" => {
+            let endpoints = parse_etcd_spec(spec)?.1;
+            Ok(Arc::new(EtcdRegistry::open(
+                scheme,
+                endpoints,
+                options.etcd.clone(),
+            )?))
+        }
         // Only the scheme goes into the error: the rest may hold credentials.
-        "etcd" | "etcds" | "k8s" | "kubernetes" | "crd" => Err(RegistryError::NotSupportedYet {
+        "k8s" | "kubernetes" | "crd" => Err(RegistryError::NotSupportedYet {
             scheme: scheme.to_string(),
         }),
         _ => Err(RegistryError::UnknownScheme {
             scheme: scheme.to_string(),
         }),
+    }
+}
+
+/// Checks an `etcd://` / `etcds://` spec without opening it: (scheme, endpoints).
+pub fn parse_etcd_spec(spec: &str) -> Result<(&str, Vec<String>), RegistryError> {
+    let spec = spec.trim();
+    let (scheme, rest) = spec
+        .split_once("://")
+        .filter(|(s, _)| *s == "etcd" || *s == "etcds")
+        .ok_or_else(|| RegistryError::BadSpec {
+            spec: redact(spec),
+            reason: "expected etcd://HOST:PORT[,HOST:PORT...]".into(),
+        })?;
+    let endpoints = etcd::parse_endpoints(rest).map_err(|reason| RegistryError::BadSpec {
+        spec: redact(spec),
+        reason,
+    })?;
+    Ok((scheme, endpoints))
+}
+
+/// A spec for an error message: anything that may hold credentials (`user:pw@`) is cut.
+fn redact(spec: &str) -> String {
+    match spec.split_once("://") {
+        Some((scheme, rest)) if rest.contains('@') => format!("{scheme}://<redacted>"),
+        _ if spec.contains('@') => "<redacted>".into(),
+        _ => spec.to_string(),
     }
 }
 
@@ -279,8 +356,26 @@ mod tests {
 
         let e = open("etcd://user:secret@10.0.0.1:2379").expect_err("etcd");
         let msg = e.to_string();
-        assert!(msg.contains("not supported yet in this build"), "{msg}");
+        assert!(msg.contains("WEFT_ETCD_USERNAME"), "{msg}");
         assert!(!msg.contains("secret"), "credentials leaked into {msg}");
+        for bad in [
+            "etcd://",
+            "etcd://h",
+            "etcd://h:0",
+            "etcd://h:x",
+            "etcd:h:1",
+            "etcd://a b:1",
+        ] {
+            assert!(
+                matches!(open(bad), Err(RegistryError::BadSpec { .. })),
+                "{bad}"
+            );
+        }
+        let tls_without_ca = open("etcds://127.0.0.1:2379").expect_err("etcds without CA");
+        assert!(
+            tls_without_ca.to_string().contains("CA"),
+            "{tls_without_ca}"
+        );
         assert!(matches!(
             open("k8s:"),
             Err(RegistryError::NotSupportedYet { .. })

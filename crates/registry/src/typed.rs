@@ -313,6 +313,23 @@ pub async fn put_node(
     put_object(registry, record).await
 }
 
+/// Validates and publishes this node's own record: bound to the registry's lease where the
+/// backend has leases ([`Registry::put_owned`]).
+pub async fn put_own_node(
+    registry: &dyn Registry,
+    record: &NodeRecord,
+) -> Result<Revision, RegistryError> {
+    crate::check_object_name(Kind::Nodes, &record.name)?;
+    record.validate().map_err(|e| RegistryError::Invalid {
+        kind: Kind::Nodes,
+        name: record.name.clone(),
+        source: Box::new(e) as BoxError,
+    })?;
+    registry
+        .put_owned(Kind::Nodes, &record.name, &record.encode())
+        .await
+}
+
 /// Reads one node record (an error if the stored one is invalid).
 pub async fn get_node(
     registry: &dyn Registry,

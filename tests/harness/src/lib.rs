@@ -12,7 +12,8 @@
 //! - pods attached by the weft-cni plugin instead (empty namespaces `wt-<pid>-<seq>-n<i>cp<k>`,
 //!   see [`cni`]).
 //!
-//! All nodes share one `dir:` registry in the cluster's temp dir. meshd is run as
+//! All nodes share one `dir:` registry in the cluster's temp dir, or an etcd started by
+//! [`Cluster::start_etcd`] in the switch namespace (see [`etcd`]). meshd is run as
 //! `ip netns exec NODE meshd run ...` (see [`Node::start_meshd`]). Everything is torn down when
 //! the [`Cluster`] drops (also on panic); leftovers of crashed runs are removed when the next
 //! cluster is created. Clusters are serialized by a machine-wide lock ([`util::HarnessLock`]).
@@ -23,6 +24,7 @@
 pub mod capture;
 pub mod cluster;
 pub mod cni;
+pub mod etcd;
 pub mod traffic;
 pub mod util;
 
@@ -36,6 +38,7 @@ pub use cni::{
     result_ipv4, weft_cni_best_bin, weft_cni_bin, weft_cni_failpoints_bin, CniCall, CniOutput,
     CniPod, NetSnapshot, OutsideHost, CNI_NET, CNI_VERSIONS, FAILPOINTS, REF_PLUGINS,
 };
+pub use etcd::{Etcd, ETCD_CLIENT_PORT, ETCD_PEER_PORT};
 pub use traffic::{
     ping, sh_in, tcp_transfer, udp_send, BgPing, PingOpts, PingResult, TcpOpts, TcpResult,
     UdpReceived, UdpReceiver, UdpSend,

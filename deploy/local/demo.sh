@@ -20,8 +20,17 @@ down() {
 }
 if [ "${1:-}" = "--down" ]; then down; echo "demo removed"; exit 0; fi
 [ "$(id -u)" -eq 0 ] || { echo "run as root (network namespaces)"; exit 1; }
-# protoc: building meshd builds the etcd-client crate.
-for b in ip tcpdump ping protoc; do command -v $b >/dev/null || { echo "missing $b: run scripts/install-test-deps.sh"; exit 1; }; done
+# What the demo needs on a fresh Debian machine (protoc: building meshd builds the etcd-client
+# crate). Installed from Debian's packages when missing.
+need=()
+for pair in ip:iproute2 tcpdump:tcpdump ping:iputils-ping protoc:protobuf-compiler od:coreutils; do
+    command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    echo "== installing ${need[*]}"
+    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null \
+        || { echo "could not install ${need[*]}"; exit 1; }
+fi
 
 echo "== building meshd"
 cargo build -q -p weft-meshd

@@ -508,10 +508,9 @@ impl Daemon {
         }
         self.refused = refused;
         let cmds = plan(&desired, self.node.peer_configs());
-        let now = Instant::now();
         for cmd in cmds {
             tracing::debug!(?cmd, "reconcile");
-            if let Err(e) = self.node.apply(cmd, now) {
+            if let Err(e) = self.node.apply(cmd) {
                 tracing::warn!(error = %e, "peer change refused");
             }
         }

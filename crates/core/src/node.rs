@@ -179,10 +179,10 @@ impl Node {
     }
 
     /// Applies one reconcile command.
-    pub fn apply(&mut self, cmd: Command, now: Instant) -> Result<(), NodeError> {
+    pub fn apply(&mut self, cmd: Command) -> Result<(), NodeError> {
         match cmd {
-            Command::Add(cfg) => self.add_peer(cfg, now),
-            Command::Update(cfg) => self.update_peer(cfg, now),
+            Command::Add(cfg) => self.add_peer(cfg),
+            Command::Update(cfg) => self.update_peer(cfg),
             Command::Remove(name) => self.remove_peer(&name),
         }
     }
@@ -206,7 +206,7 @@ impl Node {
         }
     }
 
-    pub fn add_peer(&mut self, cfg: PeerConfig, now: Instant) -> Result<(), NodeError> {
+    pub fn add_peer(&mut self, cfg: PeerConfig) -> Result<(), NodeError> {
         let _span = tracing::info_span!("peer", peer = %cfg.name).entered();
         if self.names.contains_key(&cfg.name) {
             return Err(NodeError::DuplicateName(cfg.name));
@@ -232,17 +232,16 @@ impl Node {
             drops: Drops::default(),
             rx_bytes: 0,
             tx_bytes: 0,
-            last_handshake: None,
         };
         tracing::info!(key = %peer.config.public_key.fingerprint(), "peer added");
         self.peers.insert(id, peer);
         // Handshake at once rather than waiting for traffic, so a restarted node is reachable
         // from both sides right away.
-        self.initiate(id, Slot::Current, now);
+        self.initiate(id, Slot::Current);
         Ok(())
     }
 
-    pub fn update_peer(&mut self, cfg: PeerConfig, now: Instant) -> Result<(), NodeError> {
+    pub fn update_peer(&mut self, cfg: PeerConfig) -> Result<(), NodeError> {
         let _span = tracing::info_span!("peer", peer = %cfg.name).entered();
         let id = *self
             .names
@@ -294,7 +293,7 @@ impl Node {
             p.config = cfg;
         }
         if key_changed {
-            self.initiate(id, Slot::Current, now);
+            self.initiate(id, Slot::Current);
         }
         Ok(())
     }
@@ -328,7 +327,7 @@ impl Node {
     }
 
     /// Starts a handshake on a slot unless one is already under way.
-    fn initiate(&mut self, id: PeerId, slot: Slot, _now: Instant) {
+    fn initiate(&mut self, id: PeerId, slot: Slot) {
         let mut buf = std::mem::take(&mut self.scratch);
         let out = match self.peers.get_mut(&id).and_then(|p| p.slot_mut(slot)) {
             Some(s) => match s.tunn.format_handshake_initiation(&mut buf, false) {
@@ -377,11 +376,14 @@ impl Node {
         } else {
             peer.queue.push_back((now, pkt.to_vec()));
         }
-        self.initiate(id, Slot::Current, now);
+        self.initiate(id, Slot::Current);
     }
 
     /// A datagram read from the UDP socket.
-    pub fn handle_udp(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+    ///
+    /// `now` is part of the input contract; today every time-dependent decision on a datagram
+    /// is `Tunn`'s (it reads its own clock), so the node does not look at it yet.
+    pub fn handle_udp(&mut self, from: SocketAddr, datagram: &[u8], _now: Instant) {
         if datagram.len() > MAX_DATAGRAM {
             self.drop_packet(None, DropReason::Oversize, 1);
             return;
@@ -390,11 +392,11 @@ impl Node {
         if buf.len() < datagram.len() + MIN_BUF {
             buf.resize(datagram.len() + MIN_BUF, 0);
         }
-        self.route_datagram(from, datagram, &mut buf, now);
+        self.route_datagram(from, datagram, &mut buf);
         self.scratch = buf;
     }
 
-    fn route_datagram(&mut self, from: SocketAddr, datagram: &[u8], buf: &mut [u8], now: Instant) {
+    fn route_datagram(&mut self, from: SocketAddr, datagram: &[u8], buf: &mut [u8]) {
         let parsed = match Tunn::parse_incoming_packet(datagram) {
             Ok(p) => p,
             Err(_) => return self.drop_packet(None, DropReason::InvalidPacket, 1),
@@ -459,7 +461,7 @@ impl Node {
                 None => return self.drop_packet(None, DropReason::UnknownIndex, 1),
             },
         };
-        self.decapsulate(target, from, datagram, buf, now);
+        self.decapsulate(target, from, datagram, buf);
     }
 
     fn decapsulate(
@@ -468,7 +470,6 @@ impl Node {
         from: SocketAddr,
         datagram: &[u8],
         buf: &mut [u8],
-        now: Instant,
     ) {
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
@@ -476,7 +477,6 @@ impl Node {
         let Some(ks) = peer.slot_mut(slot) else {
             return;
         };
-        let had_session = ks.has_session();
         let mut authenticated = false;
         let mut drop: Option<DropReason> = None;
         let mut decrypted: Option<(&mut [u8], std::net::IpAddr)> = None;
@@ -532,9 +532,6 @@ impl Node {
             extra.push(p.to_vec());
         }
         let has_session = ks.has_session();
-        if has_session && !had_session {
-            peer.last_handshake = Some(now);
-        }
         for p in extra {
             self.transmit_to_peer(id, p);
         }
@@ -722,8 +719,8 @@ mod tests {
     fn two_nodes_handshake_and_exchange_both_ways() {
         let now = Instant::now();
         let (mut net, cfgs) = Net::new(2);
-        net.nodes[0].1.add_peer(cfgs[1].clone(), now).expect("add");
-        net.nodes[1].1.add_peer(cfgs[0].clone(), now).expect("add");
+        net.nodes[0].1.add_peer(cfgs[1].clone()).expect("add");
+        net.nodes[1].1.add_peer(cfgs[0].clone()).expect("add");
         // Packet sent before any handshake waits in the queue and is delivered after it.
         let p = ipv4_packet([10, 42, 1, 5], [10, 42, 2, 7], b"hello-weft");
         net.nodes[0].1.handle_tun(&p, now);
@@ -748,7 +745,7 @@ mod tests {
         for i in 0..3 {
             for (j, cfg) in cfgs.iter().enumerate() {
                 if i != j {
-                    net.nodes[i].1.add_peer(cfg.clone(), now).expect("add");
+                    net.nodes[i].1.add_peer(cfg.clone()).expect("add");
                 }
             }
         }
@@ -772,7 +769,7 @@ mod tests {
     fn garbage_datagrams_are_counted_not_fatal() {
         let now = Instant::now();
         let (mut net, cfgs) = Net::new(2);
-        net.nodes[0].1.add_peer(cfgs[1].clone(), now).expect("add");
+        net.nodes[0].1.add_peer(cfgs[1].clone()).expect("add");
         let from: SocketAddr = "198.18.0.99:1234".parse().expect("addr");
         let node = &mut net.nodes[0].1;
         node.handle_udp(from, &[], now);
@@ -818,7 +815,7 @@ mod tests {
         let (mut net, cfgs) = Net::new(2);
         // Only node 0 knows node 1; node 1's initiation reaches node 0? No: node 0 initiates to
         // node 1, which does not know node 0's key and must refuse it.
-        net.nodes[0].1.add_peer(cfgs[1].clone(), now).expect("add");
+        net.nodes[0].1.add_peer(cfgs[1].clone()).expect("add");
         net.run(now);
         assert_eq!(net.nodes[1].1.drops().get(DropReason::UnknownPeer), 1);
     }
@@ -827,8 +824,8 @@ mod tests {
     fn removed_peer_gets_nothing_and_table_empties() {
         let now = Instant::now();
         let (mut net, cfgs) = Net::new(2);
-        net.nodes[0].1.add_peer(cfgs[1].clone(), now).expect("add");
-        net.nodes[1].1.add_peer(cfgs[0].clone(), now).expect("add");
+        net.nodes[0].1.add_peer(cfgs[1].clone()).expect("add");
+        net.nodes[1].1.add_peer(cfgs[0].clone()).expect("add");
         net.run(now);
         net.nodes[0].1.remove_peer("n2").expect("remove");
         assert!(net.nodes[0].1.allowed.is_empty());
@@ -846,7 +843,7 @@ mod tests {
         for i in 0..3 {
             for (j, cfg) in cfgs.iter().enumerate() {
                 if i != j {
-                    net.nodes[i].1.add_peer(cfg.clone(), now).expect("add");
+                    net.nodes[i].1.add_peer(cfg.clone()).expect("add");
                 }
             }
         }
@@ -857,13 +854,10 @@ mod tests {
         cfgs[1].public_key = k.public_key();
         net.nodes[1].1 = Node::new(k, None);
         for j in [0usize, 2] {
-            net.nodes[1].1.add_peer(cfgs[j].clone(), now).expect("add");
+            net.nodes[1].1.add_peer(cfgs[j].clone()).expect("add");
         }
         for i in [0usize, 2] {
-            net.nodes[i]
-                .1
-                .update_peer(cfgs[1].clone(), now)
-                .expect("update");
+            net.nodes[i].1.update_peer(cfgs[1].clone()).expect("update");
         }
         net.run(now);
         assert_eq!(
@@ -878,44 +872,42 @@ mod tests {
 
     #[test]
     fn own_or_taken_keys_are_refused() {
-        let now = Instant::now();
         let (mut net, cfgs) = Net::new(3);
         let node = &mut net.nodes[0].1;
         let mut own = cfgs[1].clone();
         own.public_key = cfgs[0].public_key;
         assert_eq!(
-            node.add_peer(own, now),
+            node.add_peer(own),
             Err(NodeError::OwnKey(cfgs[0].public_key))
         );
-        node.add_peer(cfgs[1].clone(), now).expect("add n2");
+        node.add_peer(cfgs[1].clone()).expect("add n2");
         let mut thief = cfgs[2].clone();
         thief.public_key = cfgs[1].public_key;
         assert_eq!(
-            node.add_peer(thief.clone(), now),
+            node.add_peer(thief.clone()),
             Err(NodeError::DuplicateKey(cfgs[1].public_key, "n2".into()))
         );
-        node.add_peer(cfgs[2].clone(), now).expect("add n3");
+        node.add_peer(cfgs[2].clone()).expect("add n3");
         assert_eq!(
-            node.update_peer(thief, now),
+            node.update_peer(thief),
             Err(NodeError::DuplicateKey(cfgs[1].public_key, "n2".into()))
         );
         // Keeping its own key in an update is fine.
         let mut moved = cfgs[1].clone();
         moved.endpoints = vec!["198.18.0.99:51820".parse().expect("ep")];
-        node.update_peer(moved, now).expect("same key");
+        node.update_peer(moved).expect("same key");
         assert_eq!(
-            node.add_peer(cfgs[1].clone(), now),
+            node.add_peer(cfgs[1].clone()),
             Err(NodeError::DuplicateName("n2".into()))
         );
     }
 
     #[test]
     fn endpoints_tried_in_order() {
-        let now = Instant::now();
         let (mut net, mut cfgs) = Net::new(2);
         let dead: SocketAddr = "198.18.0.200:51820".parse().expect("addr");
         cfgs[1].endpoints.insert(0, dead);
-        net.nodes[0].1.add_peer(cfgs[1].clone(), now).expect("add");
+        net.nodes[0].1.add_peer(cfgs[1].clone()).expect("add");
         match net.nodes[0].1.poll_output() {
             Some(Output::Transmit { dst, .. }) => assert_eq!(dst, dead),
             other => panic!("expected an initiation to the first endpoint, got {other:?}"),

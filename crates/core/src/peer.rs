@@ -146,18 +146,9 @@ pub struct Peer {
     pub drops: Drops,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
-    /// When the last handshake completed, from this crate's `now`.
-    pub last_handshake: Option<Instant>,
 }
 
 impl Peer {
-    pub fn slot(&self, which: Slot) -> Option<&KeySlot> {
-        match which {
-            Slot::Current => Some(&self.current),
-            Slot::Next => self.next.as_ref(),
-        }
-    }
-
     pub fn slot_mut(&mut self, which: Slot) -> Option<&mut KeySlot> {
         match which {
             Slot::Current => Some(&mut self.current),

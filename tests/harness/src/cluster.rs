@@ -626,6 +626,40 @@ impl Cluster {
     }
 
     /// Underlay addresses of all nodes.
+    /// The plaintext checks of an underlay capture: no packet carries `marker`, every IPv4
+    /// packet sent by or to a node is WireGuard UDP (or an ICMP error about one), and no pod
+    /// address (10.42.0.0/16) appears on the underlay.
+    pub fn assert_underlay_encrypted(
+        &self,
+        b: &crate::capture::Packets,
+        marker: &crate::capture::Marker,
+    ) {
+        let leaked = b.marker_packets(marker);
+        assert!(
+            leaked.is_empty(),
+            "{} packets with the marker on the underlay, e.g. {:?}",
+            leaked.len(),
+            leaked
+                .iter()
+                .take(5)
+                .map(|p| p.summary())
+                .collect::<Vec<_>>()
+        );
+        let v = b.ipv4_violations_of_hosts(&self.underlay_ips(), &[MESH_PORT]);
+        assert!(
+            v.is_empty(),
+            "{} IPv4 packets of nodes on the underlay that are not UDP port {MESH_PORT}: {:?}",
+            v.len(),
+            &v[..v.len().min(10)]
+        );
+        let pod_range = b.ipv4_touching(Ipv4Addr::new(10, 42, 0, 0), 16);
+        assert!(
+            pod_range.is_empty(),
+            "pod addresses on the underlay: {:?}",
+            &pod_range[..pod_range.len().min(10)]
+        );
+    }
+
     pub fn underlay_ips(&self) -> Vec<Ipv4Addr> {
         self.nodes.iter().map(|n| n.underlay_ip).collect()
     }

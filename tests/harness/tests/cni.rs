@@ -15,7 +15,7 @@ use weft_tests::cni::link_mtu;
 use weft_tests::{
     expected_host_veth, netns_path, ns_snapshot, tcp_transfer, weft_cni_failpoints_bin, Cluster,
     CniCall, CniOutput, CniPod, Marker, NetSnapshot, Node, PingOpts, TcpOpts, CNI_NET,
-    CNI_VERSIONS, FAILPOINTS, MESH_PORT,
+    CNI_VERSIONS, FAILPOINTS,
 };
 
 const READY: Duration = Duration::from_secs(20);
@@ -255,29 +255,7 @@ fn a_cnitool_pods_reach_each_other_encrypted() {
         }
     }
     let b = bridge.stop().expect("stop capture");
-    let leaked = b.marker_packets(&marker);
-    assert!(
-        leaked.is_empty(),
-        "{} marker packets on the bridge, e.g. {:?}",
-        leaked.len(),
-        leaked
-            .iter()
-            .take(5)
-            .map(|p| p.summary())
-            .collect::<Vec<_>>()
-    );
-    let v = b.ipv4_violations_of_hosts(&c.underlay_ips(), &[MESH_PORT]);
-    assert!(
-        v.is_empty(),
-        "non-WireGuard IPv4 on the bridge: {:?}",
-        &v[..v.len().min(10)]
-    );
-    let pod_range = b.ipv4_touching(std::net::Ipv4Addr::new(10, 42, 0, 0), 16);
-    assert!(
-        pod_range.is_empty(),
-        "pod addresses on the underlay: {:?}",
-        &pod_range[..pod_range.len().min(10)]
-    );
+    c.assert_underlay_encrypted(&b, &marker);
     assert!(
         b.wireguard_data_count() > 0,
         "no WireGuard data on the bridge at all"

@@ -231,30 +231,7 @@ fn b_no_plaintext_on_the_underlay() {
         t.len(),
         t.marker_packets(&marker).len()
     );
-    let leaked = b.marker_packets(&marker);
-    assert!(
-        leaked.is_empty(),
-        "{} packets with the marker on the bridge, e.g. {:?}",
-        leaked.len(),
-        leaked
-            .iter()
-            .take(5)
-            .map(|p| p.summary())
-            .collect::<Vec<_>>()
-    );
-    let v = b.ipv4_violations_of_hosts(&c.underlay_ips(), &[MESH_PORT]);
-    assert!(
-        v.is_empty(),
-        "{} IPv4 packets on the bridge that are not UDP port {MESH_PORT}: {:?}",
-        v.len(),
-        &v[..v.len().min(10)]
-    );
-    let pod_range = b.ipv4_touching(Ipv4Addr::new(10, 42, 0, 0), 16);
-    assert!(
-        pod_range.is_empty(),
-        "pod addresses on the underlay: {:?}",
-        &pod_range[..pod_range.len().min(10)]
-    );
+    c.assert_underlay_encrypted(&b, &marker);
     let control_marker = t.marker_packets(&marker).len();
     assert!(
         control_marker > 0,

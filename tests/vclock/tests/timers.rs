@@ -59,7 +59,7 @@ impl Sim {
             for j in 0..self.cfgs.len() {
                 if i != j {
                     let cfg = self.cfgs[j].clone();
-                    self.nodes[i].1.add_peer(cfg, self.now).expect("add");
+                    self.nodes[i].1.add_peer(cfg).expect("add");
                 }
             }
         }
@@ -139,13 +139,12 @@ fn lost_initiation_is_retried_after_rekey_timeout() {
     let b = sim.nodes[1].0;
     sim.blackholes.push(b);
     let cfg = sim.cfgs[1].clone();
-    let now = sim.now;
-    sim.nodes[0].1.add_peer(cfg, now).expect("add");
+    sim.nodes[0].1.add_peer(cfg).expect("add");
     sim.pump();
     assert_eq!(sim.initiations_to(b), 1);
     sim.blackholes.clear();
     let cfg = sim.cfgs[0].clone();
-    sim.nodes[1].1.add_peer(cfg, now).expect("add");
+    sim.nodes[1].1.add_peer(cfg).expect("add");
     // Node 1's own initiation would complete the session; swallow the ones towards node 0 so
     // that we see node 0's retry.
     sim.blackholes.push(sim.nodes[0].0);
@@ -227,13 +226,12 @@ fn second_endpoint_used_when_first_does_not_answer() {
     let dead: SocketAddr = "198.18.0.250:51820".parse().expect("addr");
     sim.blackholes.push(dead);
     sim.cfgs[1].endpoints.insert(0, dead);
-    let now = sim.now;
     let (c0, c1) = (sim.cfgs[0].clone(), sim.cfgs[1].clone());
     // Node 1's initiations towards node 0 are lost, so only node 0 can make the session (and
     // roaming cannot find node 1 for it).
     sim.drop_initiations_to.push(sim.nodes[0].0);
-    sim.nodes[1].1.add_peer(c0, now).expect("add");
-    sim.nodes[0].1.add_peer(c1, now).expect("add");
+    sim.nodes[1].1.add_peer(c0).expect("add");
+    sim.nodes[0].1.add_peer(c1).expect("add");
     let p = sim.send(0, 1, b"queued");
     assert!(sim.delivered[1].is_empty());
     assert_eq!(sim.initiations_to(dead), 1);
@@ -253,8 +251,7 @@ fn unreachable_peer_stops_after_rekey_attempt_time_and_queue_drops_are_counted()
     let b = sim.nodes[1].0;
     sim.blackholes.push(b);
     let cfg = sim.cfgs[1].clone();
-    let now = sim.now;
-    sim.nodes[0].1.add_peer(cfg, now).expect("add");
+    sim.nodes[0].1.add_peer(cfg).expect("add");
     sim.send(0, 1, b"never");
     sim.advance(Duration::from_secs(20));
     assert_eq!(

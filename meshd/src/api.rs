@@ -30,6 +30,9 @@ pub struct NodeInfo {
 pub struct Status {
     pub node: NodeInfo,
     pub registry: String,
+    /// With a claimed (not configured) pod range: `held`, `unconfirmed: ...` or `lost: ...`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_cidr_claim: Option<String>,
     pub peers: Vec<PeerStatus>,
     pub refused_records: BTreeMap<String, String>,
     pub drops: BTreeMap<&'static str, u64>,

@@ -33,9 +33,18 @@ pub struct RunArgs {
     /// order. Default: the address of the interface holding the default route.
     #[arg(long = "endpoint", env = "WEFT_ENDPOINT", value_delimiter = ',')]
     pub endpoints: Vec<String>,
-    /// This node's pod range: one IPv4 and optionally one IPv6 CIDR. Required with dir:.
+    /// This node's pod range: one IPv4 and optionally one IPv6 CIDR. Absent: a block of
+    /// --node-cidr-size is claimed from the first IPv4 --cluster-cidr through the registry (and
+    /// kept across restarts).
     #[arg(long = "pod-cidr", env = "WEFT_POD_CIDR", value_delimiter = ',')]
     pub pod_cidrs: Vec<String>,
+    /// Without --pod-cidr: prefix length of the block this node claims (24 for a /24).
+    #[arg(long, env = "WEFT_NODE_CIDR_SIZE", default_value_t = 24)]
+    pub node_cidr_size: u8,
+    /// Without --pod-cidr: how long a block's owner must have been gone (no record, no renewal)
+    /// before another node may take the block when no free one is left, e.g. 24h, 90m, 30s.
+    #[arg(long, env = "WEFT_CIDR_RECLAIM_AFTER", default_value = "24h")]
+    pub cidr_reclaim_after: String,
     /// The whole cluster's pod ranges; kept unreachable (fail closed) outside the mesh routes.
     #[arg(
         long = "cluster-cidr",
@@ -111,7 +120,10 @@ pub struct Config {
     pub listen_port: u16,
     /// Empty: find the default-route address at start-up.
     pub endpoints: Vec<SocketAddr>,
+    /// Empty when the range is to be claimed (see `alloc`).
     pub pod_cidrs: Vec<IpNet>,
+    /// Set when no --pod-cidr was given: how to claim one.
+    pub alloc: Option<AllocConfig>,
     pub cluster_cidrs: Vec<IpNet>,
     pub state_dir: PathBuf,
     pub api_socket: PathBuf,
@@ -119,6 +131,49 @@ pub struct Config {
     pub persistent_keepalive: Option<u16>,
     pub json_logs: bool,
     pub etcd: EtcdConfig,
+}
+
+/// How this node claims its pod range when none is given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocConfig {
+    /// The first IPv4 --cluster-cidr.
+    pub pool: ipnet::Ipv4Net,
+    pub block_len: u8,
+    pub reclaim_after: std::time::Duration,
+}
+
+/// Parses a duration such as `24h`, `90m`, `30s`, `1d` or `1h30m`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let mut total: u64 = 0;
+    let mut num = String::new();
+    let mut any = false;
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return Err(format!("{s:?}: unknown unit {c:?} (use s, m, h or d)")),
+        };
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?}: a number must come before {c:?}"))?;
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(|| format!("{s:?} is too long"))?;
+        num.clear();
+        any = true;
+    }
+    if !num.is_empty() || !any {
+        return Err(format!("{s:?} is not a duration such as 24h, 90m or 30s"));
+    }
+    Ok(std::time::Duration::from_secs(total))
 }
 
 /// A flag with a bad value.
@@ -260,17 +315,47 @@ impl RunArgs {
             .iter()
             .map(|c| parse_cidr("pod-cidr", c))
             .collect::<Result<Vec<_>, _>>()?;
-        if pod_cidrs.is_empty() {
-            return Err(bad(
-                "pod-cidr",
-                "required (one IPv4, optionally one IPv6); allocation from the registry comes later",
-            ));
+        let reclaim_after =
+            parse_duration(&self.cidr_reclaim_after).map_err(|e| bad("cidr-reclaim-after", e))?;
+        if reclaim_after.as_secs() == 0 {
+            return Err(bad("cidr-reclaim-after", "must be at least 1s"));
         }
+        let alloc = if pod_cidrs.is_empty() {
+            let pool = cluster_cidrs
+                .iter()
+                .find_map(|c| match c {
+                    IpNet::V4(v4) => Some(*v4),
+                    IpNet::V6(_) => None,
+                })
+                .ok_or_else(|| {
+                    bad(
+                        "cluster-cidr",
+                        "without --pod-cidr an IPv4 cluster range is needed to claim a block from",
+                    )
+                })?;
+            let len = self.node_cidr_size;
+            if len < pool.prefix_len() || len > 30 {
+                return Err(bad(
+                    "node-cidr-size",
+                    format!(
+                        "/{len} does not fit in --cluster-cidr {pool}: use {}-30",
+                        pool.prefix_len()
+                    ),
+                ));
+            }
+            Some(AllocConfig {
+                pool,
+                block_len: len,
+                reclaim_after,
+            })
+        } else {
+            None
+        };
         let v4 = pod_cidrs
             .iter()
             .filter(|c| matches!(c, IpNet::V4(_)))
             .count();
-        if v4 != 1 || pod_cidrs.len() - v4 > 1 {
+        if alloc.is_none() && (v4 != 1 || pod_cidrs.len() - v4 > 1) {
             return Err(bad(
                 "pod-cidr",
                 "give exactly one IPv4 and at most one IPv6 range",
@@ -343,6 +428,7 @@ impl RunArgs {
             listen_port: self.listen_port,
             endpoints,
             pod_cidrs,
+            alloc,
             cluster_cidrs,
             state_dir: self.state_dir.clone(),
             api_socket: self.api_socket.clone(),
@@ -493,11 +579,44 @@ mod tests {
             .validate()
             .expect_err("outside");
         assert_eq!(e.flag, "pod-cidr");
-        let e = T::try_parse_from(["meshd", "--node-name", "n1"])
+        let alloc = |args: &[&str]| {
+            let mut v = vec!["meshd", "--node-name", "n1"];
+            v.extend_from_slice(args);
+            T::try_parse_from(v).expect("clap").a.validate()
+        };
+        for (args, flag) in [
+            (&["--node-cidr-size", "15"][..], "node-cidr-size"),
+            (&["--node-cidr-size", "31"], "node-cidr-size"),
+            (&["--cluster-cidr", "fd00:42::/48"], "cluster-cidr"),
+            (&["--cidr-reclaim-after", "soon"], "cidr-reclaim-after"),
+            (&["--cidr-reclaim-after", "0s"], "cidr-reclaim-after"),
+            (&["--cidr-reclaim-after", "10"], "cidr-reclaim-after"),
+        ] {
+            let e = alloc(args).expect_err("bad");
+            assert_eq!(e.flag, flag, "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn without_pod_cidr_a_block_is_claimed() {
+        let c = T::try_parse_from(["meshd", "--node-name", "n1"])
             .expect("clap")
             .a
             .validate()
-            .expect_err("missing");
-        assert_eq!(e.flag, "pod-cidr");
+            .expect("alloc");
+        assert!(c.pod_cidrs.is_empty());
+        assert_eq!(
+            c.alloc,
+            Some(AllocConfig {
+                pool: "10.42.0.0/16".parse().expect("net"),
+                block_len: 24,
+                reclaim_after: std::time::Duration::from_secs(86_400),
+            })
+        );
+        assert!(parse(&[]).expect("static").alloc.is_none());
+        assert_eq!(parse_duration("1h30m").map(|d| d.as_secs()), Ok(5400));
+        assert_eq!(parse_duration("2d").map(|d| d.as_secs()), Ok(172_800));
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("").is_err());
     }
 }

@@ -53,6 +53,10 @@ struct Daemon {
     publisher: Option<tokio::task::JoinHandle<()>>,
     /// The peer cache last written (to skip identical writes).
     cached: String,
+    /// Renews this node's pod CIDR claim (when the range was claimed, not given).
+    renewal: Option<tokio::task::JoinHandle<()>>,
+    /// What `meshd status` says about that claim.
+    claim_state: Option<Arc<std::sync::Mutex<String>>>,
 }
 
 /// How long start-up waits for the registry before going on without it.
@@ -93,13 +97,13 @@ fn load_peer_cache(state_dir: &std::path::Path) -> Vec<NodeRecord> {
 }
 
 /// A random wait in [d/2, d] (spreads retries of many nodes).
-fn jittered(d: Duration) -> Duration {
+pub(crate) fn jittered(d: Duration) -> Duration {
     use rand::Rng;
     let ms = d.as_millis().max(2) as u64;
     Duration::from_millis(rand::thread_rng().gen_range(ms / 2..=ms))
 }
 
-pub async fn run(cfg: Config) -> Result<()> {
+pub async fn run(mut cfg: Config) -> Result<()> {
     let (key, created) = keyfile::load_or_create(&cfg.state_dir)?;
     let public = key.public_key();
     tracing::info!(node = %cfg.node_name, key = %public, created, "node key");
@@ -140,6 +144,16 @@ pub async fn run(cfg: Config) -> Result<()> {
         },
     )
     .context("opening the registry")?;
+    // Without --pod-cidr, claim a block first: everything below (the mesh address, the record,
+    // node.json for the CNI plugin) needs it.
+    let claim = match cfg.alloc.clone() {
+        Some(alloc) => {
+            let (block, confirmed) = crate::podcidr::obtain(&cfg, &alloc, &*registry).await?;
+            cfg.pod_cidrs = vec![IpNet::V4(block)];
+            Some((alloc, block, confirmed))
+        }
+        None => None,
+    };
     let cached = load_peer_cache(&cfg.state_dir);
     // Bounded: a registry that cannot be reached must not hold up the data path.
     let previous = match tokio::time::timeout(
@@ -216,6 +230,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         connectivity: "connecting".into(),
         publisher: None,
         cached: String::new(),
+        renewal: None,
+        claim_state: None,
     };
     if !cached.is_empty() {
         // Come up with the last known peers (the registry may be unreachable right now); the
@@ -223,6 +239,18 @@ pub async fn run(cfg: Config) -> Result<()> {
         tracing::info!(records = cached.len(), "starting from the cached peer set");
         d.records = cached.into_iter().map(|r| (r.name.clone(), r)).collect();
         d.reconcile().await;
+    }
+    if let Some((alloc, block, confirmed)) = claim {
+        let state = Arc::new(std::sync::Mutex::new(String::new()));
+        d.renewal = Some(crate::podcidr::spawn_renewal(
+            &d.cfg,
+            &alloc,
+            d.registry.clone(),
+            block,
+            confirmed,
+            state.clone(),
+        ));
+        d.claim_state = Some(state);
     }
     d.spawn_publish();
     tracing::info!(
@@ -617,6 +645,10 @@ impl Daemon {
                     .collect(),
             },
             registry: self.connectivity.clone(),
+            pod_cidr_claim: self
+                .claim_state
+                .as_ref()
+                .and_then(|s| s.lock().ok().map(|g| g.clone())),
             peers: self.node.peer_status(),
             refused_records: self.refused.clone(),
             drops: self.node.drops().by_name(),
@@ -647,6 +679,18 @@ impl Daemon {
                     .registry
                     .delete(weft_registry::Kind::Nodes, &self.own.name)
                     .await;
+                if let Some(h) = self.renewal.take() {
+                    // Leaving for good: the block is free for the next node at once.
+                    h.abort();
+                    if let Err(e) = self
+                        .registry
+                        .delete(weft_registry::Kind::Claims, &self.own.name)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "could not release the pod CIDR claim");
+                    }
+                    crate::podcidr::forget(&self.cfg.state_dir);
+                }
                 let _ = std::fs::remove_file(self.cfg.state_dir.join(NODE_FILE));
                 for c in &self.cfg.cluster_cidrs {
                     if let Err(e) = self.nl.delete_route(&Route::unreachable(*c)).await {

@@ -10,6 +10,7 @@ mod config;
 mod daemon;
 mod install;
 mod keyfile;
+mod podcidr;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

@@ -19,7 +19,7 @@
 //!   `Reset` follow. `put` recreates the directory.
 
 use crate::{check_object_name, Connectivity, Kind, RawEvent, Registry, RegistryError, Revision};
-use crate::{WatchStream, MAX_OBJECT_BYTES};
+use crate::{Snapshot, WatchStream, MAX_OBJECT_BYTES};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -201,6 +201,26 @@ fn classify(kind: Kind, file_name: &std::ffi::OsStr) -> Entry {
     }
 }
 
+/// The lock file of a collection directory taken by [`Registry::put_if_unchanged`] (hidden, so
+/// never taken for an object).
+const LOCK_FILE: &str = ".lock";
+
+/// A digest of a listing (names and contents) for [`Snapshot`]: 64-bit FNV-1a over the
+/// length-prefixed names and values, the same in every process and build.
+fn listing_digest(items: &[(String, Vec<u8>)]) -> Snapshot {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut eat = |bytes: &[u8]| {
+        for b in (bytes.len() as u64).to_le_bytes().iter().chain(bytes) {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for (name, value) in items {
+        eat(name.as_bytes());
+        eat(value);
+    }
+    Snapshot(h)
+}
+
 /// Lists a collection directory: every valid object with its content.
 fn list_dir(kind: Kind, dir: &Path) -> Result<Vec<(String, Vec<u8>)>, RegistryError> {
     let rd = fs::read_dir(dir).map_err(|e| RegistryError::io("listing", dir, e))?;
@@ -282,6 +302,58 @@ impl Registry for DirRegistry {
         let dir = self.kind_dir(kind);
         let items = blocking(move || list_dir(kind, &dir)).await?;
         Ok((items, next_revision(&self.revision)))
+    }
+
+    async fn list_for_update(
+        &self,
+        kind: Kind,
+    ) -> Result<(Vec<(String, Vec<u8>)>, Snapshot), RegistryError> {
+        let dir = self.kind_dir(kind);
+        let items = blocking(move || list_dir(kind, &dir)).await?;
+        let snapshot = listing_digest(&items);
+        Ok((items, snapshot))
+    }
+
+    async fn put_if_unchanged(
+        &self,
+        kind: Kind,
+        name: &str,
+        value: &[u8],
+        snapshot: Snapshot,
+    ) -> Result<bool, RegistryError> {
+        let path = self.object_path(kind, name)?;
+        if value.len() > MAX_OBJECT_BYTES {
+            return Err(RegistryError::TooLarge {
+                kind,
+                name: name.to_string(),
+                size: value.len(),
+            });
+        }
+        let dir = self.kind_dir(kind);
+        let (name_owned, value) = (name.to_string(), value.to_vec());
+        let written = blocking(move || {
+            // Every writer of this path takes the collection's lock, so list + compare + write
+            // is one step for all processes sharing the directory.
+            let lock_path = dir.join(LOCK_FILE);
+            let lock = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(|e| RegistryError::io("opening", &lock_path, e))?;
+            lock.lock()
+                .map_err(|e| RegistryError::io("locking", &lock_path, e))?;
+            if listing_digest(&list_dir(kind, &dir)?) != snapshot {
+                return Ok(false);
+            }
+            atomic_write(&dir, &name_owned, &path, &value)?;
+            Ok(true)
+        })
+        .await?;
+        if written {
+            next_revision(&self.revision);
+        }
+        Ok(written)
     }
 
     async fn watch(

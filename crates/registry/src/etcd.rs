@@ -21,9 +21,10 @@
 //!   appear in specs, descriptions or errors; a spec with `user@` in it is refused.
 
 use crate::{check_object_name, Connectivity, Kind, RawEvent, Registry, RegistryError, Revision};
-use crate::{WatchStream, MAX_OBJECT_BYTES};
+use crate::{Snapshot, WatchStream, MAX_OBJECT_BYTES};
 use etcd_client::{
-    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
+    Txn, TxnOp, WatchOptions,
 };
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -576,6 +577,49 @@ impl Registry for EtcdRegistry {
     async fn list(&self, kind: Kind) -> Result<(Vec<(String, Vec<u8>)>, Revision), RegistryError> {
         let (items, rev) = self.inner.list_raw(kind, None).await?;
         Ok((items, Revision(rev.max(0) as u64)))
+    }
+
+    async fn list_for_update(
+        &self,
+        kind: Kind,
+    ) -> Result<(Vec<(String, Vec<u8>)>, Snapshot), RegistryError> {
+        let (items, rev) = self.inner.list_raw(kind, None).await?;
+        Ok((items, Snapshot(rev.max(0) as u64)))
+    }
+
+    async fn put_if_unchanged(
+        &self,
+        kind: Kind,
+        name: &str,
+        value: &[u8],
+        snapshot: Snapshot,
+    ) -> Result<bool, RegistryError> {
+        let key = self.inner.key(kind, name)?;
+        check_size(kind, name, value)?;
+        self.inner
+            .owned
+            .lock()
+            .await
+            .records
+            .remove(&(kind, name.to_string()));
+        // Every key of the collection must be unmodified since the snapshot's revision: a range
+        // compare, so it needs read access to the whole collection (and write only to `key`).
+        let since = i64::try_from(snapshot.0)
+            .ok()
+            .and_then(|r| r.checked_add(1))
+            .ok_or_else(|| RegistryError::Internal(format!("bad snapshot {}", snapshot.0)))?;
+        let prefix = self.inner.kind_prefix(kind);
+        let (k, v) = (key.clone(), value.to_vec());
+        let resp = self
+            .inner
+            .call("claiming", &key, |mut c| async move {
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(prefix, CompareOp::Less, since).with_prefix()])
+                    .and_then([TxnOp::put(k, v, None)]);
+                c.txn(txn).await
+            })
+            .await?;
+        Ok(resp.succeeded())
     }
 
     async fn watch(

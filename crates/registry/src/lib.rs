@@ -8,14 +8,16 @@
 //! registry becomes unreachable or reachable again. An unreachable registry never produces
 //! deletes: "record deleted" and "cannot see the registry" are different events.
 //!
-//! The registry is a set of typed collections ([`Kind`]); today only node records exist, later
-//! external peers, revocations, rotation requests and CIDR claims join them. [`Registry`] is the
+//! The registry is a set of typed collections ([`Kind`]): node records and pod CIDR claims (see
+//! [`claims`]: claimed with a compare-and-swap over the whole collection, [`Registry::
+//! put_if_unchanged`]); later external peers, revocations and rotation requests join them. [`Registry`] is the
 //! raw, object-safe, backend-neutral interface (held as `Arc<dyn Registry>`); [`Typed`] decodes
 //! and validates on top of it, skipping (and logging) objects that fail to parse so one bad
 //! record never ends a watch. Backends: [`dir`] (one JSON file per object, the embedded default)
 //! and [`etcd`] (one key per object, a node's own record bound to a lease, see
 //! [`Registry::put_owned`]). A Kubernetes CRD backend plugs in behind the same trait later.
 
+pub mod claims;
 pub mod dir;
 pub mod etcd;
 mod typed;
@@ -41,16 +43,19 @@ pub const MAX_OBJECT_BYTES: usize = 1 << 20;
 pub enum Kind {
     /// Node records ([`weft_core::NodeRecord`]), one per node, named after the node.
     Nodes,
+    /// Pod CIDR claims ([`weft_core::alloc::Claim`]), one per node, named after the node.
+    Claims,
 }
 
 impl Kind {
     /// Every collection this build knows.
-    pub const ALL: &'static [Kind] = &[Kind::Nodes];
+    pub const ALL: &'static [Kind] = &[Kind::Nodes, Kind::Claims];
 
     /// The stable collection name ("nodes").
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Nodes => "nodes",
+            Kind::Claims => "claims",
         }
     }
 }
@@ -72,6 +77,12 @@ impl fmt::Display for Revision {
         write!(f, "r{}", self.0)
     }
 }
+
+/// What a whole collection looked like when it was listed by [`Registry::list_for_update`];
+/// [`Registry::put_if_unchanged`] compares against it. Opaque: an etcd revision, or a digest of
+/// the listing for the `dir` backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Snapshot(pub u64);
 
 /// Whether a watch can currently see the registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,6 +259,26 @@ pub trait Registry: Send + Sync + fmt::Debug {
     /// All objects of a collection, sorted by name, with the revision they were read at.
     async fn list(&self, kind: Kind) -> Result<(Vec<(String, Vec<u8>)>, Revision), RegistryError>;
 
+    /// Lists a collection for a compare-and-swap: the objects (as [`Registry::list`]) and a
+    /// [`Snapshot`] to hand to [`Registry::put_if_unchanged`].
+    async fn list_for_update(
+        &self,
+        kind: Kind,
+    ) -> Result<(Vec<(String, Vec<u8>)>, Snapshot), RegistryError>;
+
+    /// Writes one object (not bound to a lease) only if no object of the collection was created
+    /// or changed since `snapshot` was taken; `Ok(false)` if one was (list again and decide
+    /// again). A deletion since the snapshot may go unnoticed (etcd), so a decision must stay
+    /// safe when an object it saw has disappeared; for claims it does (a deleted claim only frees
+    /// a block). This is how nodes claim pod CIDRs without two ever holding the same one.
+    async fn put_if_unchanged(
+        &self,
+        kind: Kind,
+        name: &str,
+        value: &[u8],
+        snapshot: Snapshot,
+    ) -> Result<bool, RegistryError>;
+
     /// Watches a collection. The stream begins with a [`RawEvent::Reset`]. `from` lets backends
     /// with a history resume after that revision; backends without one (such as `dir`) ignore it
     /// and always begin with a `Reset`, which consumers must handle anyway.
@@ -394,6 +425,7 @@ mod tests {
     #[test]
     fn kind_names_are_stable() {
         assert_eq!(Kind::Nodes.as_str(), "nodes");
-        assert_eq!(Kind::ALL, &[Kind::Nodes]);
+        assert_eq!(Kind::Claims.as_str(), "claims");
+        assert_eq!(Kind::ALL, &[Kind::Nodes, Kind::Claims]);
     }
 }

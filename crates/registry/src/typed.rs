@@ -109,7 +109,7 @@ async fn get_object<T: Object>(
     }
 }
 
-async fn list_objects<T: Object>(
+pub(crate) async fn list_objects<T: Object>(
     registry: &dyn Registry,
 ) -> Result<(Vec<T>, Revision), RegistryError> {
     let (raw, revision) = registry.list(T::KIND).await?;

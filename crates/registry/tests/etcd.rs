@@ -735,3 +735,78 @@ async fn user_and_password_survive_an_etcd_restart() {
     let (items, _) = reg.list(Kind::Nodes).await.expect("list after restart");
     assert_eq!(items.len(), 2);
 }
+
+/// Pod CIDR claims on a real etcd: 20 nodes (each with its own client, as 20 meshds would have)
+/// claim at the same moment from a pool of 20 blocks: 20 distinct blocks; the 21st is told the
+/// pool is full. A CAS from a stale snapshot is refused by etcd's transaction, also when the
+/// change since the snapshot is to another key. A record of a node without a claim holds its
+/// range too. Foreign and invalid claims are skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pod_cidr_claims_are_exclusive() {
+    use weft_registry::claims::{claim_pod_cidr, ClaimFailure, ClaimRequest};
+    let etcd = Etcd::start().await;
+    let req = |node: &str| ClaimRequest {
+        node: node.into(),
+        pool: "10.42.0.0/19".parse().expect("pool"),
+        block_len: 24,
+        remembered: None,
+        reclaim_after: Duration::from_secs(86_400),
+        renew_only: false,
+    };
+    // A static node (no claim) holds 10.42.31.0/24 through its record; junk under claims/.
+    let reg = etcd.open(EtcdOptions::default());
+    let mut r = record("static", 31);
+    r.endpoints = vec!["192.0.2.31:51820".parse().expect("ep")];
+    put_node(&*reg, &r).await.expect("static record");
+    let mut raw = etcd.raw().await;
+    raw.put("/weft/claims/junk", "{not json", None)
+        .await
+        .expect("junk");
+    raw.put(
+        "/weft/claims/liar",
+        r#"{"node":"other","podCidr":"10.42.0.0/24","generation":9,"renewedAt":0}"#,
+        None,
+    )
+    .await
+    .expect("liar");
+
+    let mut tasks = Vec::new();
+    for i in 0..31 {
+        let reg = etcd.open(EtcdOptions::default());
+        let req = req(&format!("node-{i}"));
+        tasks.push(tokio::spawn(
+            async move { claim_pod_cidr(&*reg, &req).await },
+        ));
+    }
+    let mut blocks = Vec::new();
+    for t in tasks {
+        let a = t.await.expect("join").expect("claim");
+        blocks.push(a.claim.pod_cidr);
+    }
+    blocks.sort();
+    blocks.dedup();
+    assert_eq!(blocks.len(), 31, "a block was claimed twice: {blocks:?}");
+    assert!(!blocks.contains(&"10.42.31.0/24".parse().expect("net")));
+    let e = claim_pod_cidr(&*reg, &req("node-31"))
+        .await
+        .expect_err("the pool is full");
+    assert!(
+        matches!(e, ClaimFailure::Alloc(_)) && e.to_string().contains("no free /24"),
+        "{e}"
+    );
+
+    // The raw CAS: a snapshot taken before any change in the collection fails.
+    let (_, snap) = reg.list_for_update(Kind::Claims).await.expect("list");
+    raw.put("/weft/claims/node-0", "{}", None)
+        .await
+        .expect("touch");
+    assert!(!reg
+        .put_if_unchanged(Kind::Claims, "node-40", b"{}", snap)
+        .await
+        .expect("cas"));
+    let (_, snap) = reg.list_for_update(Kind::Claims).await.expect("list");
+    assert!(reg
+        .put_if_unchanged(Kind::Claims, "node-40", b"{}", snap)
+        .await
+        .expect("cas"));
+}

@@ -313,6 +313,10 @@ pub struct Node {
     meshd: Mutex<Option<Proc>>,
     meshd_extra: Mutex<Vec<String>>,
     wg: Mutex<Option<WgDevice>>,
+    /// Set by [`Node::start_meshd_claiming`]: meshd runs without `--pod-cidr`.
+    claiming: std::sync::atomic::AtomicBool,
+    /// The range meshd claimed and its mesh address (see [`Node::current_pod_cidr`]).
+    claimed: Mutex<Option<(String, Ipv4Addr)>>,
 }
 
 /// The whole test topology. Dropping it kills every process and deletes every namespace.
@@ -514,6 +518,8 @@ impl Cluster {
                 meshd: Mutex::new(None),
                 meshd_extra: Mutex::new(Vec::new()),
                 wg: Mutex::new(None),
+                claiming: Default::default(),
+                claimed: Mutex::new(None),
             };
             c.nodes.push(node);
             run_args("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
@@ -717,10 +723,10 @@ impl Cluster {
                 .filter_map(|(a, b)| {
                     BgPing::start(
                         &members[*a].ns,
-                        &members[*b].mesh_ip.to_string(),
+                        &members[*b].current_mesh_ip().to_string(),
                         &PingOpts::count(1)
                             .wait(1)
-                            .source(members[*a].mesh_ip.to_string()),
+                            .source(members[*a].current_mesh_ip().to_string()),
                     )
                     .ok()
                 })
@@ -943,7 +949,11 @@ impl Node {
             bail!("pod index too large");
         }
         let ns = format!("{}p{k}", self.ns);
-        let ip = Ipv4Addr::new(10, 42, self.index as u8 + 1, 10 + k as u8);
+        let net: ipnet::Ipv4Net = self.current_pod_cidr().parse().context("pod range")?;
+        let ip = Ipv4Addr::from(u32::from(net.network()) + 10 + k as u32);
+        if !net.contains(&ip) {
+            bail!("pod {k} does not fit in {net}");
+        }
         let host_if = format!("{}p{k}", self.short);
         let m = mtu.to_string();
         if ns_exists(&ns) {
@@ -1153,7 +1163,7 @@ impl Node {
                 "--endpoint".into(),
                 format!("{}:{MESH_PORT}", self.underlay_ip),
             ),
-            ("--pod-cidr".into(), self.pod_cidr.clone()),
+            ("--pod-cidr".into(), self.current_pod_cidr()),
             ("--cluster-cidr".into(), CLUSTER_CIDR.into()),
             ("--state-dir".into(), self.state_dir().display().to_string()),
             (
@@ -1166,7 +1176,11 @@ impl Node {
 
     fn meshd_argv(&self, extra: &[String]) -> Vec<String> {
         let mut v = vec!["run".to_string()];
+        let claiming = self.claiming.load(std::sync::atomic::Ordering::Relaxed);
         for (k, val) in self.meshd_default_args() {
+            if claiming && k == "--pod-cidr" {
+                continue;
+            }
             let overridden = extra
                 .iter()
                 .any(|e| e == &k || e.starts_with(&format!("{k}=")));
@@ -1184,6 +1198,67 @@ impl Node {
     pub fn start_meshd(&self, extra: &[&str]) -> Result<()> {
         self.spawn_meshd(extra)?;
         self.wait_meshd_api(Duration::from_secs(15))
+    }
+
+    /// Starts meshd without `--pod-cidr` (it claims a range through the registry), waits for its
+    /// API and returns the claimed range; from then on [`Node::current_pod_cidr`] /
+    /// [`Node::current_mesh_ip`] (and pods added later) use it. Later restarts also claim.
+    pub fn start_meshd_claiming(&self, extra: &[&str]) -> Result<String> {
+        self.claiming
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut c) = self.claimed.lock() {
+            *c = None;
+        }
+        self.start_meshd(extra)?;
+        self.refresh_claimed()
+    }
+
+    /// [`Node::start_meshd_claiming`] without waiting for the API or reading the range (for many
+    /// nodes started at the same moment); call [`Node::wait_meshd_api`] and
+    /// [`Node::refresh_claimed`] after.
+    pub fn spawn_meshd_claiming(&self, extra: &[&str]) -> Result<()> {
+        self.claiming
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut c) = self.claimed.lock() {
+            *c = None;
+        }
+        self.spawn_meshd(extra)
+    }
+
+    /// Reads the pod range meshd runs with (from `status`) into [`Node::current_pod_cidr`].
+    pub fn refresh_claimed(&self) -> Result<String> {
+        let st = self.status_json()?;
+        let cidr = st["node"]["podCidrs"][0]
+            .as_str()
+            .ok_or_else(|| anyhow!("status has no podCidrs: {st}"))?
+            .to_string();
+        let net: ipnet::Ipv4Net = cidr.parse().context("claimed range")?;
+        let mesh = net
+            .hosts()
+            .next()
+            .ok_or_else(|| anyhow!("{cidr} has no host"))?;
+        if let Ok(mut c) = self.claimed.lock() {
+            *c = Some((cidr.clone(), mesh));
+        }
+        Ok(cidr)
+    }
+
+    /// This node's pod range: the one meshd claimed, else the fixed 10.42.(i+1).0/24.
+    pub fn current_pod_cidr(&self) -> String {
+        self.claimed
+            .lock()
+            .ok()
+            .and_then(|c| c.as_ref().map(|(n, _)| n.clone()))
+            .unwrap_or_else(|| self.pod_cidr.clone())
+    }
+
+    /// This node's mesh address: the first host of [`Node::current_pod_cidr`].
+    pub fn current_mesh_ip(&self) -> Ipv4Addr {
+        self.claimed
+            .lock()
+            .ok()
+            .and_then(|c| c.as_ref().map(|(_, m)| *m))
+            .unwrap_or(self.mesh_ip)
     }
 
     /// Starts meshd without waiting for its API.
@@ -1630,6 +1705,8 @@ mod tests {
             meshd: Mutex::new(None),
             meshd_extra: Mutex::new(Vec::new()),
             wg: Mutex::new(None),
+            claiming: Default::default(),
+            claimed: Mutex::new(None),
         };
         let v = n.meshd_argv(&[
             "--listen-port".into(),

@@ -92,6 +92,9 @@ pub fn render(v: &serde_json::Value) -> String {
             .unwrap_or_default(),
         s(&v["registry"]),
     ));
+    if let Some(c) = v["podCidrClaim"].as_str() {
+        out.push_str(&format!("  pod CIDR claim {c}\n"));
+    }
     out.push_str(&format!(
         "\n{:<16} {:<46} {:<22} {:<18} {:>10} {:>12} {:>12}  drops\n",
         "PEER", "PUBLIC KEY", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX"

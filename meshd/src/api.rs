@@ -30,6 +30,8 @@ pub struct NodeInfo {
 pub struct Status {
     pub node: NodeInfo,
     pub registry: String,
+    /// This node's record in the registry: "published", "publishing" or "not published: ERROR".
+    pub own_record: String,
     pub peers: Vec<PeerStatus>,
     pub refused_records: BTreeMap<String, String>,
     pub drops: BTreeMap<&'static str, u64>,
@@ -73,7 +75,7 @@ pub fn render(v: &serde_json::Value) -> String {
     };
     let node = &v["node"];
     out.push_str(&format!(
-        "node {}  key {}  port {}  if {} mtu {}\n  mesh {}  pods {}\n  registry {}\n",
+        "node {}  key {}  port {}  if {} mtu {}\n  mesh {}  pods {}\n  registry {}\n  own record {}\n",
         s(&node["name"]),
         s(&node["publicKey"]),
         s(&node["listenPort"]),
@@ -88,6 +90,7 @@ pub fn render(v: &serde_json::Value) -> String {
             .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
             .unwrap_or_default(),
         s(&v["registry"]),
+        s(&v["ownRecord"]),
     ));
     out.push_str(&format!(
         "\n{:<16} {:<46} {:<22} {:<18} {:>10} {:>12} {:>12}  drops\n",

@@ -312,6 +312,8 @@ pub struct Node {
     pods: Mutex<Vec<Pod>>,
     meshd: Mutex<Option<Proc>>,
     meshd_extra: Mutex<Vec<String>>,
+    /// Extra environment of meshd (etcd credentials), kept for restarts.
+    meshd_env: Mutex<Vec<(String, String)>>,
     wg: Mutex<Option<WgDevice>>,
 }
 
@@ -513,6 +515,7 @@ impl Cluster {
                 pods: Mutex::new(Vec::new()),
                 meshd: Mutex::new(None),
                 meshd_extra: Mutex::new(Vec::new()),
+                meshd_env: Mutex::new(Vec::new()),
                 wg: Mutex::new(None),
             };
             c.nodes.push(node);
@@ -1186,7 +1189,17 @@ impl Node {
         self.wait_meshd_api(Duration::from_secs(15))
     }
 
-    /// Starts meshd without waiting for its API.
+    /// [`Node::start_meshd`] with extra environment variables for meshd (such as
+    /// `WEFT_ETCD_USERNAME` / `WEFT_ETCD_PASSWORD`), also used by [`Node::restart_meshd`].
+    pub fn start_meshd_env(&self, extra: &[&str], env: &[(String, String)]) -> Result<()> {
+        if let Ok(mut e) = self.meshd_env.lock() {
+            *e = env.to_vec();
+        }
+        self.start_meshd(extra)
+    }
+
+    /// Starts meshd without waiting for its API (with the environment of the last
+    /// [`Node::start_meshd_env`], if any).
     pub fn spawn_meshd(&self, extra: &[&str]) -> Result<()> {
         let bin = workspace_bin("meshd")?;
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
@@ -1199,6 +1212,9 @@ impl Node {
         let mut cmd = crate::util::ns_cmd(&self.ns, &bin);
         cmd.args(self.meshd_argv(&extra));
         cmd.env("RUST_BACKTRACE", "1");
+        if let Ok(env) = self.meshd_env.lock() {
+            cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        }
         let p = Proc::spawn_logged(
             &format!("meshd {}", self.name),
             &mut cmd,
@@ -1629,6 +1645,7 @@ mod tests {
             pods: Mutex::new(Vec::new()),
             meshd: Mutex::new(None),
             meshd_extra: Mutex::new(Vec::new()),
+            meshd_env: Mutex::new(Vec::new()),
             wg: Mutex::new(None),
         };
         let v = n.meshd_argv(&[

@@ -30,6 +30,8 @@ pub struct NodeInfo {
 pub struct Status {
     pub node: NodeInfo,
     pub registry: String,
+    /// This node's record in the registry: "published", "publishing" or "not published: ERROR".
+    pub own_record: String,
     /// With a claimed (not configured) pod range: `held`, `unconfirmed: ...` or `lost: ...`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pod_cidr_claim: Option<String>,
@@ -76,7 +78,7 @@ pub fn render(v: &serde_json::Value) -> String {
     };
     let node = &v["node"];
     out.push_str(&format!(
-        "node {}  key {}  port {}  if {} mtu {}\n  mesh {}  pods {}\n  registry {}\n",
+        "node {}  key {}  port {}  if {} mtu {}\n  mesh {}  pods {}\n  registry {}\n  own record {}\n",
         s(&node["name"]),
         s(&node["publicKey"]),
         s(&node["listenPort"]),
@@ -91,6 +93,7 @@ pub fn render(v: &serde_json::Value) -> String {
             .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
             .unwrap_or_default(),
         s(&v["registry"]),
+        s(&v["ownRecord"]),
     ));
     if let Some(c) = v["podCidrClaim"].as_str() {
         out.push_str(&format!("  pod CIDR claim {c}\n"));

@@ -51,6 +51,9 @@ struct Daemon {
     connectivity: String,
     /// The task writing this node's record until the registry accepts it.
     publisher: Option<tokio::task::JoinHandle<()>>,
+    /// What became of that write, for `status` ("published", "publishing", or
+    /// "not published: ERROR" while the registry refuses it, for example for lack of permission).
+    own_record: Arc<std::sync::Mutex<String>>,
     /// The peer cache last written (to skip identical writes).
     cached: String,
     /// Renews this node's pod CIDR claim (when the range was claimed, not given).
@@ -229,6 +232,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         routes: HashSet::new(),
         connectivity: "connecting".into(),
         publisher: None,
+        own_record: Arc::new(std::sync::Mutex::new("publishing".into())),
         cached: String::new(),
         renewal: None,
         claim_state: None,
@@ -448,16 +452,33 @@ impl Daemon {
         }
         let registry = self.registry.clone();
         let own = self.own.clone();
+        if let Ok(mut g) = self.own_record.lock() {
+            *g = "publishing".into();
+        }
+        let state = self.own_record.clone();
+        let set = move |s: String| {
+            if let Ok(mut g) = state.lock() {
+                *g = s;
+            }
+        };
         self.publisher = Some(tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
+            let mut last_error = String::new();
             loop {
                 match weft_registry::put_own_node(&*registry, &own).await {
                     Ok(_) => {
                         tracing::debug!("published this node's record");
+                        set("published".into());
                         return;
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "could not publish this node's record; will retry")
+                        let e = e.to_string();
+                        // Once per distinct error: a refusal (permission denied) repeats forever.
+                        if e != last_error {
+                            tracing::warn!(error = %e, "could not publish this node's record; will retry");
+                        }
+                        set(format!("not published: {e}"));
+                        last_error = e;
                     }
                 }
                 tokio::time::sleep(jittered(backoff)).await;
@@ -645,6 +666,11 @@ impl Daemon {
                     .collect(),
             },
             registry: self.connectivity.clone(),
+            own_record: self
+                .own_record
+                .lock()
+                .map(|s| s.clone())
+                .unwrap_or_default(),
             pod_cidr_claim: self
                 .claim_state
                 .as_ref()

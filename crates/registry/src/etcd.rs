@@ -18,7 +18,12 @@
 //! - The client connects lazily (so opening never blocks or fails because etcd is down) and every
 //!   unary call has a timeout ([`EtcdOptions::request_timeout`]).
 //! - Credentials (`WEFT_ETCD_USERNAME` / `WEFT_ETCD_PASSWORD`, see [`EtcdOptions::from_env`]) never
-//!   appear in specs, descriptions or errors; a spec with `user@` in it is refused.
+//!   appear in specs, descriptions or errors; a spec with `user@` in it is refused. A request
+//!   etcd refuses for an expired or unknown auth token is repeated once after logging in again
+//!   (etcd-client never renews its token). A client certificate's CN can be the etcd user
+//!   instead (etcd's `--client-cert-auth`).
+//! - A request etcd refuses for lack of permission (an RBAC role that does not cover the key,
+//!   see deploy/etcd/README.md) is [`RegistryError::PermissionDenied`], naming the user.
 
 use crate::{check_object_name, Connectivity, Kind, RawEvent, Registry, RegistryError, Revision};
 use crate::{Snapshot, WatchStream, MAX_OBJECT_BYTES};
@@ -298,6 +303,51 @@ fn etcd_err(op: &'static str, target: String, e: impl fmt::Display) -> RegistryE
     }
 }
 
+/// An etcd client error as one readable line: the gRPC message and code, or a transport error
+/// with its causes (etcd-client and tonic print only "transport error" for, say, a server
+/// certificate signed by an unknown CA).
+pub(crate) fn describe_error(e: &etcd_client::Error) -> String {
+    let mut out = match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            let mut out = s.message().to_string();
+            append_causes(&mut out, std::error::Error::source(s));
+            out.push_str(&format!(" (gRPC {:?})", s.code()));
+            out
+        }
+        etcd_client::Error::TransportError(t) => {
+            let mut out = "cannot connect".to_string();
+            append_causes(&mut out, Some(t));
+            out
+        }
+        other => other.to_string(),
+    };
+    if out.contains("UnknownIssuer") {
+        out.push_str(" (is --etcd-ca the CA that signed etcd's server certificate?)");
+    }
+    out
+}
+
+/// Appends ": cause" for each error in the chain that adds something.
+fn append_causes(out: &mut String, mut cause: Option<&(dyn std::error::Error + 'static)>) {
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !text.is_empty() && text != "transport error" && !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+}
+
+/// etcd's message if `e` is a gRPC `PermissionDenied` (code 7; tonic is not a direct
+/// dependency).
+fn permission_denied(e: &etcd_client::Error) -> Option<String> {
+    match e {
+        etcd_client::Error::GRpcStatus(s) if s.code() as i32 == 7 => Some(s.message().to_string()),
+        _ => None,
+    }
+}
+
 impl Inner {
     fn kind_prefix(&self, kind: Kind) -> String {
         format!("{}/{}/", self.options.prefix, kind.as_str())
@@ -314,17 +364,48 @@ impl Inner {
         if let Some(c) = &*guard {
             return Ok(c.clone());
         }
-        let connect = Client::connect(self.urls.clone(), Some(self.connect.clone()));
-        let c = tokio::time::timeout(self.options.request_timeout, connect)
-            .await
-            .map_err(|_| etcd_err("connecting to", self.describe.clone(), "timed out"))?
-            .map_err(|e| etcd_err("connecting to", self.describe.clone(), e))?;
+        let c = self.connect().await?;
         *guard = Some(c.clone());
         Ok(c)
     }
 
-    /// Runs one unary request with the request timeout. An authentication failure drops the
-    /// client so the next call logs in again (etcd forgets tokens when it restarts).
+    /// A new client (a new connection; logs in when a user is set).
+    async fn connect(&self) -> Result<Client, RegistryError> {
+        let connect = Client::connect(self.urls.clone(), Some(self.connect.clone()));
+        tokio::time::timeout(self.options.request_timeout, connect)
+            .await
+            .map_err(|_| etcd_err("connecting to", self.describe.clone(), "timed out"))?
+            .map_err(|e| self.error("connecting to", &self.describe, &e))
+    }
+
+    /// A client error as a [`RegistryError`]: `PermissionDenied` when etcd refused for lack of
+    /// permission, `Backend` otherwise. Never contains the password.
+    fn error(&self, op: &'static str, target: &str, e: &etcd_client::Error) -> RegistryError {
+        if let Some(reason) = permission_denied(e) {
+            let who = match &self.options.username {
+                Some(u) => format!("etcd user {u:?}"),
+                None if self.options.cert_file.is_some() => {
+                    "the etcd user named by this client certificate's CN".into()
+                }
+                None => "an anonymous etcd client".into(),
+            };
+            return RegistryError::PermissionDenied {
+                op,
+                target: target.to_string(),
+                who,
+                reason,
+            };
+        }
+        etcd_err(op, target.to_string(), describe_error(e))
+    }
+
+    /// Runs one unary request with the request timeout.
+    ///
+    /// etcd-client 0.14 logs in once, when it connects, and never renews its token, while etcd
+    /// forgets a simple token `--auth-token-ttl` (300 s by default) after its last use, and all
+    /// tokens when it restarts. So when etcd rejects the token, this connects (and logs in)
+    /// again, replaces the shared client and retries the request once. Streams already open
+    /// (watch, lease keep-alive) are not affected: etcd checks the token when they start.
     async fn call<T, F, Fut>(
         &self,
         op: &'static str,
@@ -332,18 +413,38 @@ impl Inner {
         f: F,
     ) -> Result<T, RegistryError>
     where
-        F: FnOnce(Client) -> Fut,
+        F: Fn(Client) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
     {
         let client = self.client().await?;
-        match tokio::time::timeout(self.options.request_timeout, f(client)).await {
+        let e = match tokio::time::timeout(self.options.request_timeout, f(client)).await {
+            Err(_) => return Err(etcd_err(op, target.to_string(), "timed out")),
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) => e,
+        };
+        if !is_auth_error(&e) {
+            return Err(self.error(op, target, &e));
+        }
+        if self.options.username.is_none() {
+            *self.client.lock().await = None;
+            return Err(self.error(op, target, &e));
+        }
+        debug!(error = %describe_error(&e), "etcd rejected the auth token; logging in again");
+        let fresh = {
+            let mut guard = self.client.lock().await;
+            *guard = None;
+            let c = self.connect().await?;
+            *guard = Some(c.clone());
+            c
+        };
+        match tokio::time::timeout(self.options.request_timeout, f(fresh)).await {
             Err(_) => Err(etcd_err(op, target.to_string(), "timed out")),
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 if is_auth_error(&e) {
                     *self.client.lock().await = None;
                 }
-                Err(etcd_err(op, target.to_string(), e))
+                Err(self.error(op, target, &e))
             }
         }
     }
@@ -354,10 +455,10 @@ impl Inner {
         warned: Option<&mut HashSet<String>>,
     ) -> Result<(Vec<(String, Vec<u8>)>, i64), RegistryError> {
         let prefix = self.kind_prefix(kind);
-        let p = prefix.clone();
         let mut resp = self
-            .call("listing", &prefix, |mut c| async move {
-                c.get(p, Some(GetOptions::new().with_prefix())).await
+            .call("listing", &prefix, |mut c| {
+                let p = prefix.clone();
+                async move { c.get(p, Some(GetOptions::new().with_prefix())).await }
             })
             .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -424,11 +525,13 @@ impl Inner {
         value: &[u8],
         lease: Option<i64>,
     ) -> Result<i64, RegistryError> {
-        let (k, v) = (key.to_string(), value.to_vec());
         let r = self
-            .call("writing", key, |mut c| async move {
-                let opts = lease.map(|l| PutOptions::new().with_lease(l));
-                c.put(k, v, opts).await
+            .call("writing", key, |mut c| {
+                let (k, v) = (key.to_string(), value.to_vec());
+                async move {
+                    let opts = lease.map(|l| PutOptions::new().with_lease(l));
+                    c.put(k, v, opts).await
+                }
             })
             .await?;
         Ok(r.header().map(|h| h.revision()).unwrap_or(0))
@@ -460,11 +563,12 @@ impl Inner {
     }
 }
 
-/// `Unauthenticated`, or etcd's "invalid auth token" (it forgets tokens when it restarts).
+/// etcd rejected the token: `Unauthenticated` (gRPC code 16), which is what etcd answers with
+/// "invalid auth token" once the token expired or etcd restarted.
 fn is_auth_error(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::GRpcStatus(s) => {
-            format!("{:?}", s.code()) == "Unauthenticated" || s.message().contains("auth token")
+            s.code() as i32 == 16 || s.message().contains("auth token")
         }
         _ => false,
     }
@@ -537,10 +641,12 @@ impl Registry for EtcdRegistry {
 
     async fn get(&self, kind: Kind, name: &str) -> Result<Option<Vec<u8>>, RegistryError> {
         let key = self.inner.key(kind, name)?;
-        let k = key.clone();
         let mut resp = self
             .inner
-            .call("reading", &key, |mut c| async move { c.get(k, None).await })
+            .call("reading", &key, |mut c| {
+                let k = key.clone();
+                async move { c.get(k, None).await }
+            })
             .await?;
         match resp.take_kvs().into_iter().next() {
             None => Ok(None),
@@ -563,11 +669,11 @@ impl Registry for EtcdRegistry {
         // Forget it first so the keeper cannot write it back.
         let mut owned = self.inner.owned.lock().await;
         owned.records.remove(&(kind, name.to_string()));
-        let k = key.clone();
         let r = self
             .inner
-            .call("deleting", &key, |mut c| async move {
-                c.delete(k, None::<DeleteOptions>).await
+            .call("deleting", &key, |mut c| {
+                let k = key.clone();
+                async move { c.delete(k, None::<DeleteOptions>).await }
             })
             .await?;
         drop(owned);
@@ -609,14 +715,15 @@ impl Registry for EtcdRegistry {
             .and_then(|r| r.checked_add(1))
             .ok_or_else(|| RegistryError::Internal(format!("bad snapshot {}", snapshot.0)))?;
         let prefix = self.inner.kind_prefix(kind);
-        let (k, v) = (key.clone(), value.to_vec());
         let resp = self
             .inner
-            .call("claiming", &key, |mut c| async move {
+            .call("claiming", &key, |mut c| {
                 let txn = Txn::new()
-                    .when([Compare::mod_revision(prefix, CompareOp::Less, since).with_prefix()])
-                    .and_then([TxnOp::put(k, v, None)]);
-                c.txn(txn).await
+                    .when([
+                        Compare::mod_revision(prefix.clone(), CompareOp::Less, since).with_prefix(),
+                    ])
+                    .and_then([TxnOp::put(key.clone(), value.to_vec(), None)]);
+                async move { c.txn(txn).await }
             })
             .await?;
         Ok(resp.succeeded())
@@ -745,7 +852,9 @@ async fn watch_from(
     .await;
     let (_watcher, mut stream) = match created {
         Err(_) => return WatchEnd::Relist("creating the watch timed out".into()),
-        Ok(Err(e)) => return WatchEnd::Relist(format!("creating the watch: {e}")),
+        Ok(Err(e)) => {
+            return WatchEnd::Relist(format!("creating the watch: {}", describe_error(&e)))
+        }
         Ok(Ok(w)) => w,
     };
     debug!(%prefix, start, "etcd watch created");
@@ -757,7 +866,9 @@ async fn watch_from(
         let resp = match msg {
             Ok(Some(r)) => r,
             Ok(None) => return WatchEnd::Relist("the watch stream ended".into()),
-            Err(e) => return WatchEnd::Relist(format!("watch stream error: {e}")),
+            Err(e) => {
+                return WatchEnd::Relist(format!("watch stream error: {}", describe_error(&e)))
+            }
         };
         if resp.canceled() {
             return WatchEnd::Relist(if resp.compact_revision() > 0 {
@@ -895,16 +1006,16 @@ impl KeepSession {
         let opened = tokio::time::timeout(self.timeout, lc.keep_alive(self.lease)).await;
         let (mut keeper, mut stream) = match opened {
             Err(_) => return KeepEnd::Error("opening the keep-alive stream timed out".into()),
-            Ok(Err(e)) => return KeepEnd::Error(e.to_string()),
+            Ok(Err(e)) => return KeepEnd::Error(describe_error(&e)),
             Ok(Ok(s)) => s,
         };
         loop {
             if let Err(e) = keeper.keep_alive().await {
-                return KeepEnd::Error(e.to_string());
+                return KeepEnd::Error(describe_error(&e));
             }
             match tokio::time::timeout(self.timeout, stream.message()).await {
                 Err(_) => return KeepEnd::Error("keep-alive timed out".into()),
-                Ok(Err(e)) => return KeepEnd::Error(e.to_string()),
+                Ok(Err(e)) => return KeepEnd::Error(describe_error(&e)),
                 Ok(Ok(None)) => return KeepEnd::Error("keep-alive stream ended".into()),
                 Ok(Ok(Some(r))) if r.ttl() <= 0 => return KeepEnd::Lost,
                 Ok(Ok(Some(_))) => {}

@@ -196,6 +196,17 @@ pub enum RegistryError {
         target: String,
         reason: String,
     },
+    /// The registry refused the operation for lack of permission (an etcd user whose role may
+    /// not write this key, see deploy/etcd/README.md). Retrying does not help until an operator
+    /// changes the permissions.
+    #[error("{op} {target}: permission denied: {who} may not do this ({reason})")]
+    PermissionDenied {
+        op: &'static str,
+        target: String,
+        /// Who was refused, for humans ("etcd user \"weft-node-a\"").
+        who: String,
+        reason: String,
+    },
     #[error("registry internal error: {0}")]
     Internal(String),
 }

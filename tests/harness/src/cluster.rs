@@ -312,6 +312,8 @@ pub struct Node {
     pods: Mutex<Vec<Pod>>,
     meshd: Mutex<Option<Proc>>,
     meshd_extra: Mutex<Vec<String>>,
+    /// Extra environment of meshd (etcd credentials), kept for restarts.
+    meshd_env: Mutex<Vec<(String, String)>>,
     wg: Mutex<Option<WgDevice>>,
     /// Set by [`Node::start_meshd_claiming`]: meshd runs without `--pod-cidr`.
     claiming: std::sync::atomic::AtomicBool,
@@ -517,6 +519,7 @@ impl Cluster {
                 pods: Mutex::new(Vec::new()),
                 meshd: Mutex::new(None),
                 meshd_extra: Mutex::new(Vec::new()),
+                meshd_env: Mutex::new(Vec::new()),
                 wg: Mutex::new(None),
                 claiming: Default::default(),
                 claimed: Mutex::new(None),
@@ -1213,6 +1216,16 @@ impl Node {
         self.refresh_claimed()
     }
 
+    /// From the next start on, meshd runs without `--pod-cidr` (it claims a range); after it is
+    /// up, [`Node::refresh_claimed`] reads the range. `false` goes back to the fixed range.
+    pub fn set_claiming(&self, on: bool) {
+        self.claiming
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut c) = self.claimed.lock() {
+            *c = None;
+        }
+    }
+
     /// [`Node::start_meshd_claiming`] without waiting for the API or reading the range (for many
     /// nodes started at the same moment); call [`Node::wait_meshd_api`] and
     /// [`Node::refresh_claimed`] after.
@@ -1261,7 +1274,17 @@ impl Node {
             .unwrap_or(self.mesh_ip)
     }
 
-    /// Starts meshd without waiting for its API.
+    /// [`Node::start_meshd`] with extra environment variables for meshd (such as
+    /// `WEFT_ETCD_USERNAME` / `WEFT_ETCD_PASSWORD`), also used by [`Node::restart_meshd`].
+    pub fn start_meshd_env(&self, extra: &[&str], env: &[(String, String)]) -> Result<()> {
+        if let Ok(mut e) = self.meshd_env.lock() {
+            *e = env.to_vec();
+        }
+        self.start_meshd(extra)
+    }
+
+    /// Starts meshd without waiting for its API (with the environment of the last
+    /// [`Node::start_meshd_env`], if any).
     pub fn spawn_meshd(&self, extra: &[&str]) -> Result<()> {
         let bin = workspace_bin("meshd")?;
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
@@ -1274,6 +1297,9 @@ impl Node {
         let mut cmd = crate::util::ns_cmd(&self.ns, &bin);
         cmd.args(self.meshd_argv(&extra));
         cmd.env("RUST_BACKTRACE", "1");
+        if let Ok(env) = self.meshd_env.lock() {
+            cmd.envs(env.iter().map(|(k, v)| (k, v)));
+        }
         let p = Proc::spawn_logged(
             &format!("meshd {}", self.name),
             &mut cmd,
@@ -1704,6 +1730,7 @@ mod tests {
             pods: Mutex::new(Vec::new()),
             meshd: Mutex::new(None),
             meshd_extra: Mutex::new(Vec::new()),
+            meshd_env: Mutex::new(Vec::new()),
             wg: Mutex::new(None),
             claiming: Default::default(),
             claimed: Mutex::new(None),

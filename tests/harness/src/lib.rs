@@ -13,7 +13,8 @@
 //!   see [`cni`]).
 //!
 //! All nodes share one `dir:` registry in the cluster's temp dir, or an etcd started by
-//! [`Cluster::start_etcd`] in the switch namespace (see [`etcd`]). meshd is run as
+//! [`Cluster::start_etcd`] (or, with TLS, client certificates and per-node users,
+//! [`Cluster::start_etcd_secure`]) in the switch namespace (see [`etcd`]). meshd is run as
 //! `ip netns exec NODE meshd run ...` (see [`Node::start_meshd`]). Everything is torn down when
 //! the [`Cluster`] drops (also on panic); leftovers of crashed runs are removed when the next
 //! cluster is created. Clusters are serialized by a machine-wide lock ([`util::HarnessLock`]).
@@ -38,7 +39,10 @@ pub use cni::{
     result_ipv4, weft_cni_best_bin, weft_cni_bin, weft_cni_failpoints_bin, CniCall, CniOutput,
     CniPod, NetSnapshot, OutsideHost, CNI_NET, CNI_VERSIONS, FAILPOINTS, REF_PLUGINS,
 };
-pub use etcd::{Etcd, ETCD_CLIENT_PORT, ETCD_PEER_PORT};
+pub use etcd::{
+    node_user, rbac_script, Etcd, EtcdAuthOpts, EtcdLogin, MeshdEtcdArgs, ADMIN_USER,
+    ETCD_CLIENT_PORT, ETCD_PEER_PORT, NO_USER_CN,
+};
 pub use traffic::{
     ping, sh_in, tcp_transfer, udp_send, BgPing, PingOpts, PingResult, TcpOpts, TcpResult,
     UdpReceived, UdpReceiver, UdpSend,

@@ -187,6 +187,8 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         endpoints,
         pod_cidrs: cfg.pod_cidrs.clone(),
         key_generation,
+        next_public_key: None,
+        key_created_at: keyfile::created_at(&cfg.state_dir),
     };
     own.check().context("this node's own record is invalid")?;
 

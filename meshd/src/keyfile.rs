@@ -11,6 +11,16 @@ use weft_core::PrivateKey;
 pub const KEY_FILE: &str = "private.key";
 
 /// Loads the key, or creates one. A key file readable by others is tightened to 0600.
+/// When the key file was last written (unix seconds; 0 if unknown): the key's age.
+pub fn created_at(state_dir: &Path) -> u64 {
+    std::fs::metadata(state_dir.join(KEY_FILE))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 pub fn load_or_create(state_dir: &Path) -> Result<(PrivateKey, bool)> {
     // SAFETY: umask only changes this process's file creation mask.
     let old = unsafe { libc::umask(0o077) };

@@ -8,6 +8,7 @@
 
 pub mod alloc;
 pub mod allowed_ips;
+pub mod control;
 pub mod keys;
 pub mod node;
 pub mod packet;

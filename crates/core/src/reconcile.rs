@@ -107,6 +107,8 @@ mod tests {
             endpoints: vec![format!("198.18.0.{}:51820", 10 + i).parse().expect("ep")],
             pod_cidrs: vec![format!("10.42.{i}.0/24").parse().expect("cidr")],
             key_generation: 1,
+            next_public_key: None,
+            key_created_at: 0,
         }
     }
 

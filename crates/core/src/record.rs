@@ -29,6 +29,13 @@ pub struct NodeRecord {
     /// Bumped each time the node's key changes.
     #[serde(default)]
     pub key_generation: u64,
+    /// During a key rotation: the key the node is moving to. Peers accept handshakes from both
+    /// keys until the record names the new key as `publicKey` (and this is gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<PublicKey>,
+    /// Unix seconds when `publicKey` was made (0: unknown), for key age in `keyctl status`.
+    #[serde(default)]
+    pub key_created_at: u64,
 }
 
 /// Why a record was refused. Each variant names the field at fault.
@@ -70,6 +77,8 @@ fn json_error(e: serde_json::Error) -> RecordError {
         ("name", "name"),
         ("schema", "schema"),
         ("keyGeneration", "keyGeneration"),
+        ("nextPublicKey", "nextPublicKey"),
+        ("keyCreatedAt", "keyCreatedAt"),
     ] {
         if msg.contains(&format!("`{json}`")) {
             return field(f, msg);
@@ -147,6 +156,21 @@ impl NodeRecord {
                 .as_u64()
                 .ok_or_else(|| field("keyGeneration", "must be a non-negative integer"))?,
         };
+        let next_public_key = match obj.get("nextPublicKey") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(
+                v.as_str()
+                    .ok_or_else(|| field("nextPublicKey", "must be a string"))?
+                    .parse::<PublicKey>()
+                    .map_err(|e| field("nextPublicKey", e.to_string()))?,
+            ),
+        };
+        let key_created_at = match obj.get("keyCreatedAt") {
+            None => 0,
+            Some(v) => v
+                .as_u64()
+                .ok_or_else(|| field("keyCreatedAt", "must be a non-negative integer"))?,
+        };
         let record = NodeRecord {
             schema,
             name,
@@ -154,6 +178,8 @@ impl NodeRecord {
             endpoints,
             pod_cidrs,
             key_generation,
+            next_public_key,
+            key_created_at,
         };
         record.check()?;
         Ok(record)
@@ -168,6 +194,9 @@ impl NodeRecord {
     pub fn check(&self) -> Result<(), RecordError> {
         if self.schema == 0 {
             return Err(field("schema", "must be at least 1"));
+        }
+        if self.next_public_key == Some(self.public_key) {
+            return Err(field("nextPublicKey", "must differ from publicKey"));
         }
         check_name(&self.name)?;
         if self.endpoints.is_empty() {
@@ -354,6 +383,8 @@ mod tests {
             endpoints: vec![ep.parse().expect("ep")],
             pod_cidrs: vec![cidr.parse().expect("cidr")],
             key_generation: 1,
+            next_public_key: None,
+            key_created_at: 0,
         }
     }
 

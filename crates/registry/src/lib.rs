@@ -45,17 +45,28 @@ pub enum Kind {
     Nodes,
     /// Pod CIDR claims ([`weft_core::alloc::Claim`]), one per node, named after the node.
     Claims,
+    /// Key rotation requests ([`weft_core::control::RotationRequest`]), written by keyctl.
+    Rotations,
+    /// Revocations ([`weft_core::control::Revocation`]), written by keyctl (admin only).
+    Revocations,
 }
 
 impl Kind {
     /// Every collection this build knows.
-    pub const ALL: &'static [Kind] = &[Kind::Nodes, Kind::Claims];
+    pub const ALL: &'static [Kind] = &[
+        Kind::Nodes,
+        Kind::Claims,
+        Kind::Rotations,
+        Kind::Revocations,
+    ];
 
     /// The stable collection name ("nodes").
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Nodes => "nodes",
             Kind::Claims => "claims",
+            Kind::Rotations => "rotations",
+            Kind::Revocations => "revocations",
         }
     }
 }
@@ -437,6 +448,8 @@ mod tests {
     fn kind_names_are_stable() {
         assert_eq!(Kind::Nodes.as_str(), "nodes");
         assert_eq!(Kind::Claims.as_str(), "claims");
-        assert_eq!(Kind::ALL, &[Kind::Nodes, Kind::Claims]);
+        assert_eq!(Kind::Rotations.as_str(), "rotations");
+        assert_eq!(Kind::Revocations.as_str(), "revocations");
+        assert_eq!(Kind::ALL.len(), 4);
     }
 }

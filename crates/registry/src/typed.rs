@@ -47,6 +47,31 @@ impl Object for NodeRecord {
     }
 }
 
+macro_rules! control_object {
+    ($t:ty, $kind:expr) => {
+        impl Object for $t {
+            const KIND: Kind = $kind;
+            type Error = weft_core::control::ControlError;
+
+            fn decode(bytes: &[u8]) -> Result<Self, Self::Error> {
+                <$t>::from_json(bytes)
+            }
+            fn encode(&self) -> Vec<u8> {
+                self.to_json()
+            }
+            fn object_name(&self) -> &str {
+                &self.node
+            }
+            fn validate(&self) -> Result<(), Self::Error> {
+                self.check()
+            }
+        }
+    };
+}
+
+control_object!(weft_core::control::RotationRequest, Kind::Rotations);
+control_object!(weft_core::control::Revocation, Kind::Revocations);
+
 /// One event of a typed watch; see [`RawEvent`] for the meaning of each.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event<T> {

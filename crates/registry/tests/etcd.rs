@@ -127,6 +127,8 @@ fn record(name: &str, n: u8) -> NodeRecord {
         endpoints: vec![format!("192.0.2.{n}:51820").parse().expect("endpoint")],
         pod_cidrs: vec![format!("10.42.{n}.0/24").parse().expect("cidr")],
         key_generation: 1,
+        next_public_key: None,
+        key_created_at: 0,
     }
 }
 

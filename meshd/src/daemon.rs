@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::keyfile;
 use anyhow::{Context, Result};
 use ipnet::IpNet;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,13 +54,30 @@ struct Daemon {
     /// What became of that write, for `status` ("published", "publishing", or
     /// "not published: ERROR" while the registry refuses it, for example for lack of permission).
     own_record: Arc<std::sync::Mutex<String>>,
-    /// The peer cache last written (to skip identical writes).
-    cached: String,
     /// Renews this node's pod CIDR claim (when the range was claimed, not given).
     renewal: Option<tokio::task::JoinHandle<()>>,
     /// What `meshd status` says about that claim.
     claim_state: Option<Arc<std::sync::Mutex<String>>>,
+    /// `STATE_DIR/peers.json` and when it is due.
+    cache: PeerCache,
 }
+
+/// The write state of the peer cache. It is written at most once per [`PEER_CACHE_INTERVAL`] (a
+/// burst of registry events costs one write, not one per event), and at shutdown.
+#[derive(Default)]
+struct PeerCache {
+    /// The text last written (identical writes are skipped).
+    written: String,
+    /// The records changed since the last write.
+    dirty: bool,
+    /// When the last write was made or tried.
+    last: Option<Instant>,
+}
+
+/// Shortest time between two writes of the peer cache.
+const PEER_CACHE_INTERVAL: Duration = Duration::from_secs(1);
+/// Most registry events taken in before one reconcile (keeps the loop responsive under a flood).
+const EVENT_BATCH: usize = 4096;
 
 /// How long start-up waits for the registry before going on without it.
 const REGISTRY_STARTUP_WAIT: Duration = Duration::from_secs(1);
@@ -235,9 +252,9 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         connectivity: "connecting".into(),
         publisher: None,
         own_record: Arc::new(std::sync::Mutex::new("publishing".into())),
-        cached: String::new(),
         renewal: None,
         claim_state: None,
+        cache: PeerCache::default(),
     };
     if !cached.is_empty() {
         // Come up with the last known peers (the registry may be unreachable right now); the
@@ -309,14 +326,30 @@ pub async fn run(mut cfg: Config) -> Result<()> {
             _ = tick.tick() => {
                 d.node.handle_timeout(Instant::now());
                 d.flush().await;
+                d.save_peer_cache(false);
             },
             ev = ev_rx.recv() => match ev {
                 Some(ev) => {
-                    if d.handle_event(ev) {
+                    // Take in every event already queued, then reconcile once: a burst of N
+                    // records costs one pass over the peers instead of N.
+                    let mut publish = d.handle_event(ev);
+                    let mut taken = 1;
+                    while taken < EVENT_BATCH {
+                        match ev_rx.try_recv() {
+                            Ok(ev) => publish |= d.handle_event(ev),
+                            Err(_) => break,
+                        }
+                        taken += 1;
+                    }
+                    if taken > 1 {
+                        tracing::debug!(events = taken, "registry events batched");
+                    }
+                    if publish {
                         d.spawn_publish();
                     }
                     d.reconcile().await;
-                    d.save_peer_cache();
+                    d.cache.dirty = true;
+                    d.save_peer_cache(false);
                 }
                 None => {
                     tracing::error!("registry watch ended; restarting it");
@@ -489,15 +522,27 @@ impl Daemon {
         }));
     }
 
-    /// Writes the known records to the peer cache when they changed (atomically).
-    fn save_peer_cache(&mut self) {
+    /// Writes the known records to the peer cache (atomically) if they changed since the last
+    /// write and that write is at least [`PEER_CACHE_INTERVAL`] old, or at once with `now`.
+    fn save_peer_cache(&mut self, now: bool) {
+        if !self.cache.dirty
+            || (!now
+                && self
+                    .cache
+                    .last
+                    .is_some_and(|t| t.elapsed() < PEER_CACHE_INTERVAL))
+        {
+            return;
+        }
+        self.cache.last = Some(Instant::now());
         let items: Vec<serde_json::Value> = self
             .records
             .values()
             .filter_map(|r| serde_json::from_slice(&r.to_json()).ok())
             .collect();
         let text = serde_json::Value::Array(items).to_string();
-        if text == self.cached {
+        if text == self.cache.written {
+            self.cache.dirty = false;
             return;
         }
         let path = self.cfg.state_dir.join(PEER_CACHE_FILE);
@@ -506,7 +551,11 @@ impl Daemon {
             .state_dir
             .join(format!(".{PEER_CACHE_FILE}.tmp{}", std::process::id()));
         match std::fs::write(&tmp, &text).and_then(|_| std::fs::rename(&tmp, &path)) {
-            Ok(()) => self.cached = text,
+            Ok(()) => {
+                self.cache.written = text;
+                self.cache.dirty = false;
+            }
+            // Stays dirty: tried again after the interval.
             Err(e) => {
                 tracing::warn!(file = %path.display(), error = %e, "cannot write the peer cache")
             }
@@ -579,20 +628,32 @@ impl Daemon {
 
     async fn sync_routes(&mut self) {
         let ifname = self.tun.name().to_string();
-        let mut want: HashSet<Route> = HashSet::new();
+        // Each wanted route with the peer it belongs to.
+        let mut want: HashMap<Route, &str> = HashMap::new();
         for p in self.node.peer_configs() {
             for net in &p.allowed_ips {
-                want.insert(Route {
+                let route = Route {
                     dst: *net,
                     kind: RouteKind::Dev {
                         ifname: ifname.clone(),
                         src: self.src_for(net),
                     },
                     metric: DEV_ROUTE_METRIC,
-                });
+                };
+                want.insert(route, p.name.as_str());
             }
         }
-        let stale: Vec<Route> = self.routes.difference(&want).cloned().collect();
+        let stale: Vec<Route> = self
+            .routes
+            .iter()
+            .filter(|r| !want.contains_key(*r))
+            .cloned()
+            .collect();
+        let new: Vec<(Route, String)> = want
+            .iter()
+            .filter(|(r, _)| !self.routes.contains(*r))
+            .map(|(r, name)| (r.clone(), name.to_string()))
+            .collect();
         for r in stale {
             match self.nl.delete_route(&r).await {
                 Ok(()) => {
@@ -601,13 +662,24 @@ impl Daemon {
                 Err(e) => tracing::warn!(error = %e, dst = %r.dst, "removing route"),
             }
         }
-        let new: Vec<Route> = want.difference(&self.routes).cloned().collect();
-        for r in new {
+        // Peers that got a route now: once all of theirs are in place they are in the data path.
+        let mut routed: BTreeMap<String, usize> = BTreeMap::new();
+        let mut failed: HashSet<String> = HashSet::new();
+        for (r, name) in new {
             match self.nl.replace_route(&r).await {
                 Ok(()) => {
                     self.routes.insert(r);
+                    *routed.entry(name).or_default() += 1;
                 }
-                Err(e) => tracing::warn!(error = %e, dst = %r.dst, "adding route"),
+                Err(e) => {
+                    tracing::warn!(error = %e, dst = %r.dst, peer = %name, "adding route");
+                    failed.insert(name);
+                }
+            }
+        }
+        for (name, routes) in routed {
+            if !failed.contains(&name) {
+                tracing::info!(peer = %name, routes, "peer routed");
             }
         }
     }
@@ -694,6 +766,7 @@ impl Daemon {
         let _ = std::fs::remove_file(&self.cfg.api_socket);
         match exit {
             Exit::Stop => {
+                self.save_peer_cache(true);
                 // The record stays so a restart is seamless; the unreachable routes stay so
                 // nothing leaks while meshd is away.
                 tracing::info!("stopping: record and fail-closed routes kept");

@@ -3,9 +3,11 @@
 //! Changing one peer's key, endpoints or CIDRs yields one `Update` for that peer alone, so no
 //! other peer is disturbed.
 
+use crate::keys::PublicKey;
 use crate::peer::PeerConfig;
 use crate::record::{validate_against, NodeRecord, RecordError};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -29,6 +31,9 @@ pub fn peer_config(r: &NodeRecord) -> PeerConfig {
 /// conflicts with this node's own record or with one accepted before it (records taken in
 /// name order, so every node reaches the same verdict about two foreign records).
 /// Returns the peers and the refused records with their reason.
+///
+/// O(n log n): a record is compared with every accepted one ([`validate_against`], for the exact
+/// reason) only when an index of the accepted ranges, endpoints and keys shows a conflict.
 pub fn desired_peers(
     own: &NodeRecord,
     records: impl IntoIterator<Item = NodeRecord>,
@@ -36,6 +41,10 @@ pub fn desired_peers(
     let mut records: Vec<NodeRecord> = records.into_iter().filter(|r| r.name != own.name).collect();
     records.sort_by(|a, b| a.name.cmp(&b.name));
     let mut accepted: Vec<NodeRecord> = vec![own.clone()];
+    // Key -> position in `accepted` (accepted keys are distinct).
+    let mut keys: HashMap<PublicKey, usize> = HashMap::from([(own.public_key, 0)]);
+    let mut index = ConflictIndex::new();
+    index.insert(own);
     let mut refused = Vec::new();
     for r in records {
         if r.public_key == own.public_key {
@@ -48,7 +57,7 @@ pub fn desired_peers(
             ));
             continue;
         }
-        if let Some(dup) = accepted.iter().find(|a| a.public_key == r.public_key) {
+        if let Some(dup) = keys.get(&r.public_key).and_then(|&i| accepted.get(i)) {
             refused.push((
                 r.name.clone(),
                 RecordError::Field {
@@ -58,13 +67,81 @@ pub fn desired_peers(
             ));
             continue;
         }
-        match validate_against(&r, &accepted) {
-            Ok(()) => accepted.push(r),
+        let verdict = if index.may_conflict(&r) {
+            validate_against(&r, &accepted)
+        } else {
+            Ok(())
+        };
+        match verdict {
+            Ok(()) => {
+                keys.insert(r.public_key, accepted.len());
+                index.insert(&r);
+                accepted.push(r);
+            }
             Err(e) => refused.push((r.name.clone(), e)),
         }
     }
     let peers = accepted.iter().skip(1).map(peer_config).collect();
     (peers, refused)
+}
+
+/// The pod ranges and endpoint addresses of the accepted records, to tell in O(log n) whether a
+/// record may conflict with any of them ([`validate_against`]'s checks: overlapping ranges, a
+/// range containing an endpoint, either way round). It never misses a conflict; a hit is then
+/// checked exactly.
+struct ConflictIndex {
+    /// Accepted ranges as first -> last address. Prefixes either nest or are disjoint; while these
+    /// are disjoint, the only one that can reach an address is the last one starting at or before
+    /// it.
+    ranges: BTreeMap<IpAddr, IpAddr>,
+    endpoints: BTreeSet<IpAddr>,
+    /// False once two indexed ranges meet (possible only within one record, which is not
+    /// checked against itself): then every record is checked exactly.
+    exact: bool,
+}
+
+impl ConflictIndex {
+    fn new() -> Self {
+        ConflictIndex {
+            ranges: BTreeMap::new(),
+            endpoints: BTreeSet::new(),
+            exact: true,
+        }
+    }
+
+    /// Whether an indexed range meets [first, last] (same address family).
+    fn range_meets(&self, first: IpAddr, last: IpAddr) -> bool {
+        self.ranges.range(first..=last).next().is_some()
+            || self
+                .ranges
+                .range(..first)
+                .next_back()
+                .is_some_and(|(_, end)| *end >= first)
+    }
+
+    fn may_conflict(&self, r: &NodeRecord) -> bool {
+        if !self.exact {
+            return true;
+        }
+        r.pod_cidrs.iter().any(|c| {
+            let (first, last) = (c.network(), c.broadcast());
+            self.range_meets(first, last) || self.endpoints.range(first..=last).next().is_some()
+        }) || r
+            .endpoints
+            .iter()
+            .any(|ep| self.range_meets(ep.ip(), ep.ip()))
+    }
+
+    fn insert(&mut self, r: &NodeRecord) {
+        for c in &r.pod_cidrs {
+            let (first, last) = (c.network(), c.broadcast());
+            if self.range_meets(first, last) {
+                self.exact = false;
+            }
+            self.ranges.insert(first, last);
+        }
+        self.endpoints.extend(r.endpoints.iter().map(|e| e.ip()));
+    }
 }
 
 /// Commands that turn `applied` into `desired`. Removes come first, so a key or range that
@@ -148,5 +225,139 @@ mod tests {
         assert_eq!(peers, vec![peer_config(&good)]);
         let names: Vec<&str> = refused.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["b", "c"]);
+    }
+
+    /// The straightforward O(n^2) selection `desired_peers` must agree with.
+    fn desired_peers_naive(
+        own: &NodeRecord,
+        records: Vec<NodeRecord>,
+    ) -> (Vec<PeerConfig>, Vec<(String, RecordError)>) {
+        let mut records: Vec<NodeRecord> =
+            records.into_iter().filter(|r| r.name != own.name).collect();
+        records.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut accepted: Vec<NodeRecord> = vec![own.clone()];
+        let mut refused = Vec::new();
+        for r in records {
+            if r.public_key == own.public_key {
+                refused.push((
+                    r.name.clone(),
+                    RecordError::Field {
+                        field: "publicKey",
+                        reason: format!("same key as this node ({})", own.name),
+                    },
+                ));
+                continue;
+            }
+            if let Some(dup) = accepted.iter().find(|a| a.public_key == r.public_key) {
+                refused.push((
+                    r.name.clone(),
+                    RecordError::Field {
+                        field: "publicKey",
+                        reason: format!("same key as node {}", dup.name),
+                    },
+                ));
+                continue;
+            }
+            match validate_against(&r, &accepted) {
+                Ok(()) => accepted.push(r),
+                Err(e) => refused.push((r.name.clone(), e)),
+            }
+        }
+        (accepted.iter().skip(1).map(peer_config).collect(), refused)
+    }
+
+    /// Random record sets full of conflicts (nested and equal ranges, endpoints inside ranges,
+    /// shared keys and names, both families, odd records with two ranges of one family): the
+    /// indexed selection gives exactly the naive one's peers and refusals with their reasons.
+    #[test]
+    fn indexed_selection_matches_naive() {
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        };
+        let keys: Vec<_> = (0..12)
+            .map(|_| PrivateKey::generate().public_key())
+            .collect();
+        let pick_cidr = |next: &mut dyn FnMut(u64) -> u64| -> ipnet::IpNet {
+            let (a, b, c) = (next(2), next(4), next(4) * 64);
+            let s = match next(6) {
+                0 => format!("10.{a}.0.0/16"),
+                1 => format!("10.{a}.{b}.0/24"),
+                2 => format!("10.{a}.{b}.{c}/26"),
+                3 => format!("10.{a}.{b}.{}/28", c + 16 * next(4)),
+                4 => format!("fd00:{a}::/48"),
+                _ => format!("fd00:{a}:{b}::/64"),
+            };
+            s.parse().expect("cidr")
+        };
+        let mk = |name: String, next: &mut dyn FnMut(u64) -> u64| {
+            let mut pod_cidrs = vec![pick_cidr(next)];
+            if next(4) == 0 {
+                pod_cidrs.push(pick_cidr(next));
+            }
+            let endpoints = (0..=next(2))
+                .map(|_| {
+                    let s = match next(4) {
+                        0 => format!("10.{}.{}.{}:51820", next(2), next(4), next(256)),
+                        1 => format!("[fd00:{}:{}::7]:51820", next(2), next(4)),
+                        _ => format!("198.18.0.{}:51820", next(250)),
+                    };
+                    s.parse().expect("endpoint")
+                })
+                .collect();
+            NodeRecord {
+                schema: SCHEMA_VERSION,
+                name,
+                public_key: keys[next(keys.len() as u64) as usize],
+                endpoints,
+                pod_cidrs,
+                key_generation: 1,
+                next_public_key: None,
+                key_created_at: 0,
+            }
+        };
+        let (mut accepted, mut refused) = (0, 0);
+        for round in 0..400 {
+            let own = mk(format!("n{}", next(30)), &mut next);
+            let n = 1 + next(40);
+            let records: Vec<NodeRecord> = (0..n)
+                .map(|_| mk(format!("n{}", next(30)), &mut next))
+                .collect();
+            let fast = desired_peers(&own, records.clone());
+            let naive = desired_peers_naive(&own, records);
+            assert_eq!(fast, naive, "round {round}");
+            accepted += fast.0.len();
+            refused += fast.1.len();
+        }
+        // Both verdicts are common, so both paths were taken.
+        assert!(accepted > 1000 && refused > 1000, "{accepted} {refused}");
+    }
+
+    /// 1000 records that all pass, and then one that conflicts with the last of them.
+    #[test]
+    fn large_selection() {
+        let own = rec("a", 1);
+        let mut records: Vec<NodeRecord> = (0..1000u32)
+            .map(|i| {
+                let mut r = rec(&format!("b{i:04}"), 2);
+                let net = std::net::Ipv4Addr::from(0x0a2a_1000 + i * 16);
+                r.pod_cidrs = vec![format!("{net}/28").parse().expect("cidr")];
+                r.endpoints = vec![format!("198.18.0.1:{}", 20_000 + i).parse().expect("ep")];
+                r
+            })
+            .collect();
+        let mut bad = rec("c", 3);
+        bad.pod_cidrs = vec!["10.42.78.0/24".parse().expect("cidr")];
+        records.push(bad);
+        let (peers, refused) = desired_peers(&own, records);
+        assert_eq!(peers.len(), 1000);
+        assert_eq!(refused.len(), 1);
+        assert!(
+            matches!(&refused[0].1, RecordError::Overlap { other, .. } if other == "b0992"),
+            "{refused:?}"
+        );
     }
 }

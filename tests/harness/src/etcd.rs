@@ -13,11 +13,12 @@
 //!   script generated (see [`EtcdAuthOpts`], [`EtcdLogin`]).
 
 use crate::cluster::{Cluster, UNDERLAY_ROUTER};
-use crate::util::{ns_cmd, run, run_timeout, tail, wait_until, Proc};
+use crate::util::{ns_cmd, run, run_in_netns, run_timeout, tail, wait_until, Proc};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Client port of the harness etcd.
@@ -368,6 +369,13 @@ impl Etcd {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// `etcdctl ARGS` as root, not run yet.
+    fn etcdctl_cmd(&self, args: &[&str]) -> Result<Command> {
+        let mut cmd = self.ctl_command("etcdctl", None)?;
+        cmd.args(args);
+        Ok(cmd)
+    }
+
     /// Keys under `prefix`.
     pub fn keys(&self, prefix: &str) -> Result<Vec<String>> {
         let out = self.etcdctl(&["get", "--prefix", "--keys-only", prefix])?;
@@ -382,6 +390,83 @@ impl Etcd {
     pub fn get(&self, key: &str) -> Result<Option<String>> {
         let out = self.etcdctl(&["get", key, "--print-value-only"])?;
         Ok((!out.is_empty()).then(|| out.trim_end_matches('\n').to_string()))
+    }
+
+    /// Writes `value` at `key`. etcdctl reads the value from stdin, so it may be large (up to
+    /// etcd's request limit, 1.5 MiB by default) or not UTF-8.
+    pub fn put(&self, key: &str, value: &[u8]) -> Result<()> {
+        let mut cmd = self.etcdctl_cmd(&["put", key])?;
+        let out = crate::cni::run_with_stdin(&mut cmd, value, Duration::from_secs(10))?;
+        if !out.success() {
+            bail!("etcdctl put {key} failed: {}", out.stderr.trim());
+        }
+        Ok(())
+    }
+
+    /// Deletes `key`; returns how many keys were deleted.
+    pub fn delete(&self, key: &str) -> Result<u64> {
+        let out = self.etcdctl(&["del", key])?;
+        out.trim()
+            .parse()
+            .map_err(|_| anyhow!("etcdctl del {key}: unexpected output {out:?}"))
+    }
+
+    /// The store's current revision.
+    pub fn revision(&self) -> Result<i64> {
+        let out = self.etcdctl(&["get", "/", "-w", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        v["header"]["revision"]
+            .as_i64()
+            .ok_or_else(|| anyhow!("no revision in {out}"))
+    }
+
+    /// Compacts the history up to `revision` (physically: waits until it is applied), so a
+    /// watch from an older revision is cancelled.
+    pub fn compact(&self, revision: i64) -> Result<()> {
+        self.etcdctl(&["compact", &revision.to_string(), "--physical"])?;
+        Ok(())
+    }
+
+    /// Every key under `prefix` with its value, sorted by key.
+    pub fn get_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        use base64::Engine as _;
+        let out = self.etcdctl(&["get", "--prefix", prefix, "-w", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let b64 = |s: &serde_json::Value| -> Result<Vec<u8>> {
+            // An empty value is left out of the JSON.
+            let s = s.as_str().unwrap_or_default();
+            base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .map_err(|e| anyhow!("etcdctl printed bad base64 {s:?}: {e}"))
+        };
+        let mut kvs = Vec::new();
+        for kv in v["kvs"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            let key = String::from_utf8(b64(&kv["key"])?)?;
+            kvs.push((key, b64(&kv["value"])?));
+        }
+        kvs.sort();
+        Ok(kvs)
+    }
+
+    /// Runs `f` with a client of this etcd: meshd's own (`weft_registry`, prefix `/weft`), on a
+    /// current-thread runtime in a thread inside the switch namespace. For writing many objects
+    /// fast; etcdctl costs a process per write.
+    pub fn with_client<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        T: Send,
+        F: FnOnce(Arc<dyn weft_registry::Registry>) -> Fut + Send,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let spec = self.spec();
+        run_in_netns(&self.ns, move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("building a tokio runtime")?;
+            let registry = weft_registry::open_with(&spec, &weft_registry::OpenOptions::default())
+                .context("opening the etcd registry")?;
+            rt.block_on(f(registry))
+        })
     }
 
     /// The lease ID a key is bound to, if any, in decimal as etcdctl's `-w fields` prints it

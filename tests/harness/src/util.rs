@@ -362,6 +362,30 @@ impl HarnessLock {
     }
 }
 
+/// Runs `f` on a new thread that has entered the network namespace `ns` (`/run/netns/NS`) and
+/// returns its result. Only that thread moves, so the sockets `f` opens (for example through a
+/// current-thread tokio runtime it builds) live in `ns`; the caller stays where it is.
+pub fn run_in_netns<T: Send>(ns: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let path = Path::new("/run/netns").join(ns);
+    let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<T> {
+            // SAFETY: setns(2) on a namespace fd we hold open; it changes only this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                bail!(
+                    "setns {}: {}",
+                    path.display(),
+                    std::io::Error::last_os_error()
+                );
+            }
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow!("the thread in namespace {ns} panicked"))?
+    })
+}
+
 /// Fails unless running as root (the harness needs netns, veth, tc and /dev/net/tun).
 pub fn require_root() -> Result<()> {
     // SAFETY: plain syscall.

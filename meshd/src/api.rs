@@ -30,6 +30,8 @@ pub struct NodeInfo {
 pub struct Status {
     pub node: NodeInfo,
     pub registry: String,
+    /// This node's key rotation: phase, next key, per-peer progress.
+    pub rotation: serde_json::Value,
     /// This node's record in the registry: "published", "publishing" or "not published: ERROR".
     pub own_record: String,
     /// With a claimed (not configured) pod range: `held`, `unconfirmed: ...` or `lost: ...`.

@@ -867,8 +867,7 @@ impl Node {
         let mut sent = Vec::new();
         while let Some((_, pkt)) = peer.queue.pop_front() {
             let mut out = vec![0u8; (pkt.len() + 32).max(MIN_BUF)];
-            if let TunnResult::WriteToNetwork(p) = peer.slots[i].tunn.encapsulate(&pkt, &mut out)
-            {
+            if let TunnResult::WriteToNetwork(p) = peer.slots[i].tunn.encapsulate(&pkt, &mut out) {
                 let n = p.len();
                 out.truncate(n);
                 peer.tx_bytes += pkt.len() as u64;
@@ -1039,7 +1038,10 @@ mod tests {
         }
 
         fn all_drops(&self) -> Vec<BTreeMap<&'static str, u64>> {
-            self.nodes.iter().map(|(_, n)| n.drops().by_name()).collect()
+            self.nodes
+                .iter()
+                .map(|(_, n)| n.drops().by_name())
+                .collect()
         }
 
         /// Moves datagrams between nodes until nothing is left in flight.
@@ -1364,6 +1366,7 @@ mod tests {
             "{progress:?}"
         );
         // Outbound on both ends already uses the new pair.
+        #[allow(clippy::needless_range_loop)]
         for j in 1..3 {
             let name = format!("n{}", j + 1);
             assert_eq!(
@@ -1424,7 +1427,10 @@ mod tests {
         let from = net.nodes[1].0;
         net.nodes[0].1.handle_udp(from, &init, now);
         assert_eq!(net.nodes[0].1.drops().get(DropReason::InvalidMac), 1);
-        assert!(net.nodes[0].1.poll_output().is_none(), "answered the old key");
+        assert!(
+            net.nodes[0].1.poll_output().is_none(),
+            "answered the old key"
+        );
     }
 
     /// Both ends rotate at once: four key pairs per link while it lasts, and traffic flows at

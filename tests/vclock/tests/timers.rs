@@ -329,9 +329,18 @@ fn rotation_straddling_a_rekey_loses_nothing() {
     for _ in 0..3000 {
         step(&mut sim, &mut expected);
     }
-    for i in 0..3 {
-        assert_eq!(sim.delivered[i].len(), expected[i], "lost packets towards node {i}");
-        assert_eq!(sim.nodes[i].1.drops().total(), 0, "{:?}", sim.nodes[i].1.drops());
+    for (i, want) in expected.iter().enumerate() {
+        assert_eq!(
+            sim.delivered[i].len(),
+            *want,
+            "lost packets towards node {i}"
+        );
+        assert_eq!(
+            sim.nodes[i].1.drops().total(),
+            0,
+            "{:?}",
+            sim.nodes[i].1.drops()
+        );
         for p in sim.nodes[i].1.peer_status() {
             assert_eq!(p.key_pairs, 1, "node {i} peer {}", p.name);
         }

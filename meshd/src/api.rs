@@ -30,6 +30,8 @@ pub struct NodeInfo {
 pub struct Status {
     pub node: NodeInfo,
     pub registry: String,
+    /// This node's key rotation: phase, next key, per-peer progress.
+    pub rotation: serde_json::Value,
     /// This node's record in the registry: "published", "publishing" or "not published: ERROR".
     pub own_record: String,
     /// With a claimed (not configured) pod range: `held`, `unconfirmed: ...` or `lost: ...`.
@@ -97,6 +99,23 @@ pub fn render(v: &serde_json::Value) -> String {
     ));
     if let Some(c) = v["podCidrClaim"].as_str() {
         out.push_str(&format!("  pod CIDR claim {c}\n"));
+    }
+    let rot = &v["rotation"];
+    if let Some(phase) = rot["phase"].as_str().filter(|p| *p != "idle") {
+        let peers = rot["peers"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={}", s(v)))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "  key rotation {phase} ({}) next key {}  {peers}\n",
+            s(&rot["reason"]),
+            s(&rot["nextPublicKey"])
+        ));
     }
     out.push_str(&format!(
         "\n{:<16} {:<46} {:<22} {:<18} {:>10} {:>12} {:>12}  drops\n",

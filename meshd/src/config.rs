@@ -65,6 +65,10 @@ pub struct RunArgs {
     /// Send a keepalive every SECS seconds (for nodes behind NAT); 0 or absent: off.
     #[arg(long, env = "WEFT_PERSISTENT_KEEPALIVE")]
     pub persistent_keepalive: Option<u16>,
+    /// Rotate this node's key by itself once it is older than this (e.g. 30d, 12h); absent or
+    /// 0: only when `keyctl rotate` asks.
+    #[arg(long, env = "WEFT_KEY_MAX_AGE")]
+    pub key_max_age: Option<String>,
     /// Log format: text or json.
     #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -131,6 +135,8 @@ pub struct Config {
     pub persistent_keepalive: Option<u16>,
     pub json_logs: bool,
     pub etcd: EtcdConfig,
+    /// `--key-max-age`: rotate by itself past this age.
+    pub key_max_age: Option<std::time::Duration>,
 }
 
 /// How this node claims its pod range when none is given.
@@ -421,7 +427,18 @@ impl RunArgs {
                 "must be a path of 1-107 bytes (a unix socket path)",
             ));
         }
+        let key_max_age = match self.key_max_age.as_deref().map(str::trim) {
+            None | Some("") | Some("0") => None,
+            Some(v) => {
+                let d = parse_duration(v).map_err(|e| bad("key-max-age", e))?;
+                if d.as_secs() < 10 {
+                    return Err(bad("key-max-age", "must be at least 10s (or 0 for off)"));
+                }
+                Some(d)
+            }
+        };
         Ok(Config {
+            key_max_age,
             node_name,
             registry,
             interface: iface.clone(),
@@ -555,6 +572,8 @@ mod tests {
             (&["--etcd-cert", "/nonexistent/c.pem"], "etcd-cert"),
             (&["--log-format", "xml"], "log-format"),
             (&["--listen-port", "0"], "listen-port"),
+            (&["--key-max-age", "5s"], "key-max-age"),
+            (&["--key-max-age", "often"], "key-max-age"),
         ];
         for (args, flag) in cases {
             let e = parse(args).expect_err("should fail");

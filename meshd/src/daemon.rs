@@ -60,6 +60,8 @@ struct Daemon {
     claim_state: Option<Arc<std::sync::Mutex<String>>>,
     /// `STATE_DIR/peers.json` and when it is due.
     cache: PeerCache,
+    /// This node's key rotation.
+    rotation: crate::rotation::Rotation,
 }
 
 /// The write state of the peer cache. It is written at most once per [`PEER_CACHE_INTERVAL`] (a
@@ -114,6 +116,13 @@ fn load_peer_cache(state_dir: &std::path::Path) -> Vec<NodeRecord> {
             }
         })
         .collect()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// A random wait in [d/2, d] (spreads retries of many nodes).
@@ -234,8 +243,29 @@ pub async fn run(mut cfg: Config) -> Result<()> {
 
     let (ev_tx, mut ev_rx) = mpsc::channel(256);
     tokio::spawn(watch_nodes(registry.clone(), ev_tx));
+    let (rot_tx, mut rot_rx) = mpsc::channel(16);
+    tokio::spawn(watch_rotation_requests(
+        registry.clone(),
+        cfg.node_name.clone(),
+        rot_tx,
+    ));
 
-    let node = Node::new(key, cfg.persistent_keepalive);
+    let mut node = Node::new(key, cfg.persistent_keepalive);
+    // A rotation cut short by a restart resumes with the key it had announced.
+    let mut own = own;
+    let mut rotation = crate::rotation::Rotation::default();
+    match keyfile::load_next(&cfg.state_dir)? {
+        Some(next) if next.public_key() != own.public_key => {
+            let next_pub = next.public_key();
+            node.set_next_key(next)
+                .context("resuming the key rotation")?;
+            own.next_public_key = Some(next_pub);
+            rotation.announce(next_pub, "resumed after a restart", Instant::now());
+            tracing::info!(next = %next_pub.fingerprint(), "resuming the key rotation");
+        }
+        Some(_) => keyfile::remove_next(&cfg.state_dir),
+        None => {}
+    }
     let mut d = Daemon {
         cfg,
         node,
@@ -255,6 +285,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         renewal: None,
         claim_state: None,
         cache: PeerCache::default(),
+        rotation,
     };
     if !cached.is_empty() {
         // Come up with the last known peers (the registry may be unreachable right now); the
@@ -327,6 +358,14 @@ pub async fn run(mut cfg: Config) -> Result<()> {
                 d.node.handle_timeout(Instant::now());
                 d.flush().await;
                 d.save_peer_cache(false);
+                d.drive_rotation().await;
+            },
+            Some(generation) = rot_rx.recv() => {
+                if generation > d.rotation.requested {
+                    tracing::info!(generation, "key rotation requested");
+                }
+                d.rotation.requested = d.rotation.requested.max(generation);
+                d.drive_rotation().await;
             },
             ev = ev_rx.recv() => match ev {
                 Some(ev) => {
@@ -451,6 +490,39 @@ async fn serve_api(listener: UnixListener, tx: mpsc::Sender<ApiRequest>) {
     }
 }
 
+/// Forwards the key generations `keyctl rotate` asks of this node (`rotations/NAME`) to the loop.
+async fn watch_rotation_requests(registry: Arc<dyn Registry>, name: String, tx: mpsc::Sender<u64>) {
+    use weft_core::control::RotationRequest;
+    let typed = weft_registry::Typed::<RotationRequest>::new(registry);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match typed.watch(None).await {
+            Ok(mut w) => {
+                backoff = Duration::from_millis(200);
+                while let Some(ev) = w.next().await {
+                    let gens: Vec<u64> = match ev {
+                        Event::Reset { items, .. } => items
+                            .into_iter()
+                            .filter(|r| r.node == name)
+                            .map(|r| r.generation)
+                            .collect(),
+                        Event::Upsert { item, .. } if item.node == name => vec![item.generation],
+                        _ => Vec::new(),
+                    };
+                    for g in gens {
+                        if tx.send(g).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot watch rotation requests"),
+        }
+        tokio::time::sleep(jittered(backoff)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
 /// Forwards registry events to the loop. Retries with backoff when the watch cannot start.
 async fn watch_nodes(registry: Arc<dyn Registry>, tx: mpsc::Sender<Event<NodeRecord>>) {
     let mut backoff = Duration::from_millis(200);
@@ -478,6 +550,100 @@ async fn watch_nodes(registry: Arc<dyn Registry>, tx: mpsc::Sender<Event<NodeRec
 }
 
 impl Daemon {
+    /// Starts a key rotation (if none is under way): a new key, stored 0600 in the state dir,
+    /// added to the device and announced in the record as the next key.
+    fn start_rotation(&mut self, reason: &str) {
+        if !self.rotation.is_idle() {
+            return;
+        }
+        let key = match keyfile::create_next(&self.cfg.state_dir) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot store a next key; not rotating");
+                return;
+            }
+        };
+        let public = key.public_key();
+        if let Err(e) = self.node.set_next_key(key) {
+            tracing::error!(error = %e, "cannot use the next key; not rotating");
+            keyfile::remove_next(&self.cfg.state_dir);
+            return;
+        }
+        self.own.next_public_key = Some(public);
+        self.rotation.announce(public, reason, Instant::now());
+        tracing::info!(next = %public.fingerprint(), reason, "key rotation started");
+        self.spawn_publish();
+    }
+
+    /// Moves the rotation along (called on every tick and rotation request).
+    async fn drive_rotation(&mut self) {
+        use crate::rotation::Step;
+        if self.rotation.is_idle() {
+            if self.rotation.requested > self.own.key_generation {
+                self.start_rotation("requested by keyctl rotate");
+            } else if let Some(max) = self.cfg.key_max_age {
+                let age = unix_now().saturating_sub(self.own.key_created_at);
+                if self.own.key_created_at > 0 && age >= max.as_secs() {
+                    self.start_rotation("key older than --key-max-age");
+                }
+            }
+            return;
+        }
+        let announced = self.records.get(&self.own.name).is_some_and(|r| {
+            r.next_public_key.is_some() && r.next_public_key == self.rotation.next
+        });
+        let progress = self.node.rotation_progress();
+        match self.rotation.poll(Instant::now(), announced, &progress) {
+            Step::Nothing => {}
+            Step::Initiate => {
+                tracing::info!("handshaking with every peer on the next key");
+                self.node.initiate_next();
+                self.flush().await;
+            }
+            Step::Retire { not_moved } => {
+                if !not_moved.is_empty() && !announced {
+                    // Peers cannot have learnt the next key (the registry does not show it):
+                    // keep both keys until it does.
+                    return;
+                }
+                if !not_moved.is_empty() {
+                    tracing::warn!(
+                        ?not_moved,
+                        "retiring the old key although these peers have not moved to the new one"
+                    );
+                }
+                self.retire_old_key();
+            }
+        }
+    }
+
+    /// The last step of a rotation: the next key becomes this node's key, on disk first.
+    fn retire_old_key(&mut self) {
+        let Some(next) = self.node.next_key() else {
+            return;
+        };
+        if let Err(e) = keyfile::promote_next(&self.cfg.state_dir) {
+            tracing::error!(error = %format!("{e:#}"), "cannot store the new key; keeping the old one");
+            return;
+        }
+        self.node.promote_next_key();
+        let secs = self
+            .rotation
+            .started
+            .map(|t| t.elapsed().as_secs_f64())
+            .unwrap_or_default();
+        self.own.public_key = next;
+        self.own.next_public_key = None;
+        self.own.key_generation += 1;
+        self.own.key_created_at = unix_now();
+        self.rotation.finished();
+        tracing::info!(
+            key = %next.fingerprint(), generation = self.own.key_generation, secs,
+            "key rotation finished"
+        );
+        self.spawn_publish();
+    }
+
     /// Writes this node's record in the background (bound to this process's lease where the
     /// registry has leases), retrying with jittered backoff capped at 2 s until it is accepted.
     /// Never blocks the event loop, so an unreachable registry cannot stall the data path.
@@ -745,6 +911,7 @@ impl Daemon {
                 .lock()
                 .map(|s| s.clone())
                 .unwrap_or_default(),
+            rotation: self.rotation.status(&self.node.rotation_progress()),
             pod_cidr_claim: self
                 .claim_state
                 .as_ref()

@@ -10,7 +10,10 @@ use weft_core::PrivateKey;
 
 pub const KEY_FILE: &str = "private.key";
 
-/// Loads the key, or creates one. A key file readable by others is tightened to 0600.
+/// `STATE_DIR/next.key`: the key this node is rotating to, while it rotates (0600). It becomes
+/// `private.key` (a rename) when the rotation finishes.
+pub const NEXT_KEY_FILE: &str = "next.key";
+
 /// When the key file was last written (unix seconds; 0 if unknown): the key's age.
 pub fn created_at(state_dir: &Path) -> u64 {
     std::fs::metadata(state_dir.join(KEY_FILE))
@@ -21,6 +24,7 @@ pub fn created_at(state_dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Loads the key, or creates one. A key file readable by others is tightened to 0600.
 pub fn load_or_create(state_dir: &Path) -> Result<(PrivateKey, bool)> {
     // SAFETY: umask only changes this process's file creation mask.
     let old = unsafe { libc::umask(0o077) };
@@ -67,6 +71,66 @@ fn load_or_create_inner(state_dir: &Path) -> Result<(PrivateKey, bool)> {
     }
 }
 
+/// Writes `key` to `STATE_DIR/name` atomically, mode 0600 from the start.
+fn write_key(state_dir: &Path, name: &str, key: &PrivateKey) -> Result<()> {
+    let path = state_dir.join(name);
+    let tmp = state_dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(format!("{}\n", key.to_base64_secret()).as_bytes())?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+    if let Ok(d) = fs::File::open(state_dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Makes and stores a next key (for a rotation).
+pub fn create_next(state_dir: &Path) -> Result<PrivateKey> {
+    let key = PrivateKey::generate();
+    write_key(state_dir, NEXT_KEY_FILE, &key)?;
+    Ok(key)
+}
+
+/// The next key of a rotation in progress, if any (a bad file is an error: it must not be
+/// silently replaced, the registry may already announce its public key).
+pub fn load_next(state_dir: &Path) -> Result<Option<PrivateKey>> {
+    let path = state_dir.join(NEXT_KEY_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => PrivateKey::from_base64(text.trim())
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("{}: not a WireGuard private key: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => bail!("reading {}: {e}", path.display()),
+    }
+}
+
+/// Finishes a rotation on disk: `next.key` replaces `private.key` (one rename, so a crash
+/// leaves one or the other, never neither).
+pub fn promote_next(state_dir: &Path) -> Result<()> {
+    let from = state_dir.join(NEXT_KEY_FILE);
+    let to = state_dir.join(KEY_FILE);
+    fs::rename(&from, &to)
+        .with_context(|| format!("renaming {} to {}", from.display(), to.display()))?;
+    if let Ok(d) = fs::File::open(state_dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Drops a rotation's next key (rollback).
+pub fn remove_next(state_dir: &Path) {
+    let _ = fs::remove_file(state_dir.join(NEXT_KEY_FILE));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,5 +159,33 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         fs::write(state.join(KEY_FILE), "garbage").expect("write");
         assert!(load_or_create(&state).is_err());
+    }
+
+    #[test]
+    fn next_key_0600_and_promoted_by_rename() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let state = dir.path();
+        let (k1, _) = load_or_create(state).expect("create");
+        assert!(load_next(state).expect("none").is_none());
+        let k2 = create_next(state).expect("next");
+        let mode = fs::metadata(state.join(NEXT_KEY_FILE))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            load_next(state).expect("load").map(|k| k.public_key()),
+            Some(k2.public_key())
+        );
+        promote_next(state).expect("promote");
+        let (now, _) = load_or_create(state).expect("load");
+        assert_eq!(now.public_key(), k2.public_key());
+        assert_ne!(now.public_key(), k1.public_key());
+        assert!(load_next(state).expect("none").is_none());
+        let mode = fs::metadata(state.join(KEY_FILE))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

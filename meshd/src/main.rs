@@ -11,6 +11,7 @@ mod daemon;
 mod install;
 mod keyfile;
 mod podcidr;
+mod rotation;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

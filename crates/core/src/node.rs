@@ -8,7 +8,7 @@
 use crate::allowed_ips::AllowedIps;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::packet;
-use crate::peer::{DropReason, Drops, KeySlot, Peer, PeerConfig, Slot, QUEUE_LIMIT};
+use crate::peer::{DropReason, Drops, KeySlot, Peer, PeerConfig, QUEUE_LIMIT};
 use crate::reconcile::Command;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -32,6 +32,7 @@ pub const QUEUE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(15
 
 const MSG_HANDSHAKE_INIT: u8 = 1;
 const MSG_COOKIE_REPLY: u8 = 3;
+const MSG_DATA: u8 = 4;
 
 /// Something the caller must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,16 +58,58 @@ pub enum NodeError {
 
 pub type PeerId = u64;
 
-/// The sans-IO WireGuard device of one node.
-pub struct Node {
+/// One of this node's static keys, with the rate limiter whose MAC1 key derives from it.
+struct OwnKey {
     private: PrivateKey,
     public: x25519::PublicKey,
+    key: PublicKey,
+    limiter: Arc<RateLimiter>,
+}
+
+impl OwnKey {
+    fn new(private: PrivateKey) -> Self {
+        let public = x25519::PublicKey::from(private.secret());
+        OwnKey {
+            key: private.public_key(),
+            // Each message is checked twice against this limiter (by the device before any
+            // Diffie-Hellman, then inside `Tunn::decapsulate`), so it counts double.
+            limiter: Arc::new(RateLimiter::new(&public, 2 * HANDSHAKE_RATE_LIMIT)),
+            private,
+            public,
+        }
+    }
+}
+
+/// How far a peer has come in this node's own key rotation (see [`Node::rotation_progress`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PeerRotation {
+    /// No session on the next key yet.
+    Handshaking,
+    /// A session on the next key, but nothing received on it yet.
+    Established,
+    /// The peer sends on the next key: it has moved, the old key can go.
+    Moved,
+}
+
+/// The sans-IO WireGuard device of one node.
+///
+/// Key rotation: [`Node::set_next_key`] adds this node's next key (handshakes addressed to it are
+/// answered from then on), [`Node::initiate_next`] starts handshakes on it, outbound traffic
+/// moves to a pair as soon as its session exists, [`Node::rotation_progress`] tells when every
+/// peer has moved, and [`Node::promote_next_key`] retires the old key
+/// ([`Node::drop_next_key`] rolls back). A peer's rotation arrives as a [`PeerConfig`] with
+/// `next_public_key` set, then with the new `public_key` and no next key.
+pub struct Node {
+    own: OwnKey,
+    own_next: Option<OwnKey>,
     persistent_keepalive: Option<u16>,
-    rate_limiter: Arc<RateLimiter>,
     peers: HashMap<PeerId, Peer>,
     names: HashMap<String, PeerId>,
-    keys: HashMap<PublicKey, (PeerId, Slot)>,
-    indices: HashMap<u32, (PeerId, Slot)>,
+    /// Every live key of every peer (current and next).
+    keys: HashMap<PublicKey, PeerId>,
+    /// Slot index → peer.
+    indices: HashMap<u32, PeerId>,
     allowed: AllowedIps<PeerId>,
     next_id: PeerId,
     outputs: VecDeque<Output>,
@@ -78,6 +121,7 @@ impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Node")
             .field("public_key", &self.public_key())
+            .field("next_key", &self.next_key())
             .field("peers", &self.peers.len())
             .finish_non_exhaustive()
     }
@@ -89,6 +133,8 @@ impl std::fmt::Debug for Node {
 pub struct PeerStatus {
     pub name: String,
     pub public_key: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<String>,
     pub key_generation: u64,
     pub endpoint: Option<String>,
     pub allowed_ips: Vec<String>,
@@ -96,18 +142,16 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub queued: usize,
+    /// Live (own key, peer key) pairs: 1, or up to 4 while keys rotate.
+    pub key_pairs: usize,
     pub drops: BTreeMap<&'static str, u64>,
 }
 
 impl Node {
     pub fn new(private: PrivateKey, persistent_keepalive: Option<u16>) -> Self {
-        let public = x25519::PublicKey::from(private.secret());
         Node {
-            // Each message is checked twice against this limiter (by the device before any
-            // Diffie-Hellman, then inside `Tunn::decapsulate`), so it counts double.
-            rate_limiter: Arc::new(RateLimiter::new(&public, 2 * HANDSHAKE_RATE_LIMIT)),
-            private,
-            public,
+            own: OwnKey::new(private),
+            own_next: None,
             persistent_keepalive,
             peers: HashMap::new(),
             names: HashMap::new(),
@@ -122,7 +166,12 @@ impl Node {
     }
 
     pub fn public_key(&self) -> PublicKey {
-        self.private.public_key()
+        self.own.key
+    }
+
+    /// This node's next key while it rotates.
+    pub fn next_key(&self) -> Option<PublicKey> {
+        self.own_next.as_ref().map(|k| k.key)
     }
 
     /// Device-wide drop counters (every drop, including those also counted on a peer).
@@ -161,21 +210,71 @@ impl Node {
         }
     }
 
-    fn new_slot(&self, key: PublicKey) -> KeySlot {
+    fn own_keys(&self) -> impl Iterator<Item = &OwnKey> {
+        std::iter::once(&self.own).chain(self.own_next.as_ref())
+    }
+
+    fn new_slot(&self, own: &OwnKey, key: PublicKey) -> KeySlot {
         let index = self.fresh_index();
         let tunn = Tunn::new(
-            self.private.secret().clone(),
+            own.private.secret().clone(),
             key.to_dalek(),
             None,
             self.persistent_keepalive,
             index,
-            Some(self.rate_limiter.clone()),
+            Some(own.limiter.clone()),
         );
         KeySlot {
+            own: own.key,
             public_key: key,
             tunn,
             index,
+            rx_data: 0,
         }
+    }
+
+    /// Makes the peer's slots match (own keys × the peer's live keys): missing pairs are
+    /// created, pairs with a key that is gone are dropped. Returns the new slots' pairs.
+    fn sync_slots(&mut self, id: PeerId) -> Vec<(PublicKey, PublicKey)> {
+        let Some(peer) = self.peers.get(&id) else {
+            return Vec::new();
+        };
+        let own: Vec<PublicKey> = self.own_keys().map(|k| k.key).collect();
+        let theirs = peer.live_keys();
+        let missing: Vec<(PublicKey, PublicKey)> = own
+            .iter()
+            .flat_map(|o| theirs.iter().map(move |t| (*o, *t)))
+            .filter(|(o, t)| !peer.slots.iter().any(|s| s.own == *o && s.public_key == *t))
+            .collect();
+        let mut created = Vec::new();
+        for (o, t) in &missing {
+            let ok = if *o == self.own.key {
+                Some(&self.own)
+            } else {
+                self.own_next.as_ref().filter(|k| k.key == *o)
+            };
+            if let Some(ok) = ok {
+                let slot = self.new_slot(ok, *t);
+                self.indices.insert(slot.index, id);
+                created.push((slot.own, slot.public_key));
+                if let Some(p) = self.peers.get_mut(&id) {
+                    p.slots.push(slot);
+                }
+            }
+        }
+        if let Some(p) = self.peers.get_mut(&id) {
+            let stale: Vec<u32> = p
+                .slots
+                .iter()
+                .filter(|s| !own.contains(&s.own) || !theirs.contains(&s.public_key))
+                .map(|s| s.index)
+                .collect();
+            p.slots.retain(|s| !stale.contains(&s.index));
+            for i in stale {
+                self.indices.remove(&i);
+            }
+        }
+        created
     }
 
     /// Applies one reconcile command.
@@ -187,23 +286,26 @@ impl Node {
         }
     }
 
-    /// A peer key must not be this node's own key nor belong to another peer (`owner` may
-    /// already hold it).
-    fn check_key_free(&self, key: PublicKey, owner: Option<PeerId>) -> Result<(), NodeError> {
-        if key == self.public_key() {
-            return Err(NodeError::OwnKey(key));
-        }
-        match self.keys.get(&key) {
-            Some((other, _)) if Some(*other) != owner => {
-                let name = self
-                    .peers
-                    .get(other)
-                    .map(|p| p.config.name.clone())
-                    .unwrap_or_default();
-                Err(NodeError::DuplicateKey(key, name))
+    /// A peer's keys must not be this node's own keys nor belong to another peer (`owner` may
+    /// already hold them).
+    fn check_keys_free(&self, cfg: &PeerConfig, owner: Option<PeerId>) -> Result<(), NodeError> {
+        for key in std::iter::once(cfg.public_key).chain(cfg.next_public_key) {
+            if self.own_keys().any(|k| k.key == key) {
+                return Err(NodeError::OwnKey(key));
             }
-            _ => Ok(()),
+            match self.keys.get(&key) {
+                Some(other) if Some(*other) != owner => {
+                    let name = self
+                        .peers
+                        .get(other)
+                        .map(|p| p.config.name.clone())
+                        .unwrap_or_default();
+                    return Err(NodeError::DuplicateKey(key, name));
+                }
+                _ => {}
+            }
         }
+        Ok(())
     }
 
     pub fn add_peer(&mut self, cfg: PeerConfig) -> Result<(), NodeError> {
@@ -211,12 +313,12 @@ impl Node {
         if self.names.contains_key(&cfg.name) {
             return Err(NodeError::DuplicateName(cfg.name));
         }
-        self.check_key_free(cfg.public_key, None)?;
+        self.check_keys_free(&cfg, None)?;
         let id = self.next_id;
         self.next_id += 1;
-        let slot = self.new_slot(cfg.public_key);
-        self.indices.insert(slot.index, (id, Slot::Current));
-        self.keys.insert(cfg.public_key, (id, Slot::Current));
+        for key in std::iter::once(cfg.public_key).chain(cfg.next_public_key) {
+            self.keys.insert(key, id);
+        }
         for net in &cfg.allowed_ips {
             self.allowed.insert(*net, id);
         }
@@ -224,8 +326,7 @@ impl Node {
         let peer = Peer {
             endpoint: cfg.endpoints.first().copied(),
             config: cfg,
-            current: slot,
-            next: None,
+            slots: Vec::new(),
             endpoint_index: 0,
             endpoint_confirmed: false,
             queue: VecDeque::new(),
@@ -235,9 +336,10 @@ impl Node {
         };
         tracing::info!(key = %peer.config.public_key.fingerprint(), "peer added");
         self.peers.insert(id, peer);
+        self.sync_slots(id);
         // Handshake at once rather than waiting for traffic, so a restarted node is reachable
         // from both sides right away.
-        self.initiate(id, Slot::Current);
+        self.initiate_best(id);
         Ok(())
     }
 
@@ -247,22 +349,32 @@ impl Node {
             .names
             .get(&cfg.name)
             .ok_or_else(|| NodeError::UnknownPeer(cfg.name.clone()))?;
-        self.check_key_free(cfg.public_key, Some(id))?;
+        self.check_keys_free(&cfg, Some(id))?;
         let old = match self.peers.get(&id) {
             Some(p) => p.config.clone(),
             None => return Err(NodeError::UnknownPeer(cfg.name)),
         };
-        let key_changed = old.public_key != cfg.public_key;
-        if key_changed {
-            let slot = self.new_slot(cfg.public_key);
-            self.keys.remove(&old.public_key);
-            self.keys.insert(cfg.public_key, (id, Slot::Current));
-            self.indices.insert(slot.index, (id, Slot::Current));
-            if let Some(p) = self.peers.get_mut(&id) {
-                let old_slot = std::mem::replace(&mut p.current, slot);
-                self.indices.remove(&old_slot.index);
+        let old_keys: Vec<PublicKey> = std::iter::once(old.public_key)
+            .chain(old.next_public_key)
+            .collect();
+        let new_keys: Vec<PublicKey> = std::iter::once(cfg.public_key)
+            .chain(cfg.next_public_key)
+            .collect();
+        // A current key we never saw as the next one: the peer restarted with a new key (or we
+        // missed its rotation). Its sessions have to be made anew.
+        let key_replaced = !old_keys.contains(&cfg.public_key);
+        if old_keys != new_keys {
+            for k in &old_keys {
+                self.keys.remove(k);
             }
-            tracing::info!(key = %cfg.public_key.fingerprint(), "peer key changed");
+            for k in &new_keys {
+                self.keys.insert(*k, id);
+            }
+            tracing::info!(
+                key = %cfg.public_key.fingerprint(),
+                next = ?cfg.next_public_key.map(|k| k.fingerprint()),
+                "peer keys changed"
+            );
         }
         if old.allowed_ips != cfg.allowed_ips {
             self.allowed.retain(|v| *v != id);
@@ -286,14 +398,15 @@ impl Node {
                     p.endpoint_index = pos;
                 }
             }
-            if key_changed {
-                // The new key's session has to be made; a restarted peer may also have roamed.
+            if key_replaced {
+                // A restarted peer may also have roamed.
                 p.endpoint_confirmed = false;
             }
             p.config = cfg;
         }
-        if key_changed {
-            self.initiate(id, Slot::Current);
+        self.sync_slots(id);
+        if key_replaced {
+            self.initiate_best(id);
         }
         Ok(())
     }
@@ -305,11 +418,11 @@ impl Node {
             .remove(name)
             .ok_or_else(|| NodeError::UnknownPeer(name.to_string()))?;
         if let Some(p) = self.peers.remove(&id) {
-            self.keys.remove(&p.current.public_key);
-            self.indices.remove(&p.current.index);
-            if let Some(n) = &p.next {
-                self.keys.remove(&n.public_key);
-                self.indices.remove(&n.index);
+            for k in p.live_keys() {
+                self.keys.remove(&k);
+            }
+            for s in &p.slots {
+                self.indices.remove(&s.index);
             }
             let queued = p.queue.len() as u64;
             self.drops.add(DropReason::NoPeer, queued);
@@ -319,6 +432,113 @@ impl Node {
         Ok(())
     }
 
+    // ---------------- own key rotation ----------------
+
+    /// Adds this node's next key: from now on handshakes addressed to it are answered and every
+    /// peer gets slots for it. Nothing is sent yet (see [`Node::initiate_next`]): peers must
+    /// first learn the key from the registry. Replaces a previous next key.
+    pub fn set_next_key(&mut self, private: PrivateKey) -> Result<(), NodeError> {
+        let key = private.public_key();
+        if key == self.own.key {
+            return Err(NodeError::OwnKey(key));
+        }
+        if let Some(owner) = self.keys.get(&key) {
+            let name = self
+                .peers
+                .get(owner)
+                .map(|p| p.config.name.clone())
+                .unwrap_or_default();
+            return Err(NodeError::DuplicateKey(key, name));
+        }
+        self.own_next = Some(OwnKey::new(private));
+        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        for id in ids {
+            self.sync_slots(id);
+        }
+        tracing::info!(next = %key.fingerprint(), "next key added");
+        Ok(())
+    }
+
+    /// Starts a handshake with every peer on the next key (the pair with the peer's newest key).
+    pub fn initiate_next(&mut self) {
+        let Some(next) = self.next_key() else {
+            return;
+        };
+        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        for id in ids {
+            let theirs = self
+                .peers
+                .get(&id)
+                .map(|p| p.config.next_public_key.unwrap_or(p.config.public_key));
+            if let Some(t) = theirs {
+                self.initiate(id, next, t);
+            }
+        }
+    }
+
+    /// Per peer (by name), how far it has come in moving to this node's next key. Empty when
+    /// this node is not rotating.
+    pub fn rotation_progress(&self) -> BTreeMap<String, PeerRotation> {
+        let Some(next) = self.next_key() else {
+            return BTreeMap::new();
+        };
+        self.peers
+            .values()
+            .map(|p| {
+                let mine = p.slots.iter().filter(|s| s.own == next);
+                let mut state = PeerRotation::Handshaking;
+                for s in mine {
+                    if s.rx_data > 0 {
+                        state = PeerRotation::Moved;
+                        break;
+                    }
+                    if s.has_session() {
+                        state = PeerRotation::Established;
+                    }
+                }
+                (p.config.name.clone(), state)
+            })
+            .collect()
+    }
+
+    /// Retires the current key: the next key becomes the only one, every slot of the old key is
+    /// dropped (handshakes addressed to it fail MAC1 from now on). False if not rotating.
+    pub fn promote_next_key(&mut self) -> bool {
+        let Some(next) = self.own_next.take() else {
+            return false;
+        };
+        let old = std::mem::replace(&mut self.own, next);
+        tracing::info!(
+            old = %old.key.fingerprint(), new = %self.own.key.fingerprint(),
+            "old key retired"
+        );
+        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        for id in ids {
+            self.sync_slots(id);
+            let has = self
+                .peers
+                .get(&id)
+                .is_some_and(|p| p.slots.iter().any(KeySlot::has_session));
+            if !has {
+                self.initiate_best(id);
+            }
+        }
+        true
+    }
+
+    /// Rolls a rotation back: the next key and its slots go, the current key stays.
+    pub fn drop_next_key(&mut self) {
+        if self.own_next.take().is_some() {
+            let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+            for id in ids {
+                self.sync_slots(id);
+            }
+            tracing::info!("next key dropped");
+        }
+    }
+
+    // ---------------- packets ----------------
+
     fn transmit_to_peer(&mut self, id: PeerId, payload: Vec<u8>) {
         match self.peers.get(&id).and_then(|p| p.endpoint) {
             Some(dst) => self.outputs.push_back(Output::Transmit { dst, payload }),
@@ -326,10 +546,40 @@ impl Node {
         }
     }
 
-    /// Starts a handshake on a slot unless one is already under way.
-    fn initiate(&mut self, id: PeerId, slot: Slot) {
+    /// Rank of a slot for outbound traffic: pairs with the newer keys first.
+    fn rank(&self, peer: &Peer, s: &KeySlot) -> u8 {
+        let own_new = u8::from(self.next_key() == Some(s.own));
+        let peer_new = u8::from(peer.config.next_public_key == Some(s.public_key));
+        2 * own_new + peer_new
+    }
+
+    /// The slot outbound traffic uses: the best-ranked one with a session.
+    fn best_session(&self, peer: &Peer) -> Option<usize> {
+        peer.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.has_session())
+            .max_by_key(|(_, s)| self.rank(peer, s))
+            .map(|(i, _)| i)
+    }
+
+    /// Starts a handshake on the pair of the current keys (both ends accept it during any
+    /// rotation until the key is retired).
+    fn initiate_best(&mut self, id: PeerId) {
+        let own = self.own.key;
+        if let Some(t) = self.peers.get(&id).map(|p| p.config.public_key) {
+            self.initiate(id, own, t);
+        }
+    }
+
+    /// Starts a handshake on one pair unless one is already under way.
+    fn initiate(&mut self, id: PeerId, own: PublicKey, theirs: PublicKey) {
         let mut buf = std::mem::take(&mut self.scratch);
-        let out = match self.peers.get_mut(&id).and_then(|p| p.slot_mut(slot)) {
+        let out = match self
+            .peers
+            .get_mut(&id)
+            .and_then(|p| p.slot_for(&own, &theirs))
+        {
             Some(s) => match s.tunn.format_handshake_initiation(&mut buf, false) {
                 TunnResult::WriteToNetwork(p) => Some(p.to_vec()),
                 _ => None,
@@ -352,13 +602,16 @@ impl Node {
             self.drop_packet(None, DropReason::NoPeer, 1);
             return;
         };
-        let Some(peer) = self.peers.get_mut(&id) else {
+        let Some(peer) = self.peers.get(&id) else {
             self.drop_packet(None, DropReason::NoPeer, 1);
             return;
         };
-        if peer.current.has_session() {
+        if let Some(i) = self.best_session(peer) {
             let mut out = vec![0u8; (pkt.len() + 32).max(MIN_BUF)];
-            let n = match peer.current.tunn.encapsulate(pkt, &mut out) {
+            let Some(peer) = self.peers.get_mut(&id) else {
+                return;
+            };
+            let n = match peer.slots[i].tunn.encapsulate(pkt, &mut out) {
                 TunnResult::WriteToNetwork(p) => Some(p.len()),
                 _ => None,
             };
@@ -371,12 +624,15 @@ impl Node {
         }
         // No session yet: hold the packet ourselves (Tunn's own queue drops silently) and make
         // sure a handshake is under way.
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
         if peer.queue.len() >= QUEUE_LIMIT {
             self.drop_packet(Some(id), DropReason::QueueFull, 1);
         } else {
             peer.queue.push_back((now, pkt.to_vec()));
         }
-        self.initiate(id, Slot::Current);
+        self.initiate_best(id);
     }
 
     /// A datagram read from the UDP socket.
@@ -396,68 +652,118 @@ impl Node {
         self.scratch = buf;
     }
 
+    /// The peer and slot index a receiver index belongs to.
+    fn by_index(&self, receiver_idx: u32) -> Option<(PeerId, u32)> {
+        let idx = receiver_idx >> 8;
+        self.indices.get(&idx).map(|id| (*id, idx))
+    }
+
+    /// MAC1 and the rate limiter of the own key `own`, before any Diffie-Hellman. `None` when
+    /// the datagram was dealt with (dropped, or answered with a cookie).
+    fn verify<'a>(
+        &mut self,
+        own: &PublicKey,
+        from: SocketAddr,
+        datagram: &'a [u8],
+        buf: &mut [u8],
+    ) -> Result<Packet<'a>, Option<DropReason>> {
+        let limiter = match self.own_keys().find(|k| k.key == *own) {
+            Some(k) => k.limiter.clone(),
+            None => return Err(Some(DropReason::UnknownIndex)),
+        };
+        match limiter.verify_packet(Some(from.ip()), datagram, buf) {
+            Ok(p) => Ok(p),
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                let payload = cookie.to_vec();
+                self.drops.add(DropReason::UnderLoad, 1);
+                self.outputs
+                    .push_back(Output::Transmit { dst: from, payload });
+                Err(None)
+            }
+            Err(TunnResult::Err(e)) => Err(Some(reason_for(&e))),
+            Err(_) => Err(Some(DropReason::InvalidPacket)),
+        }
+    }
+
     fn route_datagram(&mut self, from: SocketAddr, datagram: &[u8], buf: &mut [u8]) {
         let parsed = match Tunn::parse_incoming_packet(datagram) {
             Ok(p) => p,
             Err(_) => return self.drop_packet(None, DropReason::InvalidPacket, 1),
         };
         let target = match parsed {
-            Packet::HandshakeInit(_) | Packet::HandshakeResponse(_) => {
-                // MAC1 and the rate limiter come before any Diffie-Hellman.
-                let verified = match self
-                    .rate_limiter
-                    .verify_packet(Some(from.ip()), datagram, buf)
-                {
-                    Ok(p) => p,
-                    Err(TunnResult::WriteToNetwork(cookie)) => {
-                        let payload = cookie.to_vec();
-                        self.drops.add(DropReason::UnderLoad, 1);
-                        self.outputs
-                            .push_back(Output::Transmit { dst: from, payload });
-                        return;
+            Packet::HandshakeInit(_) => {
+                // Addressed to one of our keys: the one whose MAC1 verifies.
+                let mut verified = None;
+                let mut reason = Some(DropReason::InvalidMac);
+                let own: Vec<PublicKey> = self.own_keys().map(|k| k.key).collect();
+                for key in own {
+                    match self.verify(&key, from, datagram, buf) {
+                        Ok(Packet::HandshakeInit(init)) => {
+                            verified = Some((key, init));
+                            break;
+                        }
+                        Ok(_) => {
+                            reason = Some(DropReason::InvalidPacket);
+                            break;
+                        }
+                        Err(Some(DropReason::InvalidMac)) => continue,
+                        Err(r) => {
+                            reason = r;
+                            break;
+                        }
                     }
-                    Err(TunnResult::Err(e)) => return self.drop_packet(None, reason_for(&e), 1),
-                    Err(_) => return self.drop_packet(None, DropReason::InvalidPacket, 1),
+                }
+                let Some((own, init)) = verified else {
+                    if let Some(r) = reason {
+                        self.drop_packet(None, r, 1);
+                    }
+                    return;
                 };
-                match verified {
-                    Packet::HandshakeInit(init) => {
-                        let half = match parse_handshake_anon(
-                            self.private.secret(),
-                            &self.public,
-                            &init,
-                        ) {
-                            Ok(h) => h,
-                            Err(_) => {
-                                return self.drop_packet(None, DropReason::HandshakeFailed, 1)
-                            }
-                        };
-                        let key = match PublicKey::from_bytes(half.peer_static_public) {
-                            Ok(k) => k,
-                            Err(_) => return self.drop_packet(None, DropReason::UnknownPeer, 1),
-                        };
-                        match self.keys.get(&key) {
-                            Some(t) => *t,
-                            None => {
-                                tracing::debug!(key = %key.fingerprint(), %from, "handshake from unknown key");
-                                return self.drop_packet(None, DropReason::UnknownPeer, 1);
-                            }
-                        }
-                    }
-                    Packet::HandshakeResponse(resp) => {
-                        match self.indices.get(&(resp.receiver_idx >> 8)) {
-                            Some(t) => *t,
-                            None => return self.drop_packet(None, DropReason::UnknownIndex, 1),
-                        }
-                    }
-                    _ => return self.drop_packet(None, DropReason::InvalidPacket, 1),
+                let Some(ok) = self.own_keys().find(|k| k.key == own) else {
+                    return;
+                };
+                let half = match parse_handshake_anon(ok.private.secret(), &ok.public, &init) {
+                    Ok(h) => h,
+                    Err(_) => return self.drop_packet(None, DropReason::HandshakeFailed, 1),
+                };
+                let key = match PublicKey::from_bytes(half.peer_static_public) {
+                    Ok(k) => k,
+                    Err(_) => return self.drop_packet(None, DropReason::UnknownPeer, 1),
+                };
+                let Some(&id) = self.keys.get(&key) else {
+                    tracing::debug!(key = %key.fingerprint(), %from, "handshake from unknown key");
+                    return self.drop_packet(None, DropReason::UnknownPeer, 1);
+                };
+                match self.peers.get_mut(&id).and_then(|p| p.slot_for(&own, &key)) {
+                    Some(s) => (id, s.index),
+                    None => return self.drop_packet(Some(id), DropReason::UnknownPeer, 1),
                 }
             }
-            Packet::PacketCookieReply(c) => match self.indices.get(&(c.receiver_idx >> 8)) {
-                Some(t) => *t,
+            Packet::HandshakeResponse(resp) => {
+                let Some((id, idx)) = self.by_index(resp.receiver_idx) else {
+                    return self.drop_packet(None, DropReason::UnknownIndex, 1);
+                };
+                let own = self
+                    .peers
+                    .get_mut(&id)
+                    .and_then(|p| p.slot_by_index(idx))
+                    .map(|s| s.own);
+                let Some(own) = own else {
+                    return self.drop_packet(None, DropReason::UnknownIndex, 1);
+                };
+                match self.verify(&own, from, datagram, buf) {
+                    Ok(Packet::HandshakeResponse(_)) => (id, idx),
+                    Ok(_) => return self.drop_packet(None, DropReason::InvalidPacket, 1),
+                    Err(Some(r)) => return self.drop_packet(None, r, 1),
+                    Err(None) => return,
+                }
+            }
+            Packet::PacketCookieReply(c) => match self.by_index(c.receiver_idx) {
+                Some(t) => t,
                 None => return self.drop_packet(None, DropReason::UnknownIndex, 1),
             },
-            Packet::PacketData(d) => match self.indices.get(&(d.receiver_idx >> 8)) {
-                Some(t) => *t,
+            Packet::PacketData(d) => match self.by_index(d.receiver_idx) {
+                Some(t) => t,
                 None => return self.drop_packet(None, DropReason::UnknownIndex, 1),
             },
         };
@@ -466,7 +772,7 @@ impl Node {
 
     fn decapsulate(
         &mut self,
-        (id, slot): (PeerId, Slot),
+        (id, idx): (PeerId, u32),
         from: SocketAddr,
         datagram: &[u8],
         buf: &mut [u8],
@@ -474,12 +780,13 @@ impl Node {
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
-        let Some(ks) = peer.slot_mut(slot) else {
+        let Some(ks) = peer.slot_by_index(idx) else {
             return;
         };
         let mut authenticated = false;
         let mut drop: Option<DropReason> = None;
         let mut decrypted: Option<(&mut [u8], std::net::IpAddr)> = None;
+        let is_data = datagram.first() == Some(&MSG_DATA);
         match ks.tunn.decapsulate(Some(from.ip()), datagram, buf) {
             TunnResult::Done => {
                 // A keepalive or a cookie reply that verified.
@@ -497,8 +804,12 @@ impl Node {
             TunnResult::WriteToTunnelV4(p, src) => decrypted = Some((p, src.into())),
             TunnResult::WriteToTunnelV6(p, src) => decrypted = Some((p, src.into())),
         }
+        if authenticated && is_data {
+            ks.rx_data += 1;
+        }
         if let Some((p, src)) = decrypted {
             authenticated = true;
+            ks.rx_data += 1;
             // Device-wide crypto-routing: the most specific owner of the source must be the
             // peer that sent it.
             if self.allowed.source_allowed(src, &id) {
@@ -522,7 +833,7 @@ impl Node {
             peer.endpoint = Some(from);
             peer.endpoint_confirmed = true;
         }
-        let Some(ks) = peer.slot_mut(slot) else {
+        let Some(ks) = peer.slot_by_index(idx) else {
             return;
         };
         // Flush anything Tunn queued itself (we never hand it packets without a session, but
@@ -535,19 +846,28 @@ impl Node {
         for p in extra {
             self.transmit_to_peer(id, p);
         }
-        if has_session && slot == Slot::Current {
+        if has_session {
             self.flush_queue(id);
         }
     }
 
     fn flush_queue(&mut self, id: PeerId) {
+        let Some(peer) = self.peers.get(&id) else {
+            return;
+        };
+        if peer.queue.is_empty() {
+            return;
+        }
+        let Some(i) = self.best_session(peer) else {
+            return;
+        };
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
         let mut sent = Vec::new();
         while let Some((_, pkt)) = peer.queue.pop_front() {
             let mut out = vec![0u8; (pkt.len() + 32).max(MIN_BUF)];
-            if let TunnResult::WriteToNetwork(p) = peer.current.tunn.encapsulate(&pkt, &mut out) {
+            if let TunnResult::WriteToNetwork(p) = peer.slots[i].tunn.encapsulate(&pkt, &mut out) {
                 let n = p.len();
                 out.truncate(n);
                 peer.tx_bytes += pkt.len() as u64;
@@ -561,35 +881,49 @@ impl Node {
 
     /// Timers: retransmit handshakes, keepalives, rekeys, expiry. Call every ~250 ms.
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.rate_limiter.reset_count();
+        for k in self.own_keys() {
+            k.limiter.reset_count();
+        }
         let mut buf = std::mem::take(&mut self.scratch);
         let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        let own_current = self.own.key;
         for id in ids {
-            for slot in [Slot::Current, Slot::Next] {
-                let Some(peer) = self.peers.get_mut(&id) else {
-                    continue;
-                };
-                let Some(ks) = peer.slot_mut(slot) else {
-                    continue;
-                };
+            let Some(peer) = self.peers.get_mut(&id) else {
+                continue;
+            };
+            let current_pair = (own_current, peer.config.public_key);
+            let mut sends = Vec::new();
+            let mut next_endpoint = false;
+            let mut expired_current = false;
+            for ks in peer.slots.iter_mut() {
                 match ks.tunn.update_timers(&mut buf) {
                     TunnResult::WriteToNetwork(p) => {
                         let payload = p.to_vec();
                         if payload.first() == Some(&MSG_HANDSHAKE_INIT) && !ks.has_session() {
                             // No answer on this endpoint: try the next one in the record.
-                            peer.try_next_endpoint();
+                            next_endpoint = true;
                         }
-                        self.transmit_to_peer(id, payload);
+                        sends.push(payload);
                     }
                     TunnResult::Err(WireGuardError::ConnectionExpired)
-                        if slot == Slot::Current && !peer.queue.is_empty() =>
+                        if (ks.own, ks.public_key) == current_pair =>
                     {
-                        let n = peer.queue.len() as u64;
-                        peer.queue.clear();
-                        self.drop_packet(Some(id), DropReason::HandshakeTimeout, n);
+                        expired_current = true;
                     }
                     _ => {}
                 }
+            }
+            if next_endpoint {
+                peer.try_next_endpoint();
+            }
+            let no_session = !peer.slots.iter().any(KeySlot::has_session);
+            if expired_current && no_session && !peer.queue.is_empty() {
+                let n = peer.queue.len() as u64;
+                peer.queue.clear();
+                self.drop_packet(Some(id), DropReason::HandshakeTimeout, n);
+            }
+            for p in sends {
+                self.transmit_to_peer(id, p);
             }
             if let Some(peer) = self.peers.get_mut(&id) {
                 let before = peer.queue.len();
@@ -600,13 +934,7 @@ impl Node {
                     self.drop_packet(Some(id), DropReason::HandshakeTimeout, expired);
                 }
             }
-            let has = self
-                .peers
-                .get(&id)
-                .is_some_and(|p| p.current.has_session() && !p.queue.is_empty());
-            if has {
-                self.flush_queue(id);
-            }
+            self.flush_queue(id);
         }
         self.scratch = buf;
     }
@@ -619,17 +947,20 @@ impl Node {
             .map(|p| PeerStatus {
                 name: p.config.name.clone(),
                 public_key: p.config.public_key.to_base64(),
+                next_public_key: p.config.next_public_key.map(|k| k.to_base64()),
                 key_generation: p.config.key_generation,
                 endpoint: p.endpoint.map(|e| e.to_string()),
                 allowed_ips: p.config.allowed_ips.iter().map(|n| n.to_string()).collect(),
                 latest_handshake_secs_ago: p
-                    .current
-                    .tunn
-                    .time_since_last_handshake()
+                    .slots
+                    .iter()
+                    .filter_map(|s| s.tunn.time_since_last_handshake())
+                    .min()
                     .map(|d| d.as_secs_f64()),
                 rx_bytes: p.rx_bytes,
                 tx_bytes: p.tx_bytes,
                 queued: p.queue.len(),
+                key_pairs: p.slots.len(),
                 drops: p.drops.by_name(),
             })
             .collect();
@@ -668,26 +999,49 @@ mod tests {
     struct Net {
         nodes: Vec<(SocketAddr, Node)>,
         delivered: Vec<Vec<Vec<u8>>>,
+        /// Each node's first private key.
+        keys: Vec<PrivateKey>,
     }
 
     impl Net {
         fn new(n: u8) -> (Net, Vec<PeerConfig>) {
             let mut nodes = Vec::new();
             let mut cfgs = Vec::new();
+            let mut keys = Vec::new();
             for i in 1..=n {
                 let k = PrivateKey::generate();
                 let addr: SocketAddr = format!("198.18.0.{}:51820", 10 + i).parse().expect("addr");
                 cfgs.push(PeerConfig {
                     name: format!("n{i}"),
                     public_key: k.public_key(),
+                    next_public_key: None,
                     endpoints: vec![addr],
                     allowed_ips: vec![format!("10.42.{i}.0/24").parse().expect("net")],
                     key_generation: 1,
                 });
+                keys.push(k.clone());
                 nodes.push((addr, Node::new(k, None)));
             }
             let delivered = vec![Vec::new(); nodes.len()];
-            (Net { nodes, delivered }, cfgs)
+            (
+                Net {
+                    nodes,
+                    delivered,
+                    keys,
+                },
+                cfgs,
+            )
+        }
+
+        fn drops_total(&self) -> u64 {
+            self.nodes.iter().map(|(_, n)| n.drops().total()).sum()
+        }
+
+        fn all_drops(&self) -> Vec<BTreeMap<&'static str, u64>> {
+            self.nodes
+                .iter()
+                .map(|(_, n)| n.drops().by_name())
+                .collect()
         }
 
         /// Moves datagrams between nodes until nothing is left in flight.
@@ -848,7 +1202,7 @@ mod tests {
             }
         }
         net.run(now);
-        let idx_c_before = net.nodes[0].1.peer("n3").expect("n3").current.index;
+        let idx_c_before = net.nodes[0].1.peer("n3").expect("n3").slots[0].index;
         // Node 2 restarts with a new key.
         let k = PrivateKey::generate();
         cfgs[1].public_key = k.public_key();
@@ -861,7 +1215,7 @@ mod tests {
         }
         net.run(now);
         assert_eq!(
-            net.nodes[0].1.peer("n3").expect("n3").current.index,
+            net.nodes[0].1.peer("n3").expect("n3").slots[0].index,
             idx_c_before
         );
         let p = ipv4_packet([10, 42, 1, 5], [10, 42, 2, 7], b"after");
@@ -916,5 +1270,228 @@ mod tests {
         let peer = net.nodes[0].1.peers.values_mut().next().expect("peer");
         peer.try_next_endpoint();
         assert_eq!(peer.endpoint, Some(second));
+    }
+
+    /// Sends one packet from every node to every other and checks each arrived.
+    fn all_pairs_deliver(net: &mut Net, now: Instant, tag: &str) {
+        let n = net.nodes.len();
+        for i in 0..n {
+            for j in 0..n {
+                if i == j {
+                    continue;
+                }
+                let p = ipv4_packet(
+                    [10, 42, i as u8 + 1, 5],
+                    [10, 42, j as u8 + 1, 7],
+                    format!("{tag} {i}->{j}").as_bytes(),
+                );
+                net.nodes[i].1.handle_tun(&p, now);
+                net.run(now);
+                assert_eq!(
+                    net.delivered[j].last(),
+                    Some(&p),
+                    "{tag}: {i} -> {j} not delivered"
+                );
+            }
+        }
+    }
+
+    fn full_mesh(n: u8) -> (Net, Vec<PeerConfig>) {
+        let (mut net, cfgs) = Net::new(n);
+        for i in 0..n as usize {
+            for (j, cfg) in cfgs.iter().enumerate() {
+                if i != j {
+                    net.nodes[i].1.add_peer(cfg.clone()).expect("add");
+                }
+            }
+        }
+        (net, cfgs)
+    }
+
+    /// Tells every other node about node `i`'s config.
+    fn announce(net: &mut Net, cfgs: &[PeerConfig], i: usize) {
+        for j in 0..net.nodes.len() {
+            if j != i {
+                net.nodes[j].1.update_peer(cfgs[i].clone()).expect("update");
+            }
+        }
+    }
+
+    /// Which key pair a node's outbound traffic to a peer uses right now.
+    fn outbound_pair(node: &Node, peer: &str) -> Option<(PublicKey, PublicKey)> {
+        let p = node.peer(peer)?;
+        let i = node.best_session(p)?;
+        Some((p.slots[i].own, p.slots[i].public_key))
+    }
+
+    /// One node rotates: next key added, announced, handshaken, every peer moves, old key
+    /// retired everywhere. Every packet at every step arrives, and afterwards the old key can
+    /// no longer handshake with anyone.
+    #[test]
+    fn rotation_of_one_node_loses_nothing_and_retires_the_old_key() {
+        let now = Instant::now();
+        let (mut net, mut cfgs) = full_mesh(3);
+        net.run(now);
+        all_pairs_deliver(&mut net, now, "before");
+
+        let old = cfgs[0].public_key;
+        let next = PrivateKey::generate();
+        let next_pub = next.public_key();
+        net.nodes[0].1.set_next_key(next).expect("next key");
+        all_pairs_deliver(&mut net, now, "next key added");
+        cfgs[0].next_public_key = Some(next_pub);
+        announce(&mut net, &cfgs, 0);
+        assert_eq!(
+            net.nodes[1].1.peer("n1").expect("n1").slots.len(),
+            2,
+            "a peer holds one slot per live key pair"
+        );
+        all_pairs_deliver(&mut net, now, "announced");
+        // Until the new pair has a session, traffic stays on the old one.
+        assert_eq!(
+            outbound_pair(&net.nodes[1].1, "n1"),
+            Some((cfgs[1].public_key, old))
+        );
+        net.nodes[0].1.initiate_next();
+        net.run(now);
+        let progress = net.nodes[0].1.rotation_progress();
+        assert!(
+            progress.values().all(|p| *p != PeerRotation::Handshaking),
+            "{progress:?}"
+        );
+        all_pairs_deliver(&mut net, now, "handshaken");
+        let progress = net.nodes[0].1.rotation_progress();
+        assert!(
+            progress.values().all(|p| *p == PeerRotation::Moved),
+            "{progress:?}"
+        );
+        // Outbound on both ends already uses the new pair.
+        #[allow(clippy::needless_range_loop)]
+        for j in 1..3 {
+            let name = format!("n{}", j + 1);
+            assert_eq!(
+                outbound_pair(&net.nodes[0].1, &name),
+                Some((next_pub, cfgs[j].public_key))
+            );
+            assert_eq!(
+                outbound_pair(&net.nodes[j].1, "n1"),
+                Some((cfgs[j].public_key, next_pub))
+            );
+        }
+        assert!(net.nodes[0].1.promote_next_key());
+        all_pairs_deliver(&mut net, now, "retired here, not yet announced");
+        cfgs[0].public_key = next_pub;
+        cfgs[0].next_public_key = None;
+        cfgs[0].key_generation += 1;
+        announce(&mut net, &cfgs, 0);
+        all_pairs_deliver(&mut net, now, "after");
+        assert_eq!(net.nodes[0].1.public_key(), next_pub);
+        for j in 1..3 {
+            assert_eq!(net.nodes[j].1.peer("n1").expect("n1").slots.len(), 1);
+        }
+        assert_eq!(net.drops_total(), 0, "{:?}", net.all_drops());
+
+        // A handshake from the old key is refused: nobody holds a slot for it.
+        let mut stale = Tunn::new(
+            net.keys[0].secret().clone(),
+            cfgs[1].public_key.to_dalek(),
+            None,
+            None,
+            7,
+            None,
+        );
+        assert_ne!(old, net.nodes[0].1.public_key());
+        let mut buf = vec![0u8; 256];
+        let TunnResult::WriteToNetwork(init) = stale.format_handshake_initiation(&mut buf, false)
+        else {
+            panic!("no initiation");
+        };
+        let init = init.to_vec();
+        let from = net.nodes[0].0;
+        net.nodes[1].1.handle_udp(from, &init, now);
+        assert_eq!(net.nodes[1].1.drops().get(DropReason::UnknownPeer), 1);
+        // Nor does anyone answer a handshake addressed to node 0's old key.
+        let mut to_old = Tunn::new(
+            net.keys[1].secret().clone(),
+            old.to_dalek(),
+            None,
+            None,
+            8,
+            None,
+        );
+        let TunnResult::WriteToNetwork(init) = to_old.format_handshake_initiation(&mut buf, false)
+        else {
+            panic!("no initiation");
+        };
+        let init = init.to_vec();
+        let from = net.nodes[1].0;
+        net.nodes[0].1.handle_udp(from, &init, now);
+        assert_eq!(net.nodes[0].1.drops().get(DropReason::InvalidMac), 1);
+        assert!(
+            net.nodes[0].1.poll_output().is_none(),
+            "answered the old key"
+        );
+    }
+
+    /// Both ends rotate at once: four key pairs per link while it lasts, and traffic flows at
+    /// every step.
+    #[test]
+    fn both_ends_rotating_at_once_use_four_pairs_and_lose_nothing() {
+        let now = Instant::now();
+        let (mut net, mut cfgs) = full_mesh(2);
+        net.run(now);
+        let nexts: Vec<PrivateKey> = (0..2).map(|_| PrivateKey::generate()).collect();
+        for (i, k) in nexts.iter().enumerate() {
+            net.nodes[i].1.set_next_key(k.clone()).expect("next");
+            cfgs[i].next_public_key = Some(k.public_key());
+        }
+        for i in 0..2 {
+            announce(&mut net, &cfgs, i);
+        }
+        assert_eq!(net.nodes[0].1.peer("n2").expect("n2").slots.len(), 4);
+        all_pairs_deliver(&mut net, now, "both announced");
+        for i in 0..2 {
+            net.nodes[i].1.initiate_next();
+        }
+        net.run(now);
+        all_pairs_deliver(&mut net, now, "both handshaken");
+        assert_eq!(
+            outbound_pair(&net.nodes[0].1, "n2"),
+            Some((nexts[0].public_key(), nexts[1].public_key()))
+        );
+        for i in 0..2 {
+            assert!(net.nodes[i].1.promote_next_key());
+            all_pairs_deliver(&mut net, now, "one promoted");
+        }
+        for i in 0..2 {
+            cfgs[i].public_key = nexts[i].public_key();
+            cfgs[i].next_public_key = None;
+            announce(&mut net, &cfgs, i);
+            all_pairs_deliver(&mut net, now, "one announced");
+        }
+        assert_eq!(net.nodes[0].1.peer("n2").expect("n2").slots.len(), 1);
+        assert_eq!(net.drops_total(), 0, "{:?}", net.all_drops());
+    }
+
+    /// A rotation rolled back (meshd killed before it published the new key): the next key's
+    /// slots go, traffic stays on the current key.
+    #[test]
+    fn dropping_the_next_key_rolls_back() {
+        let now = Instant::now();
+        let (mut net, mut cfgs) = full_mesh(2);
+        net.run(now);
+        let k = PrivateKey::generate();
+        net.nodes[0].1.set_next_key(k.clone()).expect("next");
+        cfgs[0].next_public_key = Some(k.public_key());
+        announce(&mut net, &cfgs, 0);
+        net.nodes[0].1.initiate_next();
+        net.run(now);
+        net.nodes[0].1.drop_next_key();
+        cfgs[0].next_public_key = None;
+        announce(&mut net, &cfgs, 0);
+        all_pairs_deliver(&mut net, now, "rolled back");
+        assert_eq!(net.nodes[0].1.next_key(), None);
+        assert_eq!(net.nodes[1].1.peer("n1").expect("n1").slots.len(), 1);
+        assert_eq!(net.drops_total(), 0, "{:?}", net.all_drops());
     }
 }

@@ -14,6 +14,8 @@ use std::time::Instant;
 pub struct PeerConfig {
     pub name: String,
     pub public_key: PublicKey,
+    /// The key the peer is rotating to, while it rotates: handshakes from it are accepted too.
+    pub next_public_key: Option<PublicKey>,
     pub endpoints: Vec<SocketAddr>,
     pub allowed_ips: Vec<IpNet>,
     pub key_generation: u64,
@@ -96,19 +98,29 @@ impl Drops {
     }
 }
 
-/// One (own key, peer key) pair with its own `Tunn`. `index` is the 24-bit local index the
-/// `Tunn` was created with: incoming messages carry `index << 8 | session` as receiver index.
+/// One (own key, peer key) pair with its own `Tunn` (a `Tunn` is bound to one own key and one
+/// peer key). A peer has one slot per live pair: one normally, two while either end rotates,
+/// four while both do. `index` is the 24-bit local index the `Tunn` was created with: incoming
+/// messages carry `index << 8 | session` as receiver index.
 pub struct KeySlot {
+    /// This node's public key on this slot.
+    pub own: PublicKey,
+    /// The peer's public key on this slot.
     pub public_key: PublicKey,
     pub tunn: Tunn,
     pub index: u32,
+    /// Authenticated transport messages (data or keepalive) received on this slot: the peer
+    /// sends on this pair, so it has a confirmed session here.
+    pub rx_data: u64,
 }
 
 impl std::fmt::Debug for KeySlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeySlot")
+            .field("own", &self.own)
             .field("public_key", &self.public_key)
             .field("index", &self.index)
+            .field("rx_data", &self.rx_data)
             .finish_non_exhaustive()
     }
 }
@@ -120,22 +132,14 @@ impl KeySlot {
     }
 }
 
-/// Which slot of a peer: the peer's current key, or the next key it announced during rotation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Slot {
-    Current,
-    Next,
-}
-
 /// Maximum packets held per peer while a handshake is under way.
 pub const QUEUE_LIMIT: usize = 128;
 
 #[derive(Debug)]
 pub struct Peer {
     pub config: PeerConfig,
-    pub current: KeySlot,
-    /// The next key during a rotation (used by the key-rotation work; unused until then).
-    pub next: Option<KeySlot>,
+    /// One per live (own key, peer key) pair; never empty.
+    pub slots: Vec<KeySlot>,
     /// Where datagrams for this peer go now.
     pub endpoint: Option<SocketAddr>,
     /// Position in `config.endpoints` while no endpoint has answered yet.
@@ -149,11 +153,23 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn slot_mut(&mut self, which: Slot) -> Option<&mut KeySlot> {
-        match which {
-            Slot::Current => Some(&mut self.current),
-            Slot::Next => self.next.as_mut(),
-        }
+    /// The slot a receiver index (already shifted: `receiver_idx >> 8`) belongs to.
+    pub fn slot_by_index(&mut self, index: u32) -> Option<&mut KeySlot> {
+        self.slots.iter_mut().find(|s| s.index == index)
+    }
+
+    /// The slot of one (own key, peer key) pair.
+    pub fn slot_for(&mut self, own: &PublicKey, peer: &PublicKey) -> Option<&mut KeySlot> {
+        self.slots
+            .iter_mut()
+            .find(|s| s.own == *own && s.public_key == *peer)
+    }
+
+    /// The peer keys slots must exist for: the current key and, while it rotates, the next.
+    pub fn live_keys(&self) -> Vec<PublicKey> {
+        let mut v = vec![self.config.public_key];
+        v.extend(self.config.next_public_key);
+        v
     }
 
     /// Moves to the next configured endpoint, for a handshake that got no answer.

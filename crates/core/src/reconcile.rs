@@ -21,6 +21,7 @@ pub fn peer_config(r: &NodeRecord) -> PeerConfig {
     PeerConfig {
         name: r.name.clone(),
         public_key: r.public_key,
+        next_public_key: r.next_public_key,
         endpoints: r.endpoints.clone(),
         allowed_ips: r.pod_cidrs.clone(),
         key_generation: r.key_generation,

@@ -254,6 +254,13 @@ pub async fn run(mut cfg: Config) -> Result<()> {
     // A rotation cut short by a restart resumes with the key it had announced.
     let mut own = own;
     let mut rotation = crate::rotation::Rotation::default();
+    if let Some(ms) = std::env::var("WEFT_TEST_ROTATION_DWELL_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        rotation.dwell = Duration::from_millis(ms.min(60_000));
+        tracing::warn!(ms, "test knob: every key rotation phase lasts at least this long");
+    }
     match keyfile::load_next(&cfg.state_dir)? {
         Some(next) if next.public_key() != own.public_key => {
             let next_pub = next.public_key();

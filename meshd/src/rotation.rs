@@ -53,6 +53,9 @@ pub struct Rotation {
     pub requested: u64,
     /// Finished rotations since start (for status).
     pub done: u64,
+    /// Tests only (`WEFT_TEST_ROTATION_DWELL_MS`): the least time spent announced and
+    /// handshaking, so a test can kill meshd in each phase. Zero otherwise.
+    pub dwell: Duration,
 }
 
 impl Default for Rotation {
@@ -64,6 +67,7 @@ impl Default for Rotation {
             started: None,
             requested: 0,
             done: 0,
+            dwell: Duration::ZERO,
         }
     }
 }
@@ -118,8 +122,9 @@ impl Rotation {
                     }
                     None => None,
                 };
-                let ready = seen.is_some_and(|t| now.saturating_duration_since(t) >= SETTLE)
-                    || now.saturating_duration_since(since) >= ANNOUNCE_WAIT;
+                let ready = (seen.is_some_and(|t| now.saturating_duration_since(t) >= SETTLE)
+                    || now.saturating_duration_since(since) >= ANNOUNCE_WAIT)
+                    && now.saturating_duration_since(since) >= self.dwell;
                 if ready {
                     self.phase = Phase::Handshaking { since: now };
                     Step::Initiate
@@ -133,7 +138,9 @@ impl Rotation {
                     .filter(|(_, p)| **p != PeerRotation::Moved)
                     .map(|(n, _)| n.clone())
                     .collect();
-                if not_moved.is_empty() {
+                if now.saturating_duration_since(since) < self.dwell {
+                    Step::Nothing
+                } else if not_moved.is_empty() {
                     Step::Retire {
                         not_moved: Vec::new(),
                     }

@@ -228,3 +228,140 @@ fn rotate_all_at_once_loses_nothing() {
         }
     });
 }
+
+/// The record of `name` in the dir registry.
+fn record(c: &Cluster, name: &str) -> serde_json::Value {
+    let bytes = std::fs::read(c.registry.record_path(name)).expect("record");
+    serde_json::from_slice(&bytes).expect("record JSON")
+}
+
+/// meshd SIGKILLed in each phase of a rotation (next key announced; handshaking on it; old key
+/// just retired) and restarted: the rotation resumes or finishes, and the mesh ends consistent
+/// (the registry, the node and every peer agree on one key, the generation went up by exactly
+/// one, no next key left anywhere) and connected (every pod pings every other).
+#[test]
+fn sigkill_in_each_rotation_phase_ends_consistent_and_connected() {
+    setup();
+    let c = Cluster::with_nodes(3).expect("cluster");
+    let pods: Vec<Pod> = (0..3).map(|i| c.node(i).add_pod(0).expect("pod")).collect();
+    // Each phase lasts at least 3 s, so the test can kill meshd inside it.
+    let env = vec![(
+        "WEFT_TEST_ROTATION_DWELL_MS".to_string(),
+        "3000".to_string(),
+    )];
+    for n in &c.nodes {
+        n.start_meshd_env(&[], &env).expect("meshd");
+    }
+    c.wait_mesh_ready(READY).expect("mesh ready");
+    let n0 = c.node(0);
+    for phase in ["announced", "handshaking", "retired"] {
+        let g = generation(n0);
+        let old = public_key(n0);
+        request_rotation(&c, n0, g + 1);
+        n0.wait_status(Duration::from_secs(15), |st| match phase {
+            "retired" => st["node"]["keyGeneration"].as_u64() == Some(g + 1),
+            p => st["rotation"]["phase"].as_str() == Some(p),
+        })
+        .unwrap_or_else(|e| panic!("phase {phase} not reached: {e:#}"));
+        n0.stop_meshd(libc::SIGKILL).expect("SIGKILL");
+        let killed = Instant::now();
+        n0.start_meshd(&[]).expect("restart");
+        wait_rotated(&c, n0, g + 1, Duration::from_secs(30));
+        let key = public_key(n0);
+        assert_ne!(key, old, "{phase}: still the old key");
+        let rec = record(&c, &n0.name);
+        assert_eq!(rec["publicKey"].as_str(), Some(key.as_str()), "{phase}: {rec}");
+        assert_eq!(rec["keyGeneration"].as_u64(), Some(g + 1), "{phase}: {rec}");
+        assert!(rec.get("nextPublicKey").is_none(), "{phase}: {rec}");
+        assert!(!n0.state_dir().join("next.key").exists(), "{phase}");
+        for a in &pods {
+            for b in &pods {
+                if a.node_index != b.node_index {
+                    let r = a
+                        .ping(b.ip, &PingOpts::count(3).interval(0.05).wait(2))
+                        .expect("ping");
+                    assert!(
+                        r.all_received(),
+                        "{phase}: {} -> {}: {}\n{}",
+                        a.ip,
+                        b.ip,
+                        r.output,
+                        c.debug_report()
+                    );
+                }
+            }
+        }
+        eprintln!(
+            "killed while {phase}: consistent and connected {:?} after the SIGKILL",
+            killed.elapsed()
+        );
+    }
+}
+
+/// Pings at 100 Hz on every ordered pod pair for `secs`; runs `during` after 2 s. Returns the
+/// pings lost (all pairs) and sent.
+fn lost_over(pods: &[Pod], secs: u32, during: impl FnOnce()) -> (u32, u32) {
+    let opts = PingOpts::count(100 * secs).interval(0.01).wait(1);
+    let pings: Vec<BgPing> = (0..pods.len())
+        .flat_map(|a| (0..pods.len()).filter(move |b| *b != a).map(move |b| (a, b)))
+        .map(|(a, b)| pods[a].bg_ping(pods[b].ip, &opts).expect("ping"))
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    during();
+    let (mut lost, mut sent) = (0, 0);
+    for p in pings {
+        let r = p.finish().expect("ping result");
+        lost += r.lost();
+        sent += r.transmitted;
+    }
+    (lost, sent)
+}
+
+/// With 1% loss on every node's underlay (nftables; this kernel has no sch_netem), all three
+/// nodes rotate at once during a 20 s window of 100 Hz pings on every pod pair. The pings lost
+/// must stay within the spread of control windows of the same length without rotation: at most
+/// the worst control plus three standard deviations of a Poisson count at that level.
+#[test]
+fn rotation_under_one_percent_loss_adds_no_loss_beyond_the_control() {
+    setup();
+    let c = Cluster::with_nodes(3).expect("cluster");
+    let pods: Vec<Pod> = (0..3).map(|i| c.node(i).add_pod(0).expect("pod")).collect();
+    for n in &c.nodes {
+        n.start_meshd(&[]).expect("meshd");
+    }
+    c.wait_mesh_ready(READY).expect("mesh ready");
+    for n in &c.nodes {
+        n.netem("loss 1%").expect("1% loss");
+    }
+    const SECS: u32 = 20;
+    let mut controls = Vec::new();
+    for _ in 0..2 {
+        controls.push(lost_over(&pods, SECS, || {}));
+    }
+    let gens: Vec<u64> = c.nodes.iter().map(generation).collect();
+    let rotated = lost_over(&pods, SECS, || {
+        for (n, g) in c.nodes.iter().zip(&gens) {
+            request_rotation(&c, n, g + 1);
+        }
+        for (n, g) in c.nodes.iter().zip(&gens) {
+            wait_rotated(&c, n, g + 1, Duration::from_secs(16));
+        }
+    });
+    controls.push(lost_over(&pods, SECS, || {}));
+    let worst = controls.iter().map(|(l, _)| *l).max().unwrap_or(0);
+    let bound = worst + (3.0 * f64::from(worst.max(1)).sqrt()).ceil() as u32;
+    eprintln!(
+        "1% loss: controls lost {:?}, with rotation {:?}; bound {bound}",
+        controls, rotated
+    );
+    for (l, s) in &controls {
+        assert!(*s >= 6 * (100 * SECS - 50), "control ran short: {s}");
+        assert!(*l > 0, "1% loss was not applied ({l} of {s} lost)");
+    }
+    assert!(
+        rotated.0 <= bound,
+        "rotation lost {} pings, controls {:?} (bound {bound})",
+        rotated.0,
+        controls
+    );
+}

@@ -1,32 +1,59 @@
 //! keyctl: weft's key management CLI.
 //!
-//! In: a subcommand, and for `pubkey` a base64 private key on stdin. Out: on stdout, a new
-//! private key (`genkey`) or the matching public key (`pubkey`), base64 with a trailing newline,
-//! byte-for-byte the format of `wg genkey` / `wg pubkey`. Errors go to stderr with exit code 1.
+//! In: a subcommand and its flags (the registry flags are meshd's: `--registry`, `--etcd-prefix`,
+//! `--etcd-ca`/`--etcd-cert`/`--etcd-key`, the same `WEFT_*` variables, and the etcd user from
+//! `WEFT_ETCD_USERNAME`/`WEFT_ETCD_PASSWORD`); for `pubkey` a base64 private key on stdin; for
+//! the other commands the registry's node records, rotation requests and revocations.
 //!
-//! Only key generation exists in this build; rotation and revocation commands come in a later
-//! release and are deliberately absent rather than stubbed.
+//! Out: on stdout, a new private key (`genkey`) or the matching public key (`pubkey`), base64 with
+//! a trailing newline, byte-for-byte the format of `wg genkey` / `wg pubkey`; a table, or JSON
+//! with `--json`, for `status`, `rotate`, `revoke` and `readmit`; in the registry,
+//! `rotations/NAME` (`rotate`) and `revocations/NAME` (`revoke`, `readmit`) objects. Apart from
+//! `genkey`, nothing keyctl prints or writes ever holds a private key (it never reads one except
+//! `pubkey`'s stdin).
+//!
+//! Exit codes: 0 ok; 1 failure (registry unreachable, unknown node, refused readmit, ...); 2 a
+//! rotation did not finish (before `--timeout`, or a node has no record), naming the nodes;
+//! 64 bad flags, naming the flag.
+
+mod registry_args;
+mod revoke;
+mod rotate;
+mod status;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use registry_args::{bad, RegistryArgs, UsageError};
+use serde_json::json;
 use std::io::{Read, Write};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use weft_core::control::{Revocation, RotationRequest};
 use weft_core::keys::PrivateKey;
+use weft_core::record::check_name;
+use weft_core::PublicKey;
+use weft_registry::{Registry, Typed};
 
 /// Largest stdin `pubkey` reads: a key is 44 base64 characters plus whitespace.
 const MAX_INPUT: u64 = 4096;
+const EXIT_NOT_FINISHED: u8 = 2;
+const EXIT_USAGE: u8 = 64;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "keyctl",
     version,
-    about = "weft key management: generate WireGuard-compatible X25519 keys",
+    about = "weft key management: keys, rotation and revocation of mesh nodes",
     long_about = "weft key management.\n\n\
-        This build has two commands, interchangeable with wg(8): `genkey` and `pubkey`. \
-        Key rotation and revocation commands come in a later release; they are not in this \
-        build.",
-    after_help = "Examples:\n  keyctl genkey > node.key\n  keyctl pubkey < node.key\n\n\
-        Rotation and revocation commands come in a later release."
+        `genkey` and `pubkey` are interchangeable with wg(8). `status`, `rotate`, `revoke` and \
+        `readmit` work on the registry meshd uses (same --registry and --etcd-* flags and \
+        WEFT_* variables). Apart from `genkey`, keyctl never prints or stores a private key.",
+    after_help = "Examples:\n  keyctl genkey > node.key\n  keyctl pubkey < node.key\n  \
+        keyctl status --registry etcd://10.0.0.5:2379\n  \
+        keyctl rotate --all --max-parallel 2 --wait\n  keyctl revoke node-2\n  \
+        keyctl readmit node-2 --public-key KEY\n\n\
+        Exit codes: 0 ok, 1 failure, 2 rotation not finished, 64 bad flags."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -39,16 +66,121 @@ enum Command {
     Genkey,
     /// Read a private key on stdin and print its public key (like `wg pubkey`).
     Pubkey,
+    /// Show every node's key fingerprint, age and generation, its rotation and revocation.
+    Status(StatusArgs),
+    /// Ask nodes to rotate their keys (writes rotations/NAME), at most --max-parallel at once.
+    Rotate(RotateArgs),
+    /// Revoke a node: every node drops it and refuses its keys (writes revocations/NAME).
+    Revoke(RevokeArgs),
+    /// Let a revoked node back, only with the exact new public key given.
+    Readmit(ReadmitArgs),
 }
 
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("which").required(true).args(["nodes", "all"])))]
+struct RotateArgs {
+    /// A node to rotate; repeat for several (rotated in this order).
+    #[arg(long = "node", value_name = "NAME")]
+    nodes: Vec<String>,
+    /// Every node with a record, in name order.
+    #[arg(long)]
+    all: bool,
+    /// How many nodes may be rotating at once.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    max_parallel: usize,
+    /// Return only when every node finished (its record reached the requested generation with
+    /// no next key); without it keyctl returns once every request is written.
+    #[arg(long)]
+    wait: bool,
+    /// Give up after this many seconds (exit 2, naming the nodes that did not finish).
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    timeout: u64,
+    /// Print JSON instead of progress lines (progress then goes to stderr).
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+#[derive(Debug, Args)]
+struct RevokeArgs {
+    /// The node to revoke (it need not have a record: then the name is banned).
+    #[arg(value_name = "NAME")]
+    node: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+#[derive(Debug, Args)]
+struct ReadmitArgs {
+    /// The revoked node.
+    #[arg(value_name = "NAME")]
+    node: String,
+    /// The node's new public key, obtained from the node out of band (`meshd status` there).
+    #[arg(long, value_name = "KEY")]
+    public_key: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+/// A rotation that did not finish; the message names the nodes.
+#[derive(Debug)]
+struct NotFinished(String);
+
+impl std::fmt::Display for NotFinished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotFinished {}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            return if usage {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let result = match cli.command {
         Command::Genkey => genkey(),
         Command::Pubkey => pubkey(),
+        Command::Status(a) => with_runtime(|| status(a)),
+        Command::Rotate(a) => with_runtime(|| rotate(a)),
+        Command::Revoke(a) => with_runtime(|| revoke(a)),
+        Command::Readmit(a) => with_runtime(|| readmit(a)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<UsageError>().is_some() => {
+            eprintln!("keyctl: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(e) if e.downcast_ref::<NotFinished>().is_some() => {
+            eprintln!("keyctl: error: {e}");
+            ExitCode::from(EXIT_NOT_FINISHED)
+        }
         Err(e) => {
             // `{:#}` prints the context chain on one line, without a backtrace.
             eprintln!("keyctl: error: {e:#}");
@@ -57,11 +189,51 @@ fn main() -> ExitCode {
     }
 }
 
+/// Registry commands run on a current-thread runtime, with the registry's warnings (such as an
+/// invalid object it skipped) on stderr.
+fn with_runtime<F>(f: impl FnOnce() -> F) -> Result<()>
+where
+    F: std::future::Future<Output = Result<()>>,
+{
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYCTL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_target(false)
+        .without_time()
+        .with_writer(std::io::stderr)
+        .try_init();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(f())
+}
+
+/// `println!` that reports a closed stdout as an error instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        print_line(&format!($($arg)*))?
+    };
+}
+
+fn print_text(s: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(s.as_bytes())
+        .and_then(|()| out.flush())
+        .context("writing to stdout")
+}
+
 fn print_line(s: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{s}")
         .and_then(|()| out.flush())
         .context("writing to stdout")
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    print_line(&serde_json::to_string_pretty(v).context("encoding JSON")?)
 }
 
 fn genkey() -> Result<()> {
@@ -89,4 +261,268 @@ fn pubkey() -> Result<()> {
     let key = PrivateKey::from_base64(text)
         .context("stdin is not a private key (expected 32 bytes in base64, as printed by `keyctl genkey` or `wg genkey`)")?;
     print_line(&key.public_key().to_base64())
+}
+
+fn open(args: &RegistryArgs) -> Result<Arc<dyn Registry>> {
+    let (spec, options) = args.validate()?;
+    RegistryArgs::open(&spec, &options)
+}
+
+fn check_node(flag: &'static str, name: &str) -> Result<(), UsageError> {
+    check_name(name).map_err(|e| bad(flag, format!("{name:?}: {e}")))
+}
+
+async fn status(a: StatusArgs) -> Result<()> {
+    let registry = open(&a.registry)?;
+    let (records, _) = weft_registry::list_nodes(&*registry)
+        .await
+        .context("reading the node records")?;
+    let (rotations, _) = Typed::<RotationRequest>::new(registry.clone())
+        .list()
+        .await
+        .context("reading the rotation requests")?;
+    let (revocations, _) = Typed::<Revocation>::new(registry.clone())
+        .list()
+        .await
+        .context("reading the revocations")?;
+    let contents = status::Contents {
+        records,
+        rotations,
+        revocations,
+    };
+    let s = status::view(registry.describe(), &contents, rotate::unix_now());
+    if a.json {
+        print_json(&s)
+    } else {
+        print_text(&status::render(&s))
+    }
+}
+
+async fn rotate(a: RotateArgs) -> Result<()> {
+    if a.max_parallel == 0 {
+        return Err(bad("max-parallel", "must be at least 1").into());
+    }
+    if a.timeout == 0 {
+        return Err(bad("timeout", "must be at least 1 second").into());
+    }
+    for n in &a.nodes {
+        check_node("node", n)?;
+    }
+    let registry = open(&a.registry)?;
+    let (records, _) = weft_registry::list_nodes(&*registry)
+        .await
+        .context("reading the node records")?;
+    let nodes: Vec<String> = if a.all {
+        if records.is_empty() {
+            bail!("no node records in {}", registry.describe());
+        }
+        records.iter().map(|r| r.name.clone()).collect()
+    } else {
+        let missing: Vec<&str> = a
+            .nodes
+            .iter()
+            .filter(|n| !records.iter().any(|r| &r.name == *n))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "no node record for {} in {} (nodes: {})",
+                missing.join(", "),
+                registry.describe(),
+                records
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        a.nodes.clone()
+    };
+    let opts = rotate::Options {
+        max_parallel: a.max_parallel,
+        wait: a.wait,
+        timeout: Duration::from_secs(a.timeout),
+        poll: Duration::from_millis(250),
+    };
+    let start = Instant::now();
+    let json = a.json;
+    let mut report = |p: &rotate::Progress| {
+        let line = progress_line(p, start.elapsed());
+        if json {
+            eprintln!("{line}");
+        } else {
+            // Progress is best effort: a closed stdout must not stop the rollout.
+            let _ = print_line(&line);
+        }
+    };
+    let outcome = rotate::run(&registry, &nodes, &opts, &mut report).await?;
+    if json {
+        let nodes: Vec<serde_json::Value> = outcome
+            .targets
+            .iter()
+            .map(|(name, t)| {
+                let mut v = serde_json::to_value(t).unwrap_or_default();
+                v["name"] = json!(name);
+                v["keyGeneration"] = json!(outcome.generations.get(name));
+                v
+            })
+            .collect();
+        print_json(&json!({
+            "finished": outcome.finished,
+            "wait": a.wait,
+            "nodes": nodes,
+            "unfinished": outcome.unfinished,
+        }))?;
+    }
+    if !outcome.finished {
+        let within = if start.elapsed() >= opts.timeout {
+            format!(" within {}s", a.timeout)
+        } else {
+            String::new()
+        };
+        return Err(NotFinished(format!(
+            "rotation did not finish{within}: {}",
+            outcome.unfinished.join("; ")
+        ))
+        .into());
+    }
+    if !json {
+        if a.wait {
+            say!("rotated {} node(s)", nodes.len());
+        } else {
+            say!(
+                "rotation requested for {} node(s); not waiting for the last ones (use --wait, and `keyctl status` to follow them)",
+                nodes.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn progress_line(p: &rotate::Progress, elapsed: Duration) -> String {
+    let t = format!("[{:6.1}s]", elapsed.as_secs_f64());
+    match p {
+        rotate::Progress::Requested {
+            node,
+            generation,
+            reused,
+        } => format!(
+            "{t} {node}: requested key generation {generation}{}",
+            if *reused {
+                " (a request for it was already pending)"
+            } else {
+                ""
+            }
+        ),
+        rotate::Progress::Rotating { node, next } => {
+            format!("{t} {node}: rotating to {}", next.fingerprint())
+        }
+        rotate::Progress::Done {
+            node,
+            generation,
+            key,
+        } => format!(
+            "{t} {node}: done: generation {generation}, key {}",
+            key.fingerprint()
+        ),
+        rotate::Progress::NoRecord { node } => format!("{t} {node}: no record; skipped"),
+    }
+}
+
+fn fingerprints(keys: &[PublicKey]) -> String {
+    keys.iter()
+        .map(PublicKey::fingerprint)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn revoke(a: RevokeArgs) -> Result<()> {
+    check_node("NAME", &a.node)?;
+    let registry = open(&a.registry)?;
+    let record = match weft_registry::get_node(&*registry, &a.node).await {
+        Ok(r) => r,
+        Err(
+            e @ (weft_registry::RegistryError::Decode { .. }
+            | weft_registry::RegistryError::NameMismatch { .. }),
+        ) => {
+            // meshd refuses such a record anyway; the name is revoked with the keys known.
+            eprintln!("keyctl: warning: {e}; revoking the name with the keys revoked before");
+            None
+        }
+        Err(e) => return Err(e).context(format!("reading {}'s record", a.node)),
+    };
+    let now = rotate::unix_now();
+    let rev = revoke::update(&*registry, &a.node, revoke::OnCorrupt::Replace, |e| {
+        Ok(revoke::revoke(&a.node, record.as_ref(), e, now))
+    })
+    .await?;
+    if a.json {
+        return print_json(&json!({ "revocation": rev, "hasRecord": record.is_some() }));
+    }
+    let n = &a.node;
+    match &record {
+        Some(_) => say!(
+            "revoked {n}: {} key(s) refused ({})",
+            rev.revoked_keys.len(),
+            fingerprints(&rev.revoked_keys)
+        ),
+        None => say!(
+            "revoked the name {n} (it has no record): it is refused with any key{}",
+            if rev.revoked_keys.is_empty() {
+                String::new()
+            } else {
+                format!("; keys {} stay refused", fingerprints(&rev.revoked_keys))
+            }
+        ),
+    }
+    if record.is_some() {
+        say!(
+            "every node drops {n} within a second and refuses these keys, even if {n} publishes them again."
+        );
+    }
+    say!(
+        "to let it back: make a new key on the node, read its public key there (out of band), then\n  keyctl readmit {n} --public-key KEY"
+    );
+    Ok(())
+}
+
+async fn readmit(a: ReadmitArgs) -> Result<()> {
+    check_node("NAME", &a.node)?;
+    let key: PublicKey = a
+        .public_key
+        .trim()
+        .parse()
+        .map_err(|e| bad("public-key", format!("not a WireGuard public key: {e}")))?;
+    let registry = open(&a.registry)?;
+    let rev = revoke::update(&*registry, &a.node, revoke::OnCorrupt::Fail, |e| {
+        revoke::readmit(&a.node, e, key)
+    })
+    .await?;
+    let published = match weft_registry::get_node(&*registry, &a.node).await {
+        Ok(r) => r.map(|r| r.public_key),
+        Err(e) => {
+            eprintln!("keyctl: warning: cannot read {}'s record: {e}", a.node);
+            None
+        }
+    };
+    if a.json {
+        return print_json(&json!({
+            "revocation": rev,
+            "publishedKey": published,
+            "admitted": published.is_some_and(|p| rev.admits(&p)),
+        }));
+    }
+    let n = &a.node;
+    say!("readmitted {n} with key {key}");
+    match published {
+        Some(p) if p == key => {
+            say!("{n} publishes this key: every node takes it back within a second")
+        }
+        Some(p) => say!(
+            "{n} publishes {} instead: it stays refused until it publishes the approved key",
+            p.fingerprint()
+        ),
+        None => say!("{n} has no record yet: it is admitted once it publishes this key"),
+    }
+    Ok(())
 }

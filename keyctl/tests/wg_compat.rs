@@ -101,10 +101,17 @@ fn pubkey_refuses_bad_input_with_exit_1() {
 fn help_is_truthful() {
     let out = ok_stdout(KEYCTL, &["--help"], b"");
     let help = String::from_utf8_lossy(&out);
-    assert!(help.contains("genkey") && help.contains("pubkey"), "{help}");
-    assert!(help.contains("later release"), "{help}");
-    for absent in ["rotate", "revoke"] {
+    for cmd in ["genkey", "pubkey", "status", "rotate", "revoke", "readmit"] {
+        assert!(help.contains(cmd), "{cmd} missing from help: {help}");
+    }
+    assert!(!help.contains("later release"), "{help}");
+    // Commands that do not exist are refused as usage errors (exit 64, like meshd).
+    for absent in ["psk", "rekey"] {
         let out = run(KEYCTL, &[absent], b"");
-        assert!(!out.status.success(), "`keyctl {absent}` pretends to work");
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "`keyctl {absent}` pretends to work"
+        );
     }
 }

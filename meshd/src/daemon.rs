@@ -5,6 +5,7 @@
 use crate::api::{NodeInfo, Status};
 use crate::config::Config;
 use crate::keyfile;
+use crate::revocations::{self, Revocations};
 use anyhow::{Context, Result};
 use ipnet::IpNet;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -15,6 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UdpSocket, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
+use weft_core::control::{filter_revoked, Revocation};
 use weft_core::node::{Node, Output};
 use weft_core::reconcile::{desired_peers, plan};
 use weft_core::record::{mesh_address, NodeRecord, SCHEMA_VERSION};
@@ -62,6 +64,12 @@ struct Daemon {
     cache: PeerCache,
     /// This node's key rotation.
     rotation: crate::rotation::Rotation,
+    /// Revocations by node name (`keyctl revoke`): records they do not admit are refused.
+    revocations: Revocations,
+    /// The revocation cache last written (to skip identical writes).
+    revocations_cached: String,
+    /// Why this node itself is revoked, as last logged.
+    self_revoked: Option<String>,
 }
 
 /// The write state of the peer cache. It is written at most once per [`PEER_CACHE_INTERVAL`] (a
@@ -184,6 +192,11 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         None => None,
     };
     let cached = load_peer_cache(&cfg.state_dir);
+    // Listed alongside the previous record, so even the first reconcile refuses revoked nodes.
+    let initial_revocations = tokio::spawn({
+        let (registry, state_dir) = (registry.clone(), cfg.state_dir.clone());
+        async move { revocations::initial(&registry, &state_dir).await }
+    });
     // Bounded: a registry that cannot be reached must not hold up the data path.
     let previous = match tokio::time::timeout(
         REGISTRY_STARTUP_WAIT,
@@ -217,6 +230,13 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         key_created_at: keyfile::created_at(&cfg.state_dir),
     };
     own.check().context("this node's own record is invalid")?;
+    let known_revocations = match initial_revocations.await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "listing revocations failed; using the cached ones");
+            revocations::load_cache(&cfg.state_dir)
+        }
+    };
 
     let tun = Tun::create(&cfg.interface).context("creating the TUN device")?;
     let ifname = tun.name().to_string();
@@ -249,6 +269,8 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         cfg.node_name.clone(),
         rot_tx,
     ));
+    let (rev_tx, mut rev_rx) = mpsc::channel(64);
+    tokio::spawn(revocations::watch::<Revocation>(registry.clone(), rev_tx));
 
     let mut node = Node::new(key, cfg.persistent_keepalive);
     // A rotation cut short by a restart resumes with the key it had announced.
@@ -259,7 +281,10 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         .and_then(|v| v.parse::<u64>().ok())
     {
         rotation.dwell = Duration::from_millis(ms.min(60_000));
-        tracing::warn!(ms, "test knob: every key rotation phase lasts at least this long");
+        tracing::warn!(
+            ms,
+            "test knob: every key rotation phase lasts at least this long"
+        );
     }
     match keyfile::load_next(&cfg.state_dir)? {
         Some(next) if next.public_key() != own.public_key => {
@@ -293,7 +318,11 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         claim_state: None,
         cache: PeerCache::default(),
         rotation,
+        revocations: known_revocations,
+        revocations_cached: String::new(),
+        self_revoked: None,
     };
+    d.check_self_revoked();
     if !cached.is_empty() {
         // Come up with the last known peers (the registry may be unreachable right now); the
         // watch's first Reset replaces them.
@@ -402,6 +431,21 @@ pub async fn run(mut cfg: Config) -> Result<()> {
                     let (tx, rx) = mpsc::channel(256);
                     ev_rx = rx;
                     tokio::spawn(watch_nodes(d.registry.clone(), tx));
+                }
+            },
+            ev = rev_rx.recv() => match ev {
+                Some(ev) => {
+                    if revocations::apply(&mut d.revocations, ev) {
+                        d.check_self_revoked();
+                        d.reconcile().await;
+                    }
+                    revocations::save_cache(&d.cfg.state_dir, &d.revocations, &mut d.revocations_cached);
+                }
+                None => {
+                    tracing::error!("revocation watch ended; restarting it");
+                    let (tx, rx) = mpsc::channel(64);
+                    rev_rx = rx;
+                    tokio::spawn(revocations::watch::<Revocation>(d.registry.clone(), tx));
                 }
             },
             Some(req) = api_rx.recv() => match req {
@@ -768,11 +812,41 @@ impl Daemon {
         }
     }
 
+    /// Logs loudly (once per change) when a revocation refuses this node's own key: every other
+    /// node drops it, so it is cut off from the mesh until an operator readmits it.
+    fn check_self_revoked(&mut self) {
+        let why = self
+            .revocations
+            .get(&self.own.name)
+            .and_then(|r| r.verdict(&self.own.public_key).err())
+            .map(|e| e.to_string());
+        if why != self.self_revoked {
+            match &why {
+                Some(w) => tracing::error!(
+                    node = %self.own.name, key = %self.own.public_key, reason = %w,
+                    "THIS NODE IS REVOKED: every other node refuses it; an operator must run \
+                     `keyctl readmit` with a new key"
+                ),
+                None if self.self_revoked.is_some() => {
+                    tracing::warn!(node = %self.own.name, "this node is no longer revoked")
+                }
+                None => {}
+            }
+            self.self_revoked = why;
+        }
+    }
+
     async fn reconcile(&mut self) {
-        let (desired, refused) = desired_peers(&self.own, self.records.values().cloned());
+        let own = self.own.name.clone();
+        let (admitted, revoked) = filter_revoked(
+            self.records.values().filter(|r| r.name != own).cloned(),
+            &self.revocations,
+        );
+        let (desired, refused) = desired_peers(&self.own, admitted);
         let refused: BTreeMap<String, String> = refused
             .into_iter()
             .map(|(n, e)| (n, e.to_string()))
+            .chain(revoked.into_iter().map(|(n, e)| (n, e.to_string())))
             .collect();
         for (name, why) in &refused {
             if self.refused.get(name) != Some(why) {

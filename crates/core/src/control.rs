@@ -1,11 +1,14 @@
 //! Operator requests stored in the registry by `keyctl` (written by the admin user only; nodes
 //! read them): key rotation requests and revocations.
 //!
-//! In: JSON bytes from the registry. Out: checked values, or an error naming the bad field.
+//! In: JSON bytes from the registry, and node records to check against revocations. Out: checked
+//! values, or an error naming the bad field; the records a revocation admits
+//! ([`filter_revoked`]).
 
 use crate::keys::PublicKey;
-use crate::record::check_name;
+use crate::record::{check_name, NodeRecord};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Why a control object was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -109,6 +112,68 @@ impl Revocation {
     pub fn admits(&self, key: &PublicKey) -> bool {
         !self.revoked_keys.contains(key) && self.approved_key.as_ref() == Some(key)
     }
+
+    /// [`Revocation::admits`] with the reason when it does not.
+    pub fn verdict(&self, key: &PublicKey) -> Result<(), Revoked> {
+        if self.revoked_keys.contains(key) {
+            return Err(Revoked::KeyRevoked {
+                key: key.fingerprint(),
+            });
+        }
+        match &self.approved_key {
+            Some(a) if a == key => Ok(()),
+            approved => Err(Revoked::NotApproved {
+                key: key.fingerprint(),
+                approved: approved.map(|a| a.fingerprint()),
+            }),
+        }
+    }
+}
+
+/// Why a node record is refused because of its node's revocation. Every message starts with
+/// "revoked" (that is what `meshd status` lists under `refusedRecords`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Revoked {
+    #[error("revoked: key {key} was revoked (keyctl revoke)")]
+    KeyRevoked { key: String },
+    #[error("revoked: key {key} is not the key approved by keyctl readmit ({})",
+        approved.as_deref().map_or_else(|| "none approved yet".to_string(), |a| format!("approved: {a}")))]
+    NotApproved {
+        key: String,
+        approved: Option<String>,
+    },
+}
+
+/// Applies revocations (by node name) to node records: which records a node may peer with, and
+/// the refused ones with their reason.
+///
+/// A record whose node has no revocation passes unchanged. One whose node has a revocation passes
+/// only if the revocation admits its `publicKey` ([`Revocation::admits`]); its `nextPublicKey`
+/// is kept only if admitted too, and dropped otherwise, so a key the operator did not approve
+/// never becomes a peer key (not even mid-rotation). Revocations for names without a record are
+/// simply kept by the caller: they apply when the node appears.
+pub fn filter_revoked(
+    records: impl IntoIterator<Item = NodeRecord>,
+    revocations: &BTreeMap<String, Revocation>,
+) -> (Vec<NodeRecord>, Vec<(String, Revoked)>) {
+    let mut admitted = Vec::new();
+    let mut refused = Vec::new();
+    for mut r in records {
+        let Some(rev) = revocations.get(&r.name) else {
+            admitted.push(r);
+            continue;
+        };
+        match rev.verdict(&r.public_key) {
+            Ok(()) => {
+                if r.next_public_key.is_some_and(|k| !rev.admits(&k)) {
+                    r.next_public_key = None;
+                }
+                admitted.push(r);
+            }
+            Err(why) => refused.push((r.name.clone(), why)),
+        }
+    }
+    (admitted, refused)
 }
 
 #[cfg(test)]
@@ -136,6 +201,99 @@ mod tests {
         assert!(r.check().is_err());
         assert!(Revocation::from_json(br#"{"node":"N","revokedKeys":[]}"#).is_err());
         assert!(Revocation::from_json(br#"{"node":"n","revokedKeys":["x"]}"#).is_err());
+    }
+
+    fn record(name: &str, i: u8, key: PublicKey) -> NodeRecord {
+        NodeRecord {
+            schema: crate::record::SCHEMA_VERSION,
+            name: name.into(),
+            public_key: key,
+            endpoints: vec![format!("198.18.0.{}:51820", 10 + i).parse().expect("ep")],
+            pod_cidrs: vec![format!("10.42.{i}.0/24").parse().expect("cidr")],
+            key_generation: 1,
+            next_public_key: None,
+            key_created_at: 0,
+        }
+    }
+
+    fn key() -> PublicKey {
+        PrivateKey::generate().public_key()
+    }
+
+    #[test]
+    fn filter_revoked_refuses_revoked_and_unapproved_keys() {
+        let (old, fresh, other) = (key(), key(), key());
+        let a = record("a", 1, key());
+        let b = record("b", 2, old);
+        let mut revs = BTreeMap::new();
+        // Without revocations everything passes unchanged.
+        let (ok, refused) = filter_revoked(vec![a.clone(), b.clone()], &revs);
+        assert_eq!(ok, vec![a.clone(), b.clone()]);
+        assert!(refused.is_empty());
+
+        let mut rev = Revocation {
+            node: "b".into(),
+            revoked_keys: vec![old],
+            approved_key: None,
+            revoked_at: 1,
+        };
+        revs.insert("b".to_string(), rev.clone());
+        // A revocation for a node without a record is kept by the caller and changes nothing.
+        revs.insert(
+            "ghost".to_string(),
+            Revocation {
+                node: "ghost".into(),
+                revoked_keys: vec![],
+                approved_key: None,
+                revoked_at: 1,
+            },
+        );
+        // The revoked key, published again: refused.
+        let (ok, refused) = filter_revoked(vec![a.clone(), b.clone()], &revs);
+        assert_eq!(ok, vec![a.clone()]);
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].0, "b");
+        assert!(matches!(refused[0].1, Revoked::KeyRevoked { .. }));
+        assert!(
+            refused[0].1.to_string().starts_with("revoked"),
+            "{}",
+            refused[0].1
+        );
+        // A fresh key the node merely publishes: refused too.
+        let b_fresh = record("b", 2, fresh);
+        let (ok, refused) = filter_revoked(vec![b_fresh.clone()], &revs);
+        assert!(ok.is_empty());
+        assert_eq!(
+            refused[0].1,
+            Revoked::NotApproved {
+                key: fresh.fingerprint(),
+                approved: None
+            }
+        );
+        assert!(refused[0].1.to_string().starts_with("revoked"));
+        // Approved: exactly that key passes, any other does not.
+        rev.approved_key = Some(fresh);
+        revs.insert("b".to_string(), rev.clone());
+        let (ok, refused) = filter_revoked(vec![b_fresh.clone()], &revs);
+        assert_eq!(ok, vec![b_fresh.clone()]);
+        assert!(refused.is_empty());
+        let (ok, refused) = filter_revoked(vec![record("b", 2, other), b.clone()], &revs);
+        assert!(ok.is_empty());
+        assert_eq!(refused.len(), 2);
+        assert!(refused[0].1.to_string().contains(&fresh.fingerprint()));
+        // An unapproved next key is dropped; the approved current key stays a peer.
+        let mut rotating = b_fresh.clone();
+        rotating.next_public_key = Some(other);
+        let (ok, _) = filter_revoked(vec![rotating.clone()], &revs);
+        assert_eq!(ok, vec![b_fresh.clone()]);
+        rotating.next_public_key = Some(old);
+        let (ok, _) = filter_revoked(vec![rotating], &revs);
+        assert_eq!(ok[0].next_public_key, None);
+        // Unrevoked nodes keep their next key.
+        let mut a_rot = a.clone();
+        a_rot.next_public_key = Some(other);
+        let (ok, _) = filter_revoked(vec![a_rot.clone()], &revs);
+        assert_eq!(ok, vec![a_rot]);
     }
 
     #[test]

@@ -10,10 +10,10 @@
 //!
 //! The registry is a set of typed collections ([`Kind`]): node records and pod CIDR claims (see
 //! [`claims`]: claimed with a compare-and-swap over the whole collection, [`Registry::
-//! put_if_unchanged`]); later external peers, revocations and rotation requests join them. [`Registry`] is the
-//! raw, object-safe, backend-neutral interface (held as `Arc<dyn Registry>`); [`Typed`] decodes
-//! and validates on top of it, skipping (and logging) objects that fail to parse so one bad
-//! record never ends a watch. Backends: [`dir`] (one JSON file per object, the embedded default)
+//! put_if_unchanged`]), rotation requests and revocations (written by keyctl); external peers join
+//! them later. [`Registry`] is the raw, object-safe, backend-neutral interface (held as
+//! `Arc<dyn Registry>`); [`Typed`] decodes and validates on top of it, skipping (and logging)
+//! objects that fail to parse so one bad record never ends a watch. Backends: [`dir`] (one JSON file per object, the embedded default)
 //! and [`etcd`] (one key per object, a node's own record bound to a lease, see
 //! [`Registry::put_owned`]). A Kubernetes CRD backend plugs in behind the same trait later.
 

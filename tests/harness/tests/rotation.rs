@@ -270,7 +270,11 @@ fn sigkill_in_each_rotation_phase_ends_consistent_and_connected() {
         let key = public_key(n0);
         assert_ne!(key, old, "{phase}: still the old key");
         let rec = record(&c, &n0.name);
-        assert_eq!(rec["publicKey"].as_str(), Some(key.as_str()), "{phase}: {rec}");
+        assert_eq!(
+            rec["publicKey"].as_str(),
+            Some(key.as_str()),
+            "{phase}: {rec}"
+        );
         assert_eq!(rec["keyGeneration"].as_u64(), Some(g + 1), "{phase}: {rec}");
         assert!(rec.get("nextPublicKey").is_none(), "{phase}: {rec}");
         assert!(!n0.state_dir().join("next.key").exists(), "{phase}");
@@ -303,7 +307,11 @@ fn sigkill_in_each_rotation_phase_ends_consistent_and_connected() {
 fn lost_over(pods: &[Pod], secs: u32, during: impl FnOnce()) -> (u32, u32) {
     let opts = PingOpts::count(100 * secs).interval(0.01).wait(1);
     let pings: Vec<BgPing> = (0..pods.len())
-        .flat_map(|a| (0..pods.len()).filter(move |b| *b != a).map(move |b| (a, b)))
+        .flat_map(|a| {
+            (0..pods.len())
+                .filter(move |b| *b != a)
+                .map(move |b| (a, b))
+        })
         .map(|(a, b)| pods[a].bg_ping(pods[b].ip, &opts).expect("ping"))
         .collect();
     std::thread::sleep(Duration::from_secs(2));

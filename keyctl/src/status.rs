@@ -1,0 +1,398 @@
+//! `keyctl status`: every node with its key fingerprint, age and generation, its rotation state
+//! (a pending `rotations/NAME` request, or a `nextPublicKey` in its record) and its revocation
+//! (`revocations/NAME`). Only public keys appear.
+//!
+//! [`view`] is pure (registry contents and the time in, rows out); [`render`] makes the table.
+
+use serde::Serialize;
+use std::collections::BTreeSet;
+use weft_core::control::{Revocation, RotationRequest};
+use weft_core::{NodeRecord, PublicKey};
+
+/// What the registry holds, as read by keyctl.
+#[derive(Debug, Clone, Default)]
+pub struct Contents {
+    pub records: Vec<NodeRecord>,
+    pub rotations: Vec<RotationRequest>,
+    pub revocations: Vec<Revocation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// The registry, as meshd's logs name it (never with credentials).
+    pub registry: String,
+    /// Unix seconds when the registry was read.
+    pub time: u64,
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// One node: from its record, its rotation request and its revocation (any may be missing;
+/// a revocation for a node without a record is listed too).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub name: String,
+    pub has_record: bool,
+    pub public_key: Option<PublicKey>,
+    /// The first 8 base64 characters of the public key.
+    pub fingerprint: Option<String>,
+    pub key_generation: Option<u64>,
+    /// Unix seconds when the key was made; 0 when the node does not know.
+    pub key_created_at: Option<u64>,
+    /// `time - keyCreatedAt`; null when unknown.
+    pub key_age_secs: Option<u64>,
+    pub next_public_key: Option<PublicKey>,
+    pub rotation: RotationStatus,
+    pub revocation: Option<RevocationStatus>,
+    /// Whether meshd takes this record as a peer as far as revocations go (null: no record).
+    pub admitted: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RotationState {
+    /// No rotation pending.
+    Idle,
+    /// A rotation request names a generation the record has not reached, and the node has not
+    /// published its next key yet.
+    Requested,
+    /// The record names a `nextPublicKey`: the node is moving to it.
+    Rotating,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationStatus {
+    pub state: RotationState,
+    /// The generation of the `rotations/NAME` request, if one exists (reached or not).
+    pub requested_generation: Option<u64>,
+    pub requested_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RevocationState {
+    /// Refused, and no key approved yet.
+    Revoked,
+    /// A key was approved (`keyctl readmit`) but the node does not publish it (yet).
+    AwaitingApprovedKey,
+    /// The node publishes the approved key: it is a peer again.
+    Readmitted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RevocationStatus {
+    pub state: RevocationState,
+    pub revoked_keys: Vec<PublicKey>,
+    pub approved_key: Option<PublicKey>,
+    pub revoked_at: u64,
+}
+
+/// Builds the status from the registry contents at unix time `now`.
+pub fn view(registry: String, c: &Contents, now: u64) -> Status {
+    let names: BTreeSet<&str> = c
+        .records
+        .iter()
+        .map(|r| r.name.as_str())
+        .chain(c.rotations.iter().map(|r| r.node.as_str()))
+        .chain(c.revocations.iter().map(|r| r.node.as_str()))
+        .collect();
+    let nodes = names
+        .into_iter()
+        .map(|name| {
+            let rec = c.records.iter().find(|r| r.name == name);
+            let req = c.rotations.iter().find(|r| r.node == name);
+            let rev = c.revocations.iter().find(|r| r.node == name);
+            node_status(name, rec, req, rev, now)
+        })
+        .collect();
+    Status {
+        registry,
+        time: now,
+        nodes,
+    }
+}
+
+fn node_status(
+    name: &str,
+    rec: Option<&NodeRecord>,
+    req: Option<&RotationRequest>,
+    rev: Option<&Revocation>,
+    now: u64,
+) -> NodeStatus {
+    let state = match rec {
+        Some(r) if r.next_public_key.is_some() => RotationState::Rotating,
+        Some(r) if req.is_some_and(|q| q.generation > r.key_generation) => RotationState::Requested,
+        // A request for a node without a record waits for the node.
+        None if req.is_some() => RotationState::Requested,
+        _ => RotationState::Idle,
+    };
+    let revocation = rev.map(|v| RevocationStatus {
+        state: match (rec, v.approved_key) {
+            (Some(r), _) if v.admits(&r.public_key) => RevocationState::Readmitted,
+            (_, Some(_)) => RevocationState::AwaitingApprovedKey,
+            (_, None) => RevocationState::Revoked,
+        },
+        revoked_keys: v.revoked_keys.clone(),
+        approved_key: v.approved_key,
+        revoked_at: v.revoked_at,
+    });
+    NodeStatus {
+        name: name.to_string(),
+        has_record: rec.is_some(),
+        public_key: rec.map(|r| r.public_key),
+        fingerprint: rec.map(|r| r.public_key.fingerprint()),
+        key_generation: rec.map(|r| r.key_generation),
+        key_created_at: rec.map(|r| r.key_created_at),
+        key_age_secs: rec
+            .filter(|r| r.key_created_at > 0)
+            .map(|r| now.saturating_sub(r.key_created_at)),
+        next_public_key: rec.and_then(|r| r.next_public_key),
+        rotation: RotationStatus {
+            state,
+            requested_generation: req.map(|q| q.generation),
+            requested_at: req.map(|q| q.requested_at),
+        },
+        revocation,
+        admitted: rec.map(|r| match rev {
+            None => true,
+            Some(v) => v.admits(&r.public_key),
+        }),
+    }
+}
+
+/// A duration for people: `45s`, `12m`, `3h12m`, `5d3h`.
+pub fn human_secs(s: u64) -> String {
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s / 60),
+        3600..=86_399 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// The table for people.
+pub fn render(s: &Status) -> String {
+    let mut rows = vec![[
+        "NODE".to_string(),
+        "KEY".into(),
+        "GEN".into(),
+        "AGE".into(),
+        "ROTATION".into(),
+        "REVOCATION".into(),
+    ]];
+    for n in &s.nodes {
+        let dash = || "-".to_string();
+        let rotation = match n.rotation.state {
+            RotationState::Idle => dash(),
+            RotationState::Requested => format!(
+                "requested gen {}",
+                n.rotation.requested_generation.unwrap_or_default()
+            ),
+            RotationState::Rotating => format!(
+                "rotating to {}",
+                n.next_public_key
+                    .map(|k| k.fingerprint())
+                    .unwrap_or_default()
+            ),
+        };
+        let mut revocation = match &n.revocation {
+            None => dash(),
+            Some(r) => match (r.state, r.approved_key) {
+                (RevocationState::Revoked, _) => "REVOKED".to_string(),
+                (RevocationState::AwaitingApprovedKey, Some(k)) => {
+                    format!("REVOKED, waiting for approved key {}", k.fingerprint())
+                }
+                (RevocationState::AwaitingApprovedKey, None) => "REVOKED".to_string(),
+                (RevocationState::Readmitted, _) => "readmitted (approved key)".to_string(),
+            },
+        };
+        if !n.has_record {
+            revocation = if revocation == "-" {
+                "(no record)".into()
+            } else {
+                format!("{revocation} (no record)")
+            };
+        }
+        rows.push([
+            n.name.clone(),
+            n.fingerprint.clone().unwrap_or_else(dash),
+            n.key_generation.map(|g| g.to_string()).unwrap_or_else(dash),
+            match (n.has_record, n.key_age_secs) {
+                (false, _) => dash(),
+                (true, None) => "unknown".into(),
+                (true, Some(a)) => human_secs(a),
+            },
+            rotation,
+            revocation,
+        ]);
+    }
+    let mut widths = [0usize; 6];
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in &rows {
+        let mut line = String::new();
+        for (i, (c, w)) in r.iter().zip(widths).enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(c);
+            } else {
+                line.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    let count = |f: &dyn Fn(&NodeStatus) -> bool| s.nodes.iter().filter(|n| f(n)).count();
+    out.push_str(&format!(
+        "\n{} nodes with a record, {} rotating or requested, {} refused by a revocation\n",
+        count(&|n| n.has_record),
+        count(&|n| n.rotation.state != RotationState::Idle),
+        count(&|n| n.admitted == Some(false)),
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_core::record::SCHEMA_VERSION;
+    use weft_core::PrivateKey;
+
+    pub fn rec(name: &str, i: u8, generation: u64) -> NodeRecord {
+        NodeRecord {
+            schema: SCHEMA_VERSION,
+            name: name.into(),
+            public_key: PrivateKey::generate().public_key(),
+            endpoints: vec![format!("198.18.0.{}:51820", 10 + i).parse().expect("ep")],
+            pod_cidrs: vec![format!("10.42.{i}.0/24").parse().expect("cidr")],
+            key_generation: generation,
+            next_public_key: None,
+            key_created_at: 1_000,
+        }
+    }
+
+    #[test]
+    fn states_and_table() {
+        let a = rec("a", 1, 1);
+        let mut b = rec("b", 2, 3);
+        b.next_public_key = Some(PrivateKey::generate().public_key());
+        let mut c = rec("c", 3, 2);
+        c.key_created_at = 0;
+        let d = rec("d", 4, 5);
+        let approved = PrivateKey::generate().public_key();
+        let contents = Contents {
+            records: vec![a.clone(), b.clone(), c.clone(), d.clone()],
+            rotations: vec![
+                // c: pending; d: already reached.
+                RotationRequest {
+                    node: "c".into(),
+                    generation: 3,
+                    requested_at: 900,
+                },
+                RotationRequest {
+                    node: "d".into(),
+                    generation: 5,
+                    requested_at: 800,
+                },
+            ],
+            revocations: vec![
+                Revocation {
+                    node: "c".into(),
+                    revoked_keys: vec![c.public_key],
+                    approved_key: None,
+                    revoked_at: 950,
+                },
+                Revocation {
+                    node: "d".into(),
+                    revoked_keys: vec![PrivateKey::generate().public_key()],
+                    approved_key: Some(d.public_key),
+                    revoked_at: 950,
+                },
+                Revocation {
+                    node: "ghost".into(),
+                    revoked_keys: vec![],
+                    approved_key: Some(approved),
+                    revoked_at: 960,
+                },
+            ],
+        };
+        let s = view("dir:/x".into(), &contents, 4_700);
+        let names: Vec<&str> = s.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c", "d", "ghost"]);
+        let [na, nb, nc, nd, ng] = &s.nodes[..] else {
+            panic!("five rows")
+        };
+        assert_eq!(na.rotation.state, RotationState::Idle);
+        assert_eq!(na.key_age_secs, Some(3_700));
+        assert_eq!(na.admitted, Some(true));
+        assert_eq!(nb.rotation.state, RotationState::Rotating);
+        assert_eq!(nc.rotation.state, RotationState::Requested);
+        assert_eq!(nc.key_age_secs, None);
+        assert_eq!(
+            nc.revocation.as_ref().map(|r| r.state),
+            Some(RevocationState::Revoked)
+        );
+        assert_eq!(nc.admitted, Some(false));
+        assert_eq!(nd.rotation.state, RotationState::Idle);
+        assert_eq!(nd.rotation.requested_generation, Some(5));
+        assert_eq!(
+            nd.revocation.as_ref().map(|r| r.state),
+            Some(RevocationState::Readmitted)
+        );
+        assert_eq!(nd.admitted, Some(true));
+        assert!(!ng.has_record);
+        assert_eq!(ng.admitted, None);
+        assert_eq!(
+            ng.revocation.as_ref().map(|r| r.state),
+            Some(RevocationState::AwaitingApprovedKey)
+        );
+
+        let json = serde_json::to_value(&s).expect("json");
+        assert_eq!(json["nodes"][1]["rotation"]["state"], "rotating");
+        assert_eq!(json["nodes"][2]["revocation"]["state"], "revoked");
+        assert_eq!(
+            json["nodes"][4]["revocation"]["state"],
+            "awaiting-approved-key"
+        );
+        assert_eq!(
+            json["nodes"][0]["publicKey"].as_str(),
+            Some(a.public_key.to_base64().as_str())
+        );
+
+        let table = render(&s);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].starts_with("NODE"), "{table}");
+        assert!(lines[1].contains(&a.public_key.fingerprint()), "{table}");
+        assert!(lines[1].contains("1h1m"), "{table}");
+        assert!(lines[2].contains("rotating to"), "{table}");
+        assert!(
+            lines[3].contains("requested gen 3") && lines[3].contains("REVOKED"),
+            "{table}"
+        );
+        assert!(lines[3].contains("unknown"), "{table}");
+        assert!(lines[4].contains("readmitted"), "{table}");
+        assert!(
+            lines[5].contains("waiting for approved key") && lines[5].contains("(no record)"),
+            "{table}"
+        );
+        assert!(
+            table.contains("4 nodes with a record, 2 rotating or requested, 1 refused"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn human_durations() {
+        assert_eq!(human_secs(0), "0s");
+        assert_eq!(human_secs(59), "59s");
+        assert_eq!(human_secs(61), "1m");
+        assert_eq!(human_secs(3_661), "1h1m");
+        assert_eq!(human_secs(90_000), "1d1h");
+    }
+}

@@ -80,6 +80,12 @@ impl OwnKey {
     }
 }
 
+/// Keepalives sent on a new pair's session during a rotation before an idle peer counts as
+/// moved: one confirms the peer's (responder's) session; three survive a lossy path.
+pub const CONFIRMATIONS: u32 = 3;
+/// Spacing of those keepalives.
+const CONFIRMATION_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// How far a peer has come in this node's own key rotation (see [`Node::rotation_progress`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -230,6 +236,8 @@ impl Node {
             tunn,
             index,
             rx_data: 0,
+            confirmations: 0,
+            last_confirmation: None,
         }
     }
 
@@ -476,6 +484,35 @@ impl Node {
         }
     }
 
+    /// During a rotation: sends keepalives on every new-key session the peer has not answered
+    /// on yet, so the peer's side of it becomes current (a responder's session is used only once
+    /// a packet arrived on it) and the peer moves even when it has nothing to send.
+    fn confirm_next_sessions(&mut self, now: Instant) {
+        let Some(next) = self.next_key() else {
+            return;
+        };
+        let mut sends = Vec::new();
+        for (id, p) in self.peers.iter_mut() {
+            for s in p.slots.iter_mut().filter(|s| s.own == next) {
+                let due = s
+                    .last_confirmation
+                    .is_none_or(|t| now.saturating_duration_since(t) >= CONFIRMATION_INTERVAL);
+                if s.rx_data > 0 || s.confirmations >= CONFIRMATIONS || !due || !s.has_session() {
+                    continue;
+                }
+                let mut out = vec![0u8; MIN_BUF];
+                if let TunnResult::WriteToNetwork(pkt) = s.tunn.encapsulate(&[], &mut out) {
+                    sends.push((*id, pkt.to_vec()));
+                    s.confirmations += 1;
+                    s.last_confirmation = Some(now);
+                }
+            }
+        }
+        for (id, pkt) in sends {
+            self.transmit_to_peer(id, pkt);
+        }
+    }
+
     /// Per peer (by name), how far it has come in moving to this node's next key. Empty when
     /// this node is not rotating.
     pub fn rotation_progress(&self) -> BTreeMap<String, PeerRotation> {
@@ -488,7 +525,7 @@ impl Node {
                 let mine = p.slots.iter().filter(|s| s.own == next);
                 let mut state = PeerRotation::Handshaking;
                 for s in mine {
-                    if s.rx_data > 0 {
+                    if s.rx_data > 0 || (s.has_session() && s.confirmations >= CONFIRMATIONS) {
                         state = PeerRotation::Moved;
                         break;
                     }
@@ -884,6 +921,7 @@ impl Node {
         for k in self.own_keys() {
             k.limiter.reset_count();
         }
+        self.confirm_next_sessions(now);
         let mut buf = std::mem::take(&mut self.scratch);
         let ids: Vec<PeerId> = self.peers.keys().copied().collect();
         let own_current = self.own.key;
@@ -1492,6 +1530,42 @@ mod tests {
         all_pairs_deliver(&mut net, now, "rolled back");
         assert_eq!(net.nodes[0].1.next_key(), None);
         assert_eq!(net.nodes[1].1.peer("n1").expect("n1").slots.len(), 1);
+        assert_eq!(net.drops_total(), 0, "{:?}", net.all_drops());
+    }
+
+    /// An idle peer (nothing to send) still moves: the rotating node confirms the new session
+    /// with keepalives, after which the peer's outbound uses the new pair too.
+    #[test]
+    fn idle_peer_is_confirmed_by_keepalives() {
+        let now = Instant::now();
+        let (mut net, mut cfgs) = full_mesh(2);
+        net.run(now);
+        let k = PrivateKey::generate();
+        net.nodes[0].1.set_next_key(k.clone()).expect("next");
+        cfgs[0].next_public_key = Some(k.public_key());
+        announce(&mut net, &cfgs, 0);
+        net.nodes[0].1.initiate_next();
+        net.run(now);
+        assert_eq!(
+            net.nodes[0].1.rotation_progress().get("n2"),
+            Some(&PeerRotation::Established)
+        );
+        for i in 1..=3u32 {
+            net.nodes[0]
+                .1
+                .handle_timeout(now + CONFIRMATION_INTERVAL * i);
+            net.run(now);
+        }
+        assert_eq!(
+            net.nodes[0].1.rotation_progress().get("n2"),
+            Some(&PeerRotation::Moved)
+        );
+        assert_eq!(
+            outbound_pair(&net.nodes[1].1, "n1"),
+            Some((cfgs[1].public_key, k.public_key()))
+        );
+        assert!(net.nodes[0].1.promote_next_key());
+        all_pairs_deliver(&mut net, now, "after an idle rotation");
         assert_eq!(net.drops_total(), 0, "{:?}", net.all_drops());
     }
 }

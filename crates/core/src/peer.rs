@@ -112,6 +112,10 @@ pub struct KeySlot {
     /// Authenticated transport messages (data or keepalive) received on this slot: the peer
     /// sends on this pair, so it has a confirmed session here.
     pub rx_data: u64,
+    /// Keepalives sent on this pair's new session during this node's key rotation, so the peer
+    /// (the responder) confirms it and moves its traffic here even when it has nothing to send.
+    pub confirmations: u32,
+    pub last_confirmation: Option<Instant>,
 }
 
 impl std::fmt::Debug for KeySlot {

@@ -7,7 +7,7 @@
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use weft_tests::{BgPing, Cluster, Node, PingOpts, Pod};
+use weft_tests::{workspace_bin, BgPing, Cluster, Node, PingOpts, Pod};
 
 const READY: Duration = Duration::from_secs(20);
 
@@ -28,15 +28,32 @@ fn generation(n: &Node) -> u64 {
         .expect("keyGeneration")
 }
 
-/// Asks node `n` to rotate to key generation `generation`: the `rotations/NAME` object keyctl
-/// writes, written into the dir registry.
+/// Runs the real `keyctl ARGS --registry dir:...` and returns its stdout; fails the test on a
+/// non-zero exit.
+fn keyctl(c: &Cluster, args: &[&str]) -> String {
+    let out = Command::new(workspace_bin("keyctl").expect("keyctl binary"))
+        .args(args)
+        .args(["--registry", &c.registry.spec()])
+        .env_remove("WEFT_REGISTRY")
+        .output()
+        .expect("running keyctl");
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        out.status.success(),
+        "keyctl {args:?} failed ({}): {se}\n{so}\n{}",
+        out.status,
+        c.debug_report()
+    );
+    so
+}
+
+/// Asks node `n` to rotate (to key generation `generation`) with `keyctl rotate --node`.
 fn request_rotation(c: &Cluster, n: &Node, generation: u64) {
-    let dir = c.registry.dir.join("rotations");
-    std::fs::create_dir_all(&dir).expect("rotations dir");
-    let body = serde_json::json!({"node": n.name, "generation": generation, "requestedAt": 0});
-    let tmp = dir.join(format!(".{}.json.tmp", n.name));
-    std::fs::write(&tmp, body.to_string()).expect("write request");
-    std::fs::rename(&tmp, dir.join(format!("{}.json", n.name))).expect("rename request");
+    assert_eq!(generation, self::generation(n) + 1);
+    keyctl(c, &["rotate", "--node", &n.name]);
 }
 
 /// Waits until node `n` has finished a rotation to `generation` (its status shows the new
@@ -202,29 +219,39 @@ fn rotate_under_traffic(name: &str, rotate: impl FnOnce(&Cluster)) {
     }
 }
 
-/// `keyctl rotate --all` (one node at a time): zero pings lost at 100 Hz on every pod pair,
-/// TCP never stalls over 1 s.
+/// `keyctl rotate --all --wait` (one node at a time): zero pings lost at 100 Hz on every pod
+/// pair, TCP never stalls over 1 s, and every node's peers end with its new key alone.
 #[test]
 fn rotate_all_one_at_a_time_loses_nothing() {
     rotate_under_traffic("one at a time", |c| {
-        for n in &c.nodes {
-            let g = generation(n);
-            request_rotation(c, n, g + 1);
-            wait_rotated(c, n, g + 1, Duration::from_secs(25));
+        let gens: Vec<u64> = c.nodes.iter().map(generation).collect();
+        keyctl(c, &["rotate", "--all", "--wait", "--timeout", "60"]);
+        for (n, g) in c.nodes.iter().zip(&gens) {
+            wait_rotated(c, n, g + 1, Duration::from_secs(10));
         }
     });
 }
 
-/// All three nodes rotate at once (`--max-parallel 3`): up to four key pairs per link.
+/// All three nodes rotate at once (`keyctl rotate --all --max-parallel 3 --wait`): up to four
+/// key pairs per link while it lasts.
 #[test]
 fn rotate_all_at_once_loses_nothing() {
     rotate_under_traffic("all at once", |c| {
         let gens: Vec<u64> = c.nodes.iter().map(generation).collect();
+        keyctl(
+            c,
+            &[
+                "rotate",
+                "--all",
+                "--max-parallel",
+                "3",
+                "--wait",
+                "--timeout",
+                "60",
+            ],
+        );
         for (n, g) in c.nodes.iter().zip(&gens) {
-            request_rotation(c, n, g + 1);
-        }
-        for (n, g) in c.nodes.iter().zip(&gens) {
-            wait_rotated(c, n, g + 1, Duration::from_secs(25));
+            wait_rotated(c, n, g + 1, Duration::from_secs(10));
         }
     });
 }
@@ -348,11 +375,20 @@ fn rotation_under_one_percent_loss_adds_no_loss_beyond_the_control() {
     }
     let gens: Vec<u64> = c.nodes.iter().map(generation).collect();
     let rotated = lost_over(&pods, SECS, || {
+        keyctl(
+            &c,
+            &[
+                "rotate",
+                "--all",
+                "--max-parallel",
+                "3",
+                "--wait",
+                "--timeout",
+                "16",
+            ],
+        );
         for (n, g) in c.nodes.iter().zip(&gens) {
-            request_rotation(&c, n, g + 1);
-        }
-        for (n, g) in c.nodes.iter().zip(&gens) {
-            wait_rotated(&c, n, g + 1, Duration::from_secs(16));
+            wait_rotated(&c, n, g + 1, Duration::from_secs(5));
         }
     });
     controls.push(lost_over(&pods, SECS, || {}));

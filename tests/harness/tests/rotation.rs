@@ -281,15 +281,19 @@ fn sigkill_in_each_rotation_phase_ends_consistent_and_connected() {
     }
     c.wait_mesh_ready(READY).expect("mesh ready");
     let n0 = c.node(0);
+    let read_key = |f: &str| std::fs::read_to_string(n0.state_dir().join(f)).ok();
+    let mut secrets: Vec<String> = Vec::new();
     for phase in ["announced", "handshaking", "retired"] {
         let g = generation(n0);
         let old = public_key(n0);
+        secrets.extend(read_key("private.key"));
         request_rotation(&c, n0, g + 1);
         n0.wait_status(Duration::from_secs(15), |st| match phase {
             "retired" => st["node"]["keyGeneration"].as_u64() == Some(g + 1),
             p => st["rotation"]["phase"].as_str() == Some(p),
         })
         .unwrap_or_else(|e| panic!("phase {phase} not reached: {e:#}"));
+        secrets.extend(read_key("next.key"));
         n0.stop_meshd(libc::SIGKILL).expect("SIGKILL");
         let killed = Instant::now();
         n0.start_meshd(&[]).expect("restart");
@@ -325,6 +329,33 @@ fn sigkill_in_each_rotation_phase_ends_consistent_and_connected() {
         eprintln!(
             "killed while {phase}: consistent and connected {:?} after the SIGKILL",
             killed.elapsed()
+        );
+    }
+    // No private key (old, next or current) in any log or in the registry.
+    secrets.extend(read_key("private.key"));
+    secrets.sort();
+    secrets.dedup();
+    assert!(secrets.len() >= 4, "keys seen: {}", secrets.len());
+    let mut registry_text = String::new();
+    for kind in ["nodes", "rotations"] {
+        if let Ok(rd) = std::fs::read_dir(c.registry.dir.join(kind)) {
+            for e in rd.flatten() {
+                registry_text.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+    }
+    for secret in &secrets {
+        let secret = secret.trim();
+        for n in &c.nodes {
+            assert!(
+                !n.meshd_log().contains(secret),
+                "a private key of node-0 is in {}'s log",
+                n.name
+            );
+        }
+        assert!(
+            !registry_text.contains(secret),
+            "a private key is in the registry"
         );
     }
 }

@@ -58,7 +58,11 @@ const EXIT_USAGE: u8 = 64;
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         // netlink-packet-route warns about every attribute newer than itself; that is noise.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error"));
+        // boringtun logs every handshake retry at WARN (one line per unreachable peer every 5 s);
+        // meshd reports peer health in `status` instead. RUST_LOG overrides.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error,boringtun=error")
+        });
     use std::io::IsTerminal;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -246,37 +246,32 @@ fn rotate_under_traffic(name: &str, etcd: bool, rotate: impl FnOnce(&Cluster)) {
 /// pair, TCP never stalls over 1 s, and every node's peers end with its new key alone.
 #[test]
 fn rotate_all_one_at_a_time_loses_nothing() {
-    rotate_under_traffic("one at a time", false, |c| {
-        let gens: Vec<u64> = c.nodes.iter().map(generation).collect();
-        keyctl(c, &["rotate", "--all", "--wait", "--timeout", "60"]);
-        for (n, g) in c.nodes.iter().zip(&gens) {
-            wait_rotated(c, n, g + 1, Duration::from_secs(10));
-        }
-    });
+    rotate_under_traffic("one at a time", false, |c| rotate_all_with_keyctl(c, "1"));
+}
+
+/// `keyctl rotate --all --max-parallel N --wait`, then every node is checked done.
+fn rotate_all_with_keyctl(c: &Cluster, max_parallel: &str) {
+    let gens: Vec<u64> = c.nodes.iter().map(generation).collect();
+    let args = [
+        "rotate",
+        "--all",
+        "--max-parallel",
+        max_parallel,
+        "--wait",
+        "--timeout",
+        "60",
+    ];
+    keyctl(c, &args);
+    for (n, g) in c.nodes.iter().zip(&gens) {
+        wait_rotated(c, n, g + 1, Duration::from_secs(10));
+    }
 }
 
 /// All three nodes rotate at once (`keyctl rotate --all --max-parallel 3 --wait`): up to four
 /// key pairs per link while it lasts.
 #[test]
 fn rotate_all_at_once_loses_nothing() {
-    rotate_under_traffic("all at once", false, |c| {
-        let gens: Vec<u64> = c.nodes.iter().map(generation).collect();
-        keyctl(
-            c,
-            &[
-                "rotate",
-                "--all",
-                "--max-parallel",
-                "3",
-                "--wait",
-                "--timeout",
-                "60",
-            ],
-        );
-        for (n, g) in c.nodes.iter().zip(&gens) {
-            wait_rotated(c, n, g + 1, Duration::from_secs(10));
-        }
-    });
+    rotate_under_traffic("all at once", false, |c| rotate_all_with_keyctl(c, "3"));
 }
 
 /// The same as [`rotate_all_at_once_loses_nothing`] with etcd as the registry: records,
@@ -284,22 +279,7 @@ fn rotate_all_at_once_loses_nothing() {
 #[test]
 fn rotate_all_at_once_with_etcd_loses_nothing() {
     rotate_under_traffic("all at once, etcd", true, |c| {
-        let gens: Vec<u64> = c.nodes.iter().map(generation).collect();
-        keyctl(
-            c,
-            &[
-                "rotate",
-                "--all",
-                "--max-parallel",
-                "3",
-                "--wait",
-                "--timeout",
-                "60",
-            ],
-        );
-        for (n, g) in c.nodes.iter().zip(&gens) {
-            wait_rotated(c, n, g + 1, Duration::from_secs(10));
-        }
+        rotate_all_with_keyctl(c, "3")
     });
 }
 

@@ -298,11 +298,15 @@ fn sigkill_in_each_rotation_phase_ends_consistent_and_connected() {
     setup();
     let c = Cluster::with_nodes(3).expect("cluster");
     let pods: Vec<Pod> = (0..3).map(|i| c.node(i).add_pod(0).expect("pod")).collect();
-    // Each phase lasts at least 3 s, so the test can kill meshd inside it.
-    let env = vec![(
-        "WEFT_TEST_ROTATION_DWELL_MS".to_string(),
-        "3000".to_string(),
-    )];
+    // Each phase lasts at least 3 s, so the test can kill meshd inside it. Trace-level logs, so
+    // the secrecy check below covers everything meshd (and boringtun) can log.
+    let env = vec![
+        (
+            "WEFT_TEST_ROTATION_DWELL_MS".to_string(),
+            "3000".to_string(),
+        ),
+        ("RUST_LOG".to_string(), "trace".to_string()),
+    ];
     for n in &c.nodes {
         n.start_meshd_env(&[], &env).expect("meshd");
     }
@@ -358,11 +362,40 @@ fn sigkill_in_each_rotation_phase_ends_consistent_and_connected() {
             killed.elapsed()
         );
     }
-    // No private key (old, next or current) in any log or in the registry.
+    // No private key (old, next or current; base64 or hex) in any log, in the registry or in
+    // keyctl's output.
     secrets.extend(read_key("private.key"));
     secrets.sort();
     secrets.dedup();
     assert!(secrets.len() >= 4, "keys seen: {}", secrets.len());
+    let hex: Vec<String> = secrets
+        .iter()
+        .map(|b64| {
+            use base64::Engine as _;
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .expect("key base64");
+            raw.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        })
+        .collect();
+    let keyctl_out = keyctl(&c, &["status", "--json"]) + &keyctl(&c, &["status"]);
+    let trace_lines = n0
+        .meshd_log()
+        .lines()
+        .filter(|l| l.contains("TRACE"))
+        .count();
+    assert!(trace_lines > 0, "meshd did not log at trace level");
+    for h in &hex {
+        for n in &c.nodes {
+            let log = n.meshd_log().to_lowercase();
+            assert!(
+                !log.contains(h),
+                "a private key (hex) is in {}'s log",
+                n.name
+            );
+        }
+        assert!(!keyctl_out.to_lowercase().contains(h));
+    }
     let mut registry_text = String::new();
     for kind in ["nodes", "rotations"] {
         if let Ok(rd) = std::fs::read_dir(c.registry.dir.join(kind)) {

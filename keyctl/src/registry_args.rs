@@ -61,27 +61,13 @@ impl RegistryArgs {
     /// registry. A `dir:` registry must exist already (keyctl never creates one). Errors never
     /// quote an etcd spec (it may hold credentials).
     pub fn validate(&self) -> Result<(String, OpenOptions), UsageError> {
-        weft_registry::etcd::check_prefix(&self.etcd_prefix).map_err(|e| bad("etcd-prefix", e))?;
-        for (flag, path) in [
-            ("etcd-ca", &self.etcd_ca),
-            ("etcd-cert", &self.etcd_cert),
-            ("etcd-key", &self.etcd_key),
-        ] {
-            if let Some(p) = path {
-                if let Err(e) = std::fs::File::open(p) {
-                    return Err(bad(flag, format!("cannot read {}: {e}", p.display())));
-                }
-            }
-        }
-        if self.etcd_cert.is_some() && self.etcd_key.is_none() {
-            return Err(bad("etcd-key", "--etcd-cert needs --etcd-key"));
-        }
-        if self.etcd_key.is_some() && self.etcd_cert.is_none() {
-            return Err(bad("etcd-cert", "--etcd-key needs --etcd-cert"));
-        }
-        if self.etcd_cert.is_some() && self.etcd_ca.is_none() {
-            return Err(bad("etcd-ca", "a client certificate needs --etcd-ca (TLS)"));
-        }
+        weft_registry::etcd::check_flags(
+            &self.etcd_prefix,
+            self.etcd_ca.as_deref(),
+            self.etcd_cert.as_deref(),
+            self.etcd_key.as_deref(),
+        )
+        .map_err(|(flag, reason)| bad(flag, reason))?;
         let spec = self.registry.trim().to_string();
         match spec.split_once(':') {
             Some(("dir", path)) if !path.is_empty() => {

@@ -458,30 +458,16 @@ impl RunArgs {
 
     /// The etcd flags, checked whatever the registry (a bad value is a mistake either way).
     fn validate_etcd(&self) -> Result<EtcdConfig, ConfigError> {
-        weft_registry::etcd::check_prefix(&self.etcd_prefix).map_err(|e| bad("etcd-prefix", e))?;
         if !(2..=86_400).contains(&self.etcd_lease_ttl) {
             return Err(bad("etcd-lease-ttl", "must be 2-86400 seconds"));
         }
-        for (flag, path) in [
-            ("etcd-ca", &self.etcd_ca),
-            ("etcd-cert", &self.etcd_cert),
-            ("etcd-key", &self.etcd_key),
-        ] {
-            if let Some(p) = path {
-                if let Err(e) = std::fs::File::open(p) {
-                    return Err(bad(flag, format!("cannot read {}: {e}", p.display())));
-                }
-            }
-        }
-        if self.etcd_cert.is_some() && self.etcd_key.is_none() {
-            return Err(bad("etcd-key", "--etcd-cert needs --etcd-key"));
-        }
-        if self.etcd_key.is_some() && self.etcd_cert.is_none() {
-            return Err(bad("etcd-cert", "--etcd-key needs --etcd-cert"));
-        }
-        if self.etcd_cert.is_some() && self.etcd_ca.is_none() {
-            return Err(bad("etcd-ca", "a client certificate needs --etcd-ca (TLS)"));
-        }
+        weft_registry::etcd::check_flags(
+            &self.etcd_prefix,
+            self.etcd_ca.as_deref(),
+            self.etcd_cert.as_deref(),
+            self.etcd_key.as_deref(),
+        )
+        .map_err(|(flag, reason)| bad(flag, reason))?;
         Ok(EtcdConfig {
             prefix: self.etcd_prefix.clone(),
             ca: self.etcd_ca.clone(),

@@ -146,6 +146,37 @@ impl EtcdOptions {
     }
 }
 
+/// Checks the etcd flags meshd and keyctl share: the key prefix, that each TLS file given can be
+/// read, and their combination (a certificate needs its key and a CA). The error names the flag
+/// (`etcd-prefix`, `etcd-ca`, `etcd-cert`, `etcd-key`) and says what is wrong.
+pub fn check_flags(
+    prefix: &str,
+    ca: Option<&std::path::Path>,
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+) -> Result<(), (&'static str, String)> {
+    check_prefix(prefix).map_err(|e| ("etcd-prefix", e))?;
+    for (flag, path) in [("etcd-ca", ca), ("etcd-cert", cert), ("etcd-key", key)] {
+        if let Some(p) = path {
+            if let Err(e) = std::fs::File::open(p) {
+                return Err((flag, format!("cannot read {}: {e}", p.display())));
+            }
+        }
+    }
+    match (cert.is_some(), key.is_some()) {
+        (true, false) => return Err(("etcd-key", "--etcd-cert needs --etcd-key".into())),
+        (false, true) => return Err(("etcd-cert", "--etcd-key needs --etcd-cert".into())),
+        _ => {}
+    }
+    if cert.is_some() && ca.is_none() {
+        return Err((
+            "etcd-ca",
+            "a client certificate needs --etcd-ca (TLS)".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a key prefix: starts with `/`, does not end with one, printable ASCII without spaces.
 pub fn check_prefix(prefix: &str) -> Result<(), String> {
     if !prefix.starts_with('/') || prefix.len() < 2 || prefix.ends_with('/') {

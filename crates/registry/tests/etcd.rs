@@ -3,6 +3,8 @@
 //! dir: CRUD, watches, foreign keys and malformed values, lease expiry and loss, compaction past
 //! the watch revision, and etcd going away and coming back.
 
+mod common;
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -478,97 +480,18 @@ async fn watch_started_while_etcd_is_down_reports_unreachable() {
     ));
 }
 
-/// Runs openssl with `args` in `dir`.
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("running openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
 fn make_pki(dir: &std::path::Path) {
-    openssl(
+    common::make_ca(dir, "ca");
+    common::make_cert(
         dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=weft-test-ca",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
+        "ca",
+        "server",
+        "weft-server",
+        "serverAuth,clientAuth",
+        "subjectAltName=IP:127.0.0.1\n",
     );
-    for (name, eku, san) in [
-        (
-            "server",
-            "serverAuth,clientAuth",
-            "subjectAltName=IP:127.0.0.1\n",
-        ),
-        ("client", "clientAuth", ""),
-    ] {
-        std::fs::write(
-            dir.join(format!("{name}.ext")),
-            format!("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage={eku}\n{san}"),
-        )
-        .expect("ext file");
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN=weft-{name}"),
-            ],
-        );
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "1",
-                "-out",
-                &format!("{name}.pem"),
-                "-extfile",
-                &format!("{name}.ext"),
-            ],
-        );
-    }
+    common::make_cert(dir, "ca", "client", "weft-client", "clientAuth", "");
 }
 
 /// etcd with client-certificate authentication: a registry with the CA and a client certificate

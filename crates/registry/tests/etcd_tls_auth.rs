@@ -4,6 +4,9 @@
 //! and a password login that outlives its auth token (`--auth-token-ttl`). Certificates are made
 //! with openssl in a temp dir; etcd listens on 127.0.0.1 with free ports.
 
+mod common;
+
+use common::{make_ca, make_cert};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -27,92 +30,6 @@ const RBAC_SCRIPT: &str = concat!(
 fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("running openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// `NAME.pem` / `NAME.key`: a self-signed CA.
-fn make_ca(dir: &Path, name: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "1",
-            "-subj",
-            &format!("/CN={name}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-    );
-}
-
-/// `FILE.pem` / `FILE.key` signed by `ca`, with common name `cn` (and `san` if not empty).
-fn make_cert(dir: &Path, ca: &str, file: &str, cn: &str, eku: &str, san: &str) {
-    let ext = format!(
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage={eku}\n{san}"
-    );
-    std::fs::write(dir.join(format!("{file}.ext")), ext).expect("ext file");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{file}.key"),
-            "-out",
-            &format!("{file}.csr"),
-            "-subj",
-            &format!("/CN={cn}"),
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{file}.csr"),
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-out",
-            &format!("{file}.pem"),
-            "-extfile",
-            &format!("{file}.ext"),
-        ],
-    );
 }
 
 /// A CA, a server certificate for 127.0.0.1, a client certificate per CN (`client-CN.pem`), and

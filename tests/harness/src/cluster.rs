@@ -790,6 +790,30 @@ impl Cluster {
         missing
     }
 
+    /// Every pod pings every pod on another node (3 pings at 50 ms); fails the test with the
+    /// cluster's debug report on the first pair that loses one.
+    pub fn assert_pods_ping(&self, pods: &[&Pod]) {
+        for a in pods {
+            for b in pods {
+                if a.node_index == b.node_index {
+                    continue;
+                }
+                let r = a
+                    .ping(b.ip, &PingOpts::count(3).interval(0.05))
+                    .expect("ping");
+                assert!(
+                    r.all_received(),
+                    "{} -> {}: {}/{}\n{}",
+                    a.ip,
+                    b.ip,
+                    r.received,
+                    r.transmitted,
+                    self.debug_report()
+                );
+            }
+        }
+    }
+
     /// Status JSON (or error) and log tail of every node: for failure messages.
     pub fn debug_report(&self) -> String {
         let mut s = String::new();

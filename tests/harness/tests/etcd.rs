@@ -57,28 +57,6 @@ fn claim_of(etcd: &Etcd, node: &str) -> Option<serde_json::Value> {
     serde_json::from_str(out.trim()).ok()
 }
 
-fn all_pods_ping(c: &Cluster, pods: &[Pod]) {
-    for a in pods {
-        for b in pods {
-            if a.node_index == b.node_index {
-                continue;
-            }
-            let r = a
-                .ping(b.ip, &PingOpts::count(3).interval(0.05))
-                .expect("ping");
-            assert!(
-                r.all_received(),
-                "{} -> {}: {}/{}\n{}",
-                a.ip,
-                b.ip,
-                r.received,
-                r.transmitted,
-                c.debug_report()
-            );
-        }
-    }
-}
-
 fn peer_names(n: &Node) -> Vec<String> {
     n.status_peer_names().unwrap_or_default()
 }
@@ -99,7 +77,7 @@ fn public_key_of(n: &Node) -> String {
 #[test]
 fn etcd_mesh_expiry_rejoin_and_leave() {
     let (c, etcd, pods) = etcd_mesh(5, 5);
-    all_pods_ping(&c, &pods);
+    c.assert_pods_ping(&pods.iter().collect::<Vec<_>>());
     let keys = etcd.keys("/weft/").expect("keys");
     let want: Vec<String> = ["claims", "nodes"]
         .iter()
@@ -175,7 +153,7 @@ fn etcd_mesh_expiry_rejoin_and_leave() {
         .keys("/weft/")
         .expect("keys")
         .contains(&"/weft/nodes/node-2".to_string()));
-    all_pods_ping(&c, &pods);
+    c.assert_pods_ping(&pods.iter().collect::<Vec<_>>());
 
     // leave: the record and the claim go at once (no waiting for the lease), the peers drop
     // node-1.
@@ -315,7 +293,7 @@ fn etcd_outage_keeps_traffic_flowing() {
             c.debug_report()
         );
     }
-    all_pods_ping(&c, &pods);
+    c.assert_pods_ping(&pods.iter().collect::<Vec<_>>());
 
     // A node added now is reachable from every pod (and reaches them) within 5 s.
     let added = Instant::now();

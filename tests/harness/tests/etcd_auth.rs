@@ -8,9 +8,7 @@
 //!   cargo build --workspace --bins && cargo test -p weft-tests --test etcd_auth -- --test-threads=1
 
 use std::time::{Duration, Instant};
-use weft_tests::{
-    Cluster, Etcd, EtcdAuthOpts, EtcdLogin, MeshdEtcdArgs, Node, PingOpts, Pod, ADMIN_USER,
-};
+use weft_tests::{Cluster, Etcd, EtcdAuthOpts, EtcdLogin, MeshdEtcdArgs, Node, Pod, ADMIN_USER};
 
 const READY: Duration = Duration::from_secs(20);
 /// Lease TTL the tests give meshd.
@@ -37,28 +35,6 @@ fn start_as(n: &Node, etcd: &Etcd, login: &EtcdLogin, extra: &[&str]) {
 fn start_own(n: &Node, etcd: &Etcd) {
     let login = etcd.node_login(&n.name).expect("login");
     start_as(n, etcd, &login, &[]);
-}
-
-fn ping_pairs(c: &Cluster, pods: &[&Pod]) {
-    for a in pods {
-        for b in pods {
-            if a.node_index == b.node_index {
-                continue;
-            }
-            let r = a
-                .ping(b.ip, &PingOpts::count(3).interval(0.05))
-                .expect("ping");
-            assert!(
-                r.all_received(),
-                "{} -> {}: {}/{}\n{}",
-                a.ip,
-                b.ip,
-                r.received,
-                r.transmitted,
-                c.debug_report()
-            );
-        }
-    }
 }
 
 fn peer_names(n: &Node) -> Vec<String> {
@@ -116,7 +92,7 @@ fn etcd_tls_node_users_mesh_and_refusals() {
     }
     let pods: Vec<Pod> = (0..3).map(|i| c.node(i).add_pod(0).expect("pod")).collect();
     c.wait_mesh_ready(READY).expect("mesh ready");
-    ping_pairs(&c, &pods.iter().collect::<Vec<_>>());
+    c.assert_pods_ping(&pods.iter().collect::<Vec<_>>());
     let keys = etcd.keys("/weft/").expect("keys");
     assert_eq!(
         keys,
@@ -274,7 +250,7 @@ fn etcd_tls_node_users_mesh_and_refusals() {
     eprintln!("wrong CA after {:?}: {why}", started.elapsed());
     assert!(why.contains("UnknownIssuer"), "{why}");
     impostor.stop_meshd(libc::SIGTERM).expect("stop");
-    ping_pairs(&c, &pods.iter().collect::<Vec<_>>());
+    c.assert_pods_ping(&pods.iter().collect::<Vec<_>>());
     eprintln!("done in {:?}", t0.elapsed());
 }
 
@@ -332,7 +308,7 @@ fn etcd_password_login_outlives_its_token() {
         idle_from.elapsed()
     );
     c.wait_mesh_ready(READY).expect("mesh ready with node-2");
-    ping_pairs(&c, &[&pods[0], &pods[2]]);
+    c.assert_pods_ping(&[&pods[0], &pods[2]]);
     assert_eq!(status_str(n0, "registry"), "connected");
     assert_eq!(status_str(n0, "ownRecord"), "published");
 

@@ -109,25 +109,8 @@ impl Mesh {
 
     /// Every pod pings every other pod on another node.
     fn all_pods_ping(&self) {
-        for a in &self.pods {
-            for b in &self.pods {
-                if a.node_index == b.node_index {
-                    continue;
-                }
-                let r = a
-                    .ping(b.ip, &PingOpts::count(3).interval(0.05))
-                    .expect("ping");
-                assert!(
-                    r.all_received(),
-                    "{} -> {}: {}/{}\n{}",
-                    a.ip,
-                    b.ip,
-                    r.received,
-                    r.transmitted,
-                    self.c.debug_report()
-                );
-            }
-        }
+        self.c
+            .assert_pods_ping(&self.pods.iter().collect::<Vec<_>>());
     }
 
     /// The registry's whole contents as text (for the private key check).

@@ -16,6 +16,7 @@
 //! rotation did not finish (before `--timeout`, or a node has no record), naming the nodes;
 //! 64 bad flags, naming the flag.
 
+mod psk;
 mod registry_args;
 mod revoke;
 mod rotate;
@@ -29,7 +30,7 @@ use std::io::{Read, Write};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use weft_core::control::{Revocation, RotationRequest};
+use weft_core::control::{PskGeneration, Revocation, RotationRequest, PSK_OBJECT};
 use weft_core::keys::PrivateKey;
 use weft_core::record::check_name;
 use weft_core::PublicKey;
@@ -44,15 +45,16 @@ const EXIT_USAGE: u8 = 64;
 #[command(
     name = "keyctl",
     version,
-    about = "weft key management: keys, rotation and revocation of mesh nodes",
+    about = "weft key management: keys, rotation, revocation and preshared keys of mesh nodes",
     long_about = "weft key management.\n\n\
-        `genkey` and `pubkey` are interchangeable with wg(8). `status`, `rotate`, `revoke` and \
-        `readmit` work on the registry meshd uses (same --registry and --etcd-* flags and \
-        WEFT_* variables). Apart from `genkey`, keyctl never prints or stores a private key.",
+        `genkey` and `pubkey` are interchangeable with wg(8). `status`, `rotate`, `revoke`, \
+        `readmit` and `psk` work on the registry meshd uses (same --registry and --etcd-* flags \
+        and WEFT_* variables). Apart from `genkey`, keyctl never prints or stores a private key \
+        or a preshared key: `psk rotate` writes only a generation number.",
     after_help = "Examples:\n  keyctl genkey > node.key\n  keyctl pubkey < node.key\n  \
         keyctl status --registry etcd://10.0.0.5:2379\n  \
         keyctl rotate --all --max-parallel 2 --wait\n  keyctl revoke node-2\n  \
-        keyctl readmit node-2 --public-key KEY\n\n\
+        keyctl readmit node-2 --public-key KEY\n  keyctl psk rotate --wait\n\n\
         Exit codes: 0 ok, 1 failure, 2 rotation not finished, 64 bad flags."
 )]
 struct Cli {
@@ -74,6 +76,30 @@ enum Command {
     Revoke(RevokeArgs),
     /// Let a revoked node back, only with the exact new public key given.
     Readmit(ReadmitArgs),
+    /// Cluster preshared keys (derived on each node from the cluster secret file).
+    #[command(subcommand)]
+    Psk(PskCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PskCommand {
+    /// Move every node to the next PSK generation (writes psk/cluster; only the number).
+    Rotate(PskRotateArgs),
+}
+
+#[derive(Debug, Args)]
+struct PskRotateArgs {
+    /// Return only when every node holding the cluster secret publishes the new generation.
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this many seconds (exit 2, naming the nodes that are behind).
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    timeout: u64,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
 }
 
 #[derive(Debug, Args)]
@@ -170,6 +196,7 @@ fn main() -> ExitCode {
         Command::Rotate(a) => with_runtime(|| rotate(a)),
         Command::Revoke(a) => with_runtime(|| revoke(a)),
         Command::Readmit(a) => with_runtime(|| readmit(a)),
+        Command::Psk(PskCommand::Rotate(a)) => with_runtime(|| psk_rotate(a)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -285,10 +312,15 @@ async fn status(a: StatusArgs) -> Result<()> {
         .list()
         .await
         .context("reading the revocations")?;
+    let psk = Typed::<PskGeneration>::new(registry.clone())
+        .get(PSK_OBJECT)
+        .await
+        .context("reading the cluster PSK generation")?;
     let contents = status::Contents {
         records,
         rotations,
         revocations,
+        psk,
     };
     let s = status::view(registry.describe(), &contents, rotate::unix_now());
     if a.json {
@@ -296,6 +328,54 @@ async fn status(a: StatusArgs) -> Result<()> {
     } else {
         print_text(&status::render(&s))
     }
+}
+
+async fn psk_rotate(a: PskRotateArgs) -> Result<()> {
+    if a.timeout == 0 {
+        return Err(bad("timeout", "must be at least 1 second").into());
+    }
+    let registry = open(&a.registry)?;
+    let generation = psk::bump(&registry, rotate::unix_now()).await?;
+    if !a.json {
+        say!("cluster PSK generation {generation} requested");
+    }
+    let progress = if a.wait {
+        Some(
+            psk::wait(
+                &registry,
+                generation,
+                Duration::from_secs(a.timeout),
+                Duration::from_millis(250),
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    if a.json {
+        print_json(&json!({
+            "generation": generation,
+            "wait": a.wait,
+            "progress": progress,
+        }))?;
+    } else if let Some(p) = &progress {
+        say!("{} node(s) on PSK generation {generation}", p.done.len());
+        if !p.without_secret.is_empty() {
+            say!(
+                "warning: no cluster secret on {} (no node holding it can reach them)",
+                p.without_secret.join(", ")
+            );
+        }
+    }
+    if let Some(p) = progress.filter(|p| !p.behind.is_empty()) {
+        return Err(NotFinished(format!(
+            "PSK generation {generation} not reached within {}s by: {}",
+            a.timeout,
+            p.behind.join(", ")
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 async fn rotate(a: RotateArgs) -> Result<()> {

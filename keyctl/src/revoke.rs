@@ -138,6 +138,7 @@ mod tests {
             key_generation: 1,
             next_public_key: next,
             key_created_at: 0,
+            psk_generation: None,
         }
     }
 

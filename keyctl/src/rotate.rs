@@ -372,6 +372,7 @@ mod tests {
             key_generation: generation,
             next_public_key: None,
             key_created_at: 0,
+            psk_generation: None,
         }
     }
 

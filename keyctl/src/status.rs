@@ -6,7 +6,7 @@
 
 use serde::Serialize;
 use std::collections::BTreeSet;
-use weft_core::control::{Revocation, RotationRequest};
+use weft_core::control::{PskGeneration, Revocation, RotationRequest};
 use weft_core::{NodeRecord, PublicKey};
 
 /// What the registry holds, as read by keyctl.
@@ -15,6 +15,8 @@ pub struct Contents {
     pub records: Vec<NodeRecord>,
     pub rotations: Vec<RotationRequest>,
     pub revocations: Vec<Revocation>,
+    /// `psk/cluster`, if `keyctl psk rotate` ever ran.
+    pub psk: Option<PskGeneration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -24,6 +26,8 @@ pub struct Status {
     pub registry: String,
     /// Unix seconds when the registry was read.
     pub time: u64,
+    /// The cluster PSK generation nodes are asked to use (0 before any `keyctl psk rotate`).
+    pub psk_generation: u64,
     pub nodes: Vec<NodeStatus>,
 }
 
@@ -42,6 +46,8 @@ pub struct NodeStatus {
     pub key_created_at: Option<u64>,
     /// `time - keyCreatedAt`; null when unknown.
     pub key_age_secs: Option<u64>,
+    /// The cluster PSK generation the node publishes (null: it holds no cluster secret).
+    pub psk_generation: Option<u64>,
     pub next_public_key: Option<PublicKey>,
     pub rotation: RotationStatus,
     pub revocation: Option<RevocationStatus>,
@@ -111,6 +117,7 @@ pub fn view(registry: String, c: &Contents, now: u64) -> Status {
     Status {
         registry,
         time: now,
+        psk_generation: c.psk.as_ref().map_or(0, |p| p.generation),
         nodes,
     }
 }
@@ -146,6 +153,7 @@ fn node_status(
         fingerprint: rec.map(|r| r.public_key.fingerprint()),
         key_generation: rec.map(|r| r.key_generation),
         key_created_at: rec.map(|r| r.key_created_at),
+        psk_generation: rec.and_then(|r| r.psk_generation),
         key_age_secs: rec
             .filter(|r| r.key_created_at > 0)
             .map(|r| now.saturating_sub(r.key_created_at)),
@@ -180,6 +188,7 @@ pub fn render(s: &Status) -> String {
         "KEY".into(),
         "GEN".into(),
         "AGE".into(),
+        "PSK".into(),
         "ROTATION".into(),
         "REVOCATION".into(),
     ]];
@@ -225,11 +234,17 @@ pub fn render(s: &Status) -> String {
                 (true, None) => "unknown".into(),
                 (true, Some(a)) => human_secs(a),
             },
+            match (n.has_record, n.psk_generation) {
+                (false, _) => dash(),
+                (true, None) => "none".into(),
+                (true, Some(g)) if g < s.psk_generation => format!("{g} (behind)"),
+                (true, Some(g)) => g.to_string(),
+            },
             rotation,
             revocation,
         ]);
     }
-    let mut widths = [0usize; 6];
+    let mut widths = [0usize; 7];
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
@@ -255,11 +270,21 @@ pub fn render(s: &Status) -> String {
         count(&|n| n.rotation.state != RotationState::Idle),
         count(&|n| n.admitted == Some(false)),
     ));
+    let psk_on = count(&|n| n.psk_generation.is_some());
+    if psk_on > 0 || s.psk_generation > 0 {
+        out.push_str(&format!(
+            "cluster PSK generation {}: {} nodes on it, {} behind, {} without the cluster secret\n",
+            s.psk_generation,
+            count(&|n| n.psk_generation.is_some_and(|g| g >= s.psk_generation)),
+            count(&|n| n.psk_generation.is_some_and(|g| g < s.psk_generation)),
+            count(&|n| n.has_record && n.psk_generation.is_none()),
+        ));
+    }
     out
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use weft_core::record::SCHEMA_VERSION;
     use weft_core::PrivateKey;
@@ -274,13 +299,16 @@ mod tests {
             key_generation: generation,
             next_public_key: None,
             key_created_at: 1_000,
+            psk_generation: None,
         }
     }
 
     #[test]
     fn states_and_table() {
-        let a = rec("a", 1, 1);
+        let mut a = rec("a", 1, 1);
+        a.psk_generation = Some(2);
         let mut b = rec("b", 2, 3);
+        b.psk_generation = Some(1);
         b.next_public_key = Some(PrivateKey::generate().public_key());
         let mut c = rec("c", 3, 2);
         c.key_created_at = 0;
@@ -321,6 +349,10 @@ mod tests {
                     revoked_at: 960,
                 },
             ],
+            psk: Some(PskGeneration {
+                generation: 2,
+                requested_at: 990,
+            }),
         };
         let s = view("dir:/x".into(), &contents, 4_700);
         let names: Vec<&str> = s.nodes.iter().map(|n| n.name.as_str()).collect();
@@ -385,6 +417,16 @@ mod tests {
             table.contains("4 nodes with a record, 2 rotating or requested, 1 refused"),
             "{table}"
         );
+        assert!(lines[2].contains("1 (behind)"), "{table}");
+        assert!(lines[3].contains("none"), "{table}");
+        assert!(
+            table.contains(
+                "cluster PSK generation 2: 1 nodes on it, 1 behind, 2 without the cluster secret"
+            ),
+            "{table}"
+        );
+        assert_eq!(json["pskGeneration"], 2);
+        assert_eq!(json["nodes"][0]["pskGeneration"], 2);
     }
 
     #[test]

@@ -125,6 +125,7 @@ fn rec(name: &str, i: u8, generation: u64) -> NodeRecord {
         key_generation: generation,
         next_public_key: None,
         key_created_at: 1_700_000_000,
+        psk_generation: None,
     }
 }
 

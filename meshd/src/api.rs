@@ -16,6 +16,9 @@ pub struct NodeInfo {
     pub name: String,
     pub public_key: String,
     pub key_generation: u64,
+    /// The cluster PSK generation (absent: no cluster secret, no PSK).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psk_generation: Option<u64>,
     pub listen_port: u16,
     pub interface: String,
     pub mtu: u32,

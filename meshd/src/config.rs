@@ -69,6 +69,12 @@ pub struct RunArgs {
     /// 0: only when `keyctl rotate` asks.
     #[arg(long, env = "WEFT_KEY_MAX_AGE")]
     pub key_max_age: Option<String>,
+    /// File holding the cluster secret (32 bytes in base64, e.g. from `wg genpsk`), the same on
+    /// every node; in Kubernetes a Secret mounted into the DaemonSet. With it, every pair of
+    /// nodes uses a WireGuard PSK derived from it (`keyctl psk rotate` changes them all). It
+    /// must not be readable by group or others. It never enters the registry.
+    #[arg(long, env = "WEFT_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -137,6 +143,60 @@ pub struct Config {
     pub etcd: EtcdConfig,
     /// `--key-max-age`: rotate by itself past this age.
     pub key_max_age: Option<std::time::Duration>,
+    /// `--cluster-secret-file`, read and checked.
+    pub cluster_secret: Option<SecretFile>,
+}
+
+/// The cluster secret and the file it came from. Configs compare equal by path only, and
+/// `Debug` shows only the path.
+#[derive(Debug, Clone)]
+pub struct SecretFile {
+    pub path: PathBuf,
+    pub secret: weft_core::psk::ClusterSecret,
+}
+
+impl PartialEq for SecretFile {
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path
+    }
+}
+impl Eq for SecretFile {}
+
+/// Largest cluster secret file read (a base64 key and some whitespace).
+const MAX_SECRET_FILE: u64 = 4096;
+
+/// Reads and checks `--cluster-secret-file`: a regular file, not readable by group or others,
+/// holding 32 bytes in base64.
+fn read_secret_file(path: &std::path::Path) -> Result<SecretFile, ConfigError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let flag = "cluster-secret-file";
+    let meta =
+        std::fs::metadata(path).map_err(|e| bad(flag, format!("{}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(bad(flag, format!("{} is not a file", path.display())));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(bad(
+            flag,
+            format!(
+                "{} has mode {mode:o}: it must not be readable by group or others (chmod 600; \
+                 in Kubernetes set the Secret volume's defaultMode to 0400)",
+                path.display()
+            ),
+        ));
+    }
+    let mut text = zeroize::Zeroizing::new(String::new());
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SECRET_FILE).read_to_string(&mut text))
+        .map_err(|e| bad(flag, format!("{}: {e}", path.display())))?;
+    let secret = weft_core::psk::ClusterSecret::from_base64(&text)
+        .map_err(|e| bad(flag, format!("{}: {e}", path.display())))?;
+    Ok(SecretFile {
+        path: path.to_path_buf(),
+        secret,
+    })
 }
 
 /// How this node claims its pod range when none is given.
@@ -437,8 +497,14 @@ impl RunArgs {
                 Some(d)
             }
         };
+        let cluster_secret = self
+            .cluster_secret_file
+            .as_deref()
+            .map(read_secret_file)
+            .transpose()?;
         Ok(Config {
             key_max_age,
+            cluster_secret,
             node_name,
             registry,
             interface: iface.clone(),
@@ -560,6 +626,11 @@ mod tests {
             (&["--listen-port", "0"], "listen-port"),
             (&["--key-max-age", "5s"], "key-max-age"),
             (&["--key-max-age", "often"], "key-max-age"),
+            (
+                &["--cluster-secret-file", "/nonexistent/secret"],
+                "cluster-secret-file",
+            ),
+            (&["--cluster-secret-file", "/tmp"], "cluster-secret-file"),
         ];
         for (args, flag) in cases {
             let e = parse(args).expect_err("should fail");
@@ -623,5 +694,37 @@ mod tests {
         assert_eq!(parse_duration("2d").map(|d| d.as_secs()), Ok(172_800));
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn cluster_secret_file_is_checked_and_never_shown() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let good = "q0E9bGmSIcHGYkHnUczk3P/U6N1ZRCpB5cFa4ZDl4Xo=";
+        let write = |name: &str, text: &str, mode: u32| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).expect("write");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            p.to_string_lossy().into_owned()
+        };
+        let ok = write("ok", &format!("{good}\n"), 0o600);
+        let c = parse(&["--cluster-secret-file", &ok]).expect("good secret");
+        let sf = c.cluster_secret.as_ref().expect("secret");
+        assert!(!format!("{c:?}").contains(good), "Debug shows the secret");
+        assert_eq!(sf.path.to_string_lossy(), ok);
+        for (name, text, mode) in [
+            ("readable", good, 0o644),
+            ("group", good, 0o640),
+            ("short", "AAAA", 0o600),
+            ("garbage", "not a key", 0o400),
+        ] {
+            let p = write(name, text, mode);
+            let e = parse(&["--cluster-secret-file", &p]).expect_err(name);
+            assert_eq!(e.flag, "cluster-secret-file", "{name}: {e}");
+            assert!(
+                !e.to_string().contains(good),
+                "{name}: error shows the secret"
+            );
+        }
     }
 }

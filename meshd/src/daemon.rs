@@ -16,7 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UdpSocket, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
-use weft_core::control::{filter_revoked, Revocation};
+use weft_core::control::{filter_revoked, PskGeneration, Revocation, PSK_OBJECT};
 use weft_core::node::{Node, Output};
 use weft_core::reconcile::{desired_peers, plan};
 use weft_core::record::{mesh_address, NodeRecord, SCHEMA_VERSION};
@@ -214,6 +214,24 @@ pub async fn run(mut cfg: Config) -> Result<()> {
             cached.iter().find(|r| r.name == cfg.node_name).cloned()
         }
     };
+    // The cluster PSK generation: the registry's, else the one this node last published.
+    let psk_generation = match &cfg.cluster_secret {
+        None => None,
+        Some(_) => Some(
+            match tokio::time::timeout(
+                REGISTRY_STARTUP_WAIT,
+                weft_registry::Typed::<PskGeneration>::new(registry.clone()).get(PSK_OBJECT),
+            )
+            .await
+            {
+                Ok(Ok(Some(p))) => p.generation,
+                _ => previous
+                    .as_ref()
+                    .and_then(|r| r.psk_generation)
+                    .unwrap_or(0),
+            },
+        ),
+    };
     let key_generation = match &previous {
         Some(r) if r.public_key == public => r.key_generation.max(1),
         Some(r) => r.key_generation + 1,
@@ -228,6 +246,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         key_generation,
         next_public_key: None,
         key_created_at: keyfile::created_at(&cfg.state_dir),
+        psk_generation,
     };
     own.check().context("this node's own record is invalid")?;
     let known_revocations = match initial_revocations.await {
@@ -273,6 +292,14 @@ pub async fn run(mut cfg: Config) -> Result<()> {
     tokio::spawn(revocations::watch::<Revocation>(registry.clone(), rev_tx));
 
     let mut node = Node::new(key, cfg.persistent_keepalive);
+    if let (Some(sf), Some(g)) = (&cfg.cluster_secret, psk_generation) {
+        node.set_cluster_secret(sf.secret.clone(), g);
+        tracing::info!(file = %sf.path.display(), generation = g, "cluster PSK on");
+    }
+    let (psk_tx, mut psk_rx) = mpsc::channel(16);
+    if cfg.cluster_secret.is_some() {
+        tokio::spawn(watch_psk_generation(registry.clone(), psk_tx));
+    }
     // A rotation cut short by a restart resumes with the key it had announced.
     let mut own = own;
     let mut rotation = crate::rotation::Rotation::default();
@@ -396,6 +423,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
                 d.save_peer_cache(false);
                 d.drive_rotation().await;
             },
+            Some(generation) = psk_rx.recv() => d.set_psk_generation(generation),
             Some(generation) = rot_rx.recv() => {
                 if generation > d.rotation.requested {
                     tracing::info!(generation, "key rotation requested");
@@ -574,6 +602,35 @@ async fn watch_rotation_requests(registry: Arc<dyn Registry>, name: String, tx: 
     }
 }
 
+/// Forwards the cluster PSK generation (`psk/cluster`, bumped by `keyctl psk rotate`) to the
+/// loop.
+async fn watch_psk_generation(registry: Arc<dyn Registry>, tx: mpsc::Sender<u64>) {
+    let typed = weft_registry::Typed::<PskGeneration>::new(registry);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match typed.watch(None).await {
+            Ok(mut w) => {
+                backoff = Duration::from_millis(200);
+                while let Some(ev) = w.next().await {
+                    let generation = match ev {
+                        Event::Reset { items, .. } => items.iter().map(|p| p.generation).max(),
+                        Event::Upsert { item, .. } => Some(item.generation),
+                        _ => None,
+                    };
+                    if let Some(g) = generation {
+                        if tx.send(g).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot watch the PSK generation"),
+        }
+        tokio::time::sleep(jittered(backoff)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
 /// Forwards registry events to the loop. Retries with backoff when the watch cannot start.
 async fn watch_nodes(registry: Arc<dyn Registry>, tx: mpsc::Sender<Event<NodeRecord>>) {
     let mut backoff = Duration::from_millis(200);
@@ -601,6 +658,21 @@ async fn watch_nodes(registry: Arc<dyn Registry>, tx: mpsc::Sender<Event<NodeRec
 }
 
 impl Daemon {
+    /// Moves to a newer cluster PSK generation and publishes it; peers start the handshakes on
+    /// it when they see the record. An older generation (a deleted or rewritten object) is
+    /// ignored: generations only go up.
+    fn set_psk_generation(&mut self, generation: u64) {
+        let Some(current) = self.node.psk_generation() else {
+            return;
+        };
+        if generation <= current {
+            return;
+        }
+        self.node.set_psk_generation(generation);
+        self.own.psk_generation = Some(generation);
+        self.spawn_publish();
+    }
+
     /// Starts a key rotation (if none is under way): a new key, stored 0600 in the state dir,
     /// added to the device and announced in the record as the next key.
     fn start_rotation(&mut self, reason: &str) {
@@ -968,6 +1040,7 @@ impl Daemon {
                 name: self.own.name.clone(),
                 public_key: self.own.public_key.to_base64(),
                 key_generation: self.own.key_generation,
+                psk_generation: self.node.psk_generation(),
                 listen_port: self.cfg.listen_port,
                 interface: self.tun.name().to_string(),
                 mtu: self.mtu,

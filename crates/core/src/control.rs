@@ -1,5 +1,5 @@
 //! Operator requests stored in the registry by `keyctl` (written by the admin user only; nodes
-//! read them): key rotation requests and revocations.
+//! read them): key rotation requests, revocations and the cluster PSK generation.
 //!
 //! In: JSON bytes from the registry, and node records to check against revocations. Out: checked
 //! values, or an error naming the bad field; the records a revocation admits
@@ -63,6 +63,31 @@ impl RotationRequest {
             });
         }
         Ok(())
+    }
+}
+
+/// The name of the one [`PskGeneration`] object (`psk/cluster`).
+pub const PSK_OBJECT: &str = "cluster";
+
+/// `psk/cluster`: the cluster PSK generation every node should use. `keyctl psk rotate` bumps
+/// it; each node then derives new PSKs (see [`crate::psk`]) and publishes the generation in its
+/// record. Only a number: the cluster secret itself never enters the registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PskGeneration {
+    pub generation: u64,
+    /// Unix seconds.
+    #[serde(default)]
+    pub requested_at: u64,
+}
+
+impl PskGeneration {
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ControlError> {
+        parse(bytes)
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).unwrap_or_default()
     }
 }
 
@@ -213,6 +238,7 @@ mod tests {
             key_generation: 1,
             next_public_key: None,
             key_created_at: 0,
+            psk_generation: None,
         }
     }
 

@@ -13,6 +13,7 @@ pub mod keys;
 pub mod node;
 pub mod packet;
 pub mod peer;
+pub mod psk;
 pub mod reconcile;
 pub mod record;
 

@@ -8,7 +8,8 @@
 use crate::allowed_ips::AllowedIps;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::packet;
-use crate::peer::{DropReason, Drops, KeySlot, Peer, PeerConfig, QUEUE_LIMIT};
+use crate::peer::{DropReason, Drops, KeySlot, Peer, PeerConfig, PeerPsk, QUEUE_LIMIT};
+use crate::psk::ClusterSecret;
 use crate::reconcile::Command;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -109,6 +110,8 @@ pub enum PeerRotation {
 pub struct Node {
     own: OwnKey,
     own_next: Option<OwnKey>,
+    /// The cluster secret and this node's PSK generation, when the node holds the secret.
+    psk: Option<(ClusterSecret, u64)>,
     persistent_keepalive: Option<u16>,
     peers: HashMap<PeerId, Peer>,
     names: HashMap<String, PeerId>,
@@ -145,6 +148,9 @@ pub struct PeerStatus {
     pub endpoint: Option<String>,
     pub allowed_ips: Vec<String>,
     pub latest_handshake_secs_ago: Option<f64>,
+    /// The cluster PSK generation of the pair traffic uses now (absent: no PSK).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub psk_generation: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub queued: usize,
@@ -158,6 +164,7 @@ impl Node {
         Node {
             own: OwnKey::new(private),
             own_next: None,
+            psk: None,
             persistent_keepalive,
             peers: HashMap::new(),
             names: HashMap::new(),
@@ -220,12 +227,26 @@ impl Node {
         std::iter::once(&self.own).chain(self.own_next.as_ref())
     }
 
-    fn new_slot(&self, own: &OwnKey, key: PublicKey) -> KeySlot {
+    /// The cluster PSK generation pairs with this peer use (`None`: no PSK): the lower of this
+    /// node's and the peer's generations.
+    fn pair_psk(&self, cfg: &PeerConfig) -> Option<u64> {
+        let (_, own) = self.psk.as_ref()?;
+        match cfg.psk {
+            PeerPsk::Never => None,
+            PeerPsk::Cluster(theirs) => Some(theirs.map_or(*own, |t| t.min(*own))),
+        }
+    }
+
+    fn new_slot(&self, own: &OwnKey, key: PublicKey, psk_generation: Option<u64>) -> KeySlot {
         let index = self.fresh_index();
+        let psk = match (&self.psk, psk_generation) {
+            (Some((secret, _)), Some(g)) => Some(secret.derive(g, &own.key, &key).bytes()),
+            _ => None,
+        };
         let tunn = Tunn::new(
             own.private.secret().clone(),
             key.to_dalek(),
-            None,
+            psk,
             self.persistent_keepalive,
             index,
             Some(own.limiter.clone()),
@@ -233,6 +254,7 @@ impl Node {
         KeySlot {
             own: own.key,
             public_key: key,
+            psk_generation,
             tunn,
             index,
             rx_data: 0,
@@ -241,18 +263,26 @@ impl Node {
         }
     }
 
-    /// Makes the peer's slots match (own keys × the peer's live keys): missing pairs are
-    /// created, pairs with a key that is gone are dropped. Returns the new slots' pairs.
+    /// Makes the peer's slots match (own keys × the peer's live keys, at the pair's PSK
+    /// generation): missing pairs are created, pairs with a key that is gone are dropped, and a
+    /// slot of an older PSK generation goes once its pair has moved to the new generation's slot
+    /// (until then both answer, so a PSK rotation loses nothing). Returns the new slots' pairs.
     fn sync_slots(&mut self, id: PeerId) -> Vec<(PublicKey, PublicKey)> {
         let Some(peer) = self.peers.get(&id) else {
             return Vec::new();
         };
+        let psk = self.pair_psk(&peer.config);
         let own: Vec<PublicKey> = self.own_keys().map(|k| k.key).collect();
         let theirs = peer.live_keys();
         let missing: Vec<(PublicKey, PublicKey)> = own
             .iter()
             .flat_map(|o| theirs.iter().map(move |t| (*o, *t)))
-            .filter(|(o, t)| !peer.slots.iter().any(|s| s.own == *o && s.public_key == *t))
+            .filter(|(o, t)| {
+                !peer
+                    .slots
+                    .iter()
+                    .any(|s| s.own == *o && s.public_key == *t && s.psk_generation == psk)
+            })
             .collect();
         let mut created = Vec::new();
         for (o, t) in &missing {
@@ -262,7 +292,7 @@ impl Node {
                 self.own_next.as_ref().filter(|k| k.key == *o)
             };
             if let Some(ok) = ok {
-                let slot = self.new_slot(ok, *t);
+                let slot = self.new_slot(ok, *t, psk);
                 self.indices.insert(slot.index, id);
                 created.push((slot.own, slot.public_key));
                 if let Some(p) = self.peers.get_mut(&id) {
@@ -274,7 +304,16 @@ impl Node {
             let stale: Vec<u32> = p
                 .slots
                 .iter()
-                .filter(|s| !own.contains(&s.own) || !theirs.contains(&s.public_key))
+                .filter(|s| {
+                    let superseded = s.psk_generation != psk
+                        && p.slots.iter().any(|n| {
+                            n.own == s.own
+                                && n.public_key == s.public_key
+                                && n.psk_generation == psk
+                                && n.moved()
+                        });
+                    !own.contains(&s.own) || !theirs.contains(&s.public_key) || superseded
+                })
                 .map(|s| s.index)
                 .collect();
             p.slots.retain(|s| !stale.contains(&s.index));
@@ -371,6 +410,8 @@ impl Node {
         // A current key we never saw as the next one: the peer restarted with a new key (or we
         // missed its rotation). Its sessions have to be made anew.
         let key_replaced = !old_keys.contains(&cfg.public_key);
+        let psk_before = self.pair_psk(&old);
+        let psk_changed = psk_before != self.pair_psk(&cfg);
         if old_keys != new_keys {
             for k in &old_keys {
                 self.keys.remove(k);
@@ -413,7 +454,10 @@ impl Node {
             p.config = cfg;
         }
         self.sync_slots(id);
-        if key_replaced {
+        if key_replaced || psk_changed {
+            // A PSK generation change seen in the peer's record: the peer already uses the new
+            // generation, so a handshake on it answers at once (old sessions carry traffic
+            // until it does).
             self.initiate_best(id);
         }
         Ok(())
@@ -438,6 +482,43 @@ impl Node {
         self.allowed.retain(|v| *v != id);
         tracing::info!("peer removed");
         Ok(())
+    }
+
+    // ---------------- cluster PSK ----------------
+
+    /// Holds the cluster secret: from now on every pair with a cluster node uses a PSK at the
+    /// lower of the two nodes' generations. Replaces a previous secret; pairs get new slots
+    /// (sessions already up keep carrying traffic until the new ones are).
+    pub fn set_cluster_secret(&mut self, secret: ClusterSecret, generation: u64) {
+        self.psk = Some((secret, generation));
+        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        for id in ids {
+            self.sync_slots(id);
+        }
+    }
+
+    /// Moves this node to another PSK generation (`keyctl psk rotate`). Pairs whose generation
+    /// changes get a slot at the new one, and the peer (which sees the change in this node's
+    /// record) starts the handshake; the old slot carries traffic until the new one does.
+    /// Without a cluster secret this does nothing.
+    pub fn set_psk_generation(&mut self, generation: u64) {
+        let Some((_, g)) = self.psk.as_mut() else {
+            return;
+        };
+        if *g == generation {
+            return;
+        }
+        tracing::info!(from = *g, to = generation, "PSK generation changed");
+        *g = generation;
+        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        for id in ids {
+            self.sync_slots(id);
+        }
+    }
+
+    /// This node's PSK generation (`None`: it holds no cluster secret).
+    pub fn psk_generation(&self) -> Option<u64> {
+        self.psk.as_ref().map(|(_, g)| *g)
     }
 
     // ---------------- own key rotation ----------------
@@ -484,16 +565,38 @@ impl Node {
         }
     }
 
-    /// During a rotation: sends keepalives on every new-key session the peer has not answered
-    /// on yet, so the peer's side of it becomes current (a responder's session is used only once
-    /// a packet arrived on it) and the peer moves even when it has nothing to send.
+    /// During a key or PSK rotation: sends keepalives on every new session (this node's next
+    /// key, or a pair's new PSK generation) the peer has not answered on yet, so the peer's side
+    /// of it becomes current (a responder's session is used only once a packet arrived on it)
+    /// and the peer moves even when it has nothing to send.
     fn confirm_next_sessions(&mut self, now: Instant) {
-        let Some(next) = self.next_key() else {
+        let next = self.next_key();
+        let psk: HashMap<PeerId, Option<u64>> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.slots.len() > 1)
+            .map(|(id, p)| (*id, self.pair_psk(&p.config)))
+            .collect();
+        if next.is_none() && psk.is_empty() {
             return;
-        };
+        }
         let mut sends = Vec::new();
         for (id, p) in self.peers.iter_mut() {
-            for s in p.slots.iter_mut().filter(|s| s.own == next) {
+            let Some(&want) = psk.get(id) else {
+                continue;
+            };
+            // Pairs that also have a slot at another PSK generation: theirs is moving.
+            let moving: Vec<(PublicKey, PublicKey)> = p
+                .slots
+                .iter()
+                .filter(|s| s.psk_generation != want)
+                .map(|s| (s.own, s.public_key))
+                .collect();
+            let new = |s: &KeySlot| {
+                Some(s.own) == next
+                    || (s.psk_generation == want && moving.contains(&(s.own, s.public_key)))
+            };
+            for s in p.slots.iter_mut().filter(|s| new(s)) {
                 let due = s
                     .last_confirmation
                     .is_none_or(|t| now.saturating_duration_since(t) >= CONFIRMATION_INTERVAL);
@@ -525,7 +628,7 @@ impl Node {
                 let mine = p.slots.iter().filter(|s| s.own == next);
                 let mut state = PeerRotation::Handshaking;
                 for s in mine {
-                    if s.rx_data > 0 || (s.has_session() && s.confirmations >= CONFIRMATIONS) {
+                    if s.moved() {
                         state = PeerRotation::Moved;
                         break;
                     }
@@ -583,11 +686,13 @@ impl Node {
         }
     }
 
-    /// Rank of a slot for outbound traffic: pairs with the newer keys first.
+    /// Rank of a slot for outbound traffic: pairs with the newer keys first, then the pair's
+    /// current PSK generation.
     fn rank(&self, peer: &Peer, s: &KeySlot) -> u8 {
         let own_new = u8::from(self.next_key() == Some(s.own));
         let peer_new = u8::from(peer.config.next_public_key == Some(s.public_key));
-        2 * own_new + peer_new
+        let psk_now = u8::from(self.pair_psk(&peer.config) == s.psk_generation);
+        4 * own_new + 2 * peer_new + psk_now
     }
 
     /// The slot outbound traffic uses: the best-ranked one with a session.
@@ -612,10 +717,11 @@ impl Node {
     /// Starts a handshake on one pair unless one is already under way.
     fn initiate(&mut self, id: PeerId, own: PublicKey, theirs: PublicKey) {
         let mut buf = std::mem::take(&mut self.scratch);
+        let psk = self.peers.get(&id).and_then(|p| self.pair_psk(&p.config));
         let out = match self
             .peers
             .get_mut(&id)
-            .and_then(|p| p.slot_for(&own, &theirs))
+            .and_then(|p| p.slot_for(&own, &theirs, psk))
         {
             Some(s) => match s.tunn.format_handshake_initiation(&mut buf, false) {
                 TunnResult::WriteToNetwork(p) => Some(p.to_vec()),
@@ -771,7 +877,12 @@ impl Node {
                     tracing::debug!(key = %key.fingerprint(), %from, "handshake from unknown key");
                     return self.drop_packet(None, DropReason::UnknownPeer, 1);
                 };
-                match self.peers.get_mut(&id).and_then(|p| p.slot_for(&own, &key)) {
+                let psk = self.peers.get(&id).and_then(|p| self.pair_psk(&p.config));
+                match self
+                    .peers
+                    .get_mut(&id)
+                    .and_then(|p| p.slot_for(&own, &key, psk))
+                {
                     Some(s) => (id, s.index),
                     None => return self.drop_packet(Some(id), DropReason::UnknownPeer, 1),
                 }
@@ -922,6 +1033,19 @@ impl Node {
             k.limiter.reset_count();
         }
         self.confirm_next_sessions(now);
+        // Retire slots of an older PSK generation whose pair has moved on.
+        let moving: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                let want = self.pair_psk(&p.config);
+                p.slots.iter().any(|s| s.psk_generation != want)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in moving {
+            self.sync_slots(id);
+        }
         let mut buf = std::mem::take(&mut self.scratch);
         let ids: Vec<PeerId> = self.peers.keys().copied().collect();
         let own_current = self.own.key;
@@ -995,6 +1119,10 @@ impl Node {
                     .filter_map(|s| s.tunn.time_since_last_handshake())
                     .min()
                     .map(|d| d.as_secs_f64()),
+                psk_generation: self
+                    .best_session(p)
+                    .and_then(|i| p.slots.get(i))
+                    .map_or(self.pair_psk(&p.config), |s| s.psk_generation),
                 rx_bytes: p.rx_bytes,
                 tx_bytes: p.tx_bytes,
                 queued: p.queue.len(),
@@ -1056,6 +1184,7 @@ mod tests {
                     endpoints: vec![addr],
                     allowed_ips: vec![format!("10.42.{i}.0/24").parse().expect("net")],
                     key_generation: 1,
+                    psk: PeerPsk::Cluster(None),
                 });
                 keys.push(k.clone());
                 nodes.push((addr, Node::new(k, None)));
@@ -1566,6 +1695,139 @@ mod tests {
         );
         assert!(net.nodes[0].1.promote_next_key());
         all_pairs_deliver(&mut net, now, "after an idle rotation");
+        assert_eq!(net.drops_total(), 0, "{:?}", net.all_drops());
+    }
+
+    fn secret(byte: u8) -> ClusterSecret {
+        use base64::Engine as _;
+        ClusterSecret::from_base64(&base64::engine::general_purpose::STANDARD.encode([byte; 32]))
+            .expect("secret")
+    }
+
+    /// Every node holds `secrets[i]` at generation 0 and publishes generation 0.
+    fn psk_mesh(secrets: &[u8]) -> (Net, Vec<PeerConfig>) {
+        let (mut net, mut cfgs) = Net::new(secrets.len() as u8);
+        for (i, b) in secrets.iter().enumerate() {
+            net.nodes[i].1.set_cluster_secret(secret(*b), 0);
+            cfgs[i].psk = PeerPsk::Cluster(Some(0));
+        }
+        for i in 0..secrets.len() {
+            for (j, cfg) in cfgs.iter().enumerate() {
+                if i != j {
+                    net.nodes[i].1.add_peer(cfg.clone()).expect("add");
+                }
+            }
+        }
+        (net, cfgs)
+    }
+
+    fn pair_gen(node: &Node, peer: &str) -> Option<u64> {
+        let p = node.peer(peer)?;
+        let i = node.best_session(p)?;
+        p.slots[i].psk_generation
+    }
+
+    #[test]
+    fn same_cluster_secret_connects_a_wrong_one_reaches_no_one() {
+        let now = Instant::now();
+        // n1 and n2 share the secret; n3 holds another one.
+        let (mut net, _) = psk_mesh(&[1, 1, 2]);
+        net.run(now);
+        let p = ipv4_packet([10, 42, 1, 5], [10, 42, 2, 7], b"psk ok");
+        net.nodes[0].1.handle_tun(&p, now);
+        net.run(now);
+        assert_eq!(net.delivered[1], vec![p]);
+        assert_eq!(pair_gen(&net.nodes[0].1, "n2"), Some(0));
+        for (i, peer) in [(0, "n3"), (1, "n3"), (2, "n1"), (2, "n2")] {
+            assert!(
+                net.nodes[i]
+                    .1
+                    .peer(peer)
+                    .expect("peer")
+                    .slots
+                    .iter()
+                    .all(|s| !s.has_session()),
+                "node {i} has a session with {peer} despite different secrets"
+            );
+        }
+        let p = ipv4_packet([10, 42, 3, 5], [10, 42, 1, 7], b"wrong secret");
+        net.nodes[2].1.handle_tun(&p, now);
+        net.run(now);
+        assert!(net.delivered[0].is_empty());
+        // A node without the secret does not reach a node with it either.
+        let (mut net, cfgs) = Net::new(2);
+        net.nodes[0].1.set_cluster_secret(secret(1), 0);
+        net.nodes[0].1.add_peer(cfgs[1].clone()).expect("add");
+        net.nodes[1].1.add_peer(cfgs[0].clone()).expect("add");
+        net.run(now);
+        let p = ipv4_packet([10, 42, 2, 5], [10, 42, 1, 7], b"no secret");
+        net.nodes[1].1.handle_tun(&p, now);
+        net.run(now);
+        assert!(net.delivered[0].is_empty());
+    }
+
+    #[test]
+    fn external_peers_never_use_the_psk() {
+        let now = Instant::now();
+        let (mut net, mut cfgs) = Net::new(2);
+        net.nodes[0].1.set_cluster_secret(secret(1), 4);
+        cfgs[1].psk = PeerPsk::Never;
+        net.nodes[0].1.add_peer(cfgs[1].clone()).expect("add");
+        net.nodes[1].1.add_peer(cfgs[0].clone()).expect("add");
+        net.run(now);
+        all_pairs_deliver(&mut net, now, "external");
+        assert_eq!(pair_gen(&net.nodes[0].1, "n2"), None);
+    }
+
+    /// `keyctl psk rotate`: every node moves to the next generation, in any order, while
+    /// traffic flows; nothing is lost and the old generation's slots go.
+    #[test]
+    fn psk_rotation_loses_nothing_and_retires_the_old_generation() {
+        let now = Instant::now();
+        let (mut net, mut cfgs) = psk_mesh(&[7, 7, 7]);
+        net.run(now);
+        all_pairs_deliver(&mut net, now, "gen 0");
+        for i in 0..3 {
+            // Node i moves and publishes; the others see its record.
+            net.nodes[i].1.set_psk_generation(1);
+            all_pairs_deliver(&mut net, now, &format!("node {i} moved, unpublished"));
+            cfgs[i].psk = PeerPsk::Cluster(Some(1));
+            announce(&mut net, &cfgs, i);
+            net.run(now);
+            all_pairs_deliver(&mut net, now, &format!("node {i} published"));
+            for t in 1..=4u32 {
+                for j in 0..3 {
+                    net.nodes[j]
+                        .1
+                        .handle_timeout(now + CONFIRMATION_INTERVAL * t);
+                }
+                net.run(now);
+            }
+            all_pairs_deliver(&mut net, now, &format!("node {i} settled"));
+        }
+        for i in 0..3 {
+            for p in net.nodes[i].1.peer_status() {
+                assert_eq!(p.psk_generation, Some(1), "node {i} peer {}", p.name);
+                assert_eq!(p.key_pairs, 1, "node {i} peer {}: old slot kept", p.name);
+            }
+        }
+        assert_eq!(net.drops_total(), 0, "{:?}", net.all_drops());
+    }
+
+    /// A node that moved first keeps the old generation with peers that have not moved: the
+    /// pair uses the lower of the two.
+    #[test]
+    fn pairs_use_the_lower_generation() {
+        let now = Instant::now();
+        let (mut net, mut cfgs) = psk_mesh(&[3, 3]);
+        net.run(now);
+        net.nodes[0].1.set_psk_generation(2);
+        cfgs[0].psk = PeerPsk::Cluster(Some(2));
+        announce(&mut net, &cfgs, 0);
+        net.run(now);
+        all_pairs_deliver(&mut net, now, "one moved");
+        assert_eq!(pair_gen(&net.nodes[0].1, "n2"), Some(0));
+        assert_eq!(pair_gen(&net.nodes[1].1, "n1"), Some(0));
         assert_eq!(net.drops_total(), 0, "{:?}", net.all_drops());
     }
 }

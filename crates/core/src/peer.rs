@@ -19,6 +19,21 @@ pub struct PeerConfig {
     pub endpoints: Vec<SocketAddr>,
     pub allowed_ips: Vec<IpNet>,
     pub key_generation: u64,
+    /// Whether pairs with this peer use the cluster PSK, and its published generation.
+    pub psk: PeerPsk,
+}
+
+/// How a peer takes part in the cluster PSK (see [`crate::psk`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerPsk {
+    /// A cluster node. When this node holds the cluster secret, every pair with the peer uses a
+    /// PSK, at the lower of the two nodes' generations (`Some`: the generation the peer's record
+    /// names; `None`: it names none, so this node's own generation is used, which fails unless
+    /// the peer holds the secret too: a node without the secret reaches no one).
+    Cluster(Option<u64>),
+    /// Not a cluster node (an external standard WireGuard peer): never a PSK, since the secret
+    /// must not leave the cluster.
+    Never,
 }
 
 /// Why a packet was dropped. Counted per peer where a peer is known, and device-wide.
@@ -107,6 +122,8 @@ pub struct KeySlot {
     pub own: PublicKey,
     /// The peer's public key on this slot.
     pub public_key: PublicKey,
+    /// The cluster PSK generation this slot's `Tunn` was made with (`None`: no PSK).
+    pub psk_generation: Option<u64>,
     pub tunn: Tunn,
     pub index: u32,
     /// Authenticated transport messages (data or keepalive) received on this slot: the peer
@@ -123,6 +140,7 @@ impl std::fmt::Debug for KeySlot {
         f.debug_struct("KeySlot")
             .field("own", &self.own)
             .field("public_key", &self.public_key)
+            .field("psk_generation", &self.psk_generation)
             .field("index", &self.index)
             .field("rx_data", &self.rx_data)
             .finish_non_exhaustive()
@@ -133,6 +151,12 @@ impl KeySlot {
     /// True when the slot has a session that `encapsulate` will use right away.
     pub fn has_session(&self) -> bool {
         self.tunn.time_since_last_handshake().is_some()
+    }
+
+    /// True once the peer sends on this pair (or, if it has nothing to send, once it had
+    /// [`crate::node::CONFIRMATIONS`] keepalives on it): traffic has moved here.
+    pub fn moved(&self) -> bool {
+        self.rx_data > 0 || (self.has_session() && self.confirmations >= crate::node::CONFIRMATIONS)
     }
 }
 
@@ -162,11 +186,24 @@ impl Peer {
         self.slots.iter_mut().find(|s| s.index == index)
     }
 
-    /// The slot of one (own key, peer key) pair.
-    pub fn slot_for(&mut self, own: &PublicKey, peer: &PublicKey) -> Option<&mut KeySlot> {
-        self.slots
-            .iter_mut()
-            .find(|s| s.own == *own && s.public_key == *peer)
+    /// The slot of one (own key, peer key) pair: the one at PSK generation `psk` if there is
+    /// one, else any (while the PSK generation changes a pair has a slot per generation).
+    pub fn slot_for(
+        &mut self,
+        own: &PublicKey,
+        peer: &PublicKey,
+        psk: Option<u64>,
+    ) -> Option<&mut KeySlot> {
+        let pos = self
+            .slots
+            .iter()
+            .position(|s| s.own == *own && s.public_key == *peer && s.psk_generation == psk)
+            .or_else(|| {
+                self.slots
+                    .iter()
+                    .position(|s| s.own == *own && s.public_key == *peer)
+            })?;
+        self.slots.get_mut(pos)
     }
 
     /// The peer keys slots must exist for: the current key and, while it rotates, the next.

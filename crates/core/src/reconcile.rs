@@ -4,7 +4,7 @@
 //! other peer is disturbed.
 
 use crate::keys::PublicKey;
-use crate::peer::PeerConfig;
+use crate::peer::{PeerConfig, PeerPsk};
 use crate::record::{validate_against, NodeRecord, RecordError};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -25,6 +25,7 @@ pub fn peer_config(r: &NodeRecord) -> PeerConfig {
         endpoints: r.endpoints.clone(),
         allowed_ips: r.pod_cidrs.clone(),
         key_generation: r.key_generation,
+        psk: PeerPsk::Cluster(r.psk_generation),
     }
 }
 
@@ -187,6 +188,7 @@ mod tests {
             key_generation: 1,
             next_public_key: None,
             key_created_at: 0,
+            psk_generation: None,
         }
     }
 
@@ -318,6 +320,7 @@ mod tests {
                 key_generation: 1,
                 next_public_key: None,
                 key_created_at: 0,
+                psk_generation: None,
             }
         };
         let (mut accepted, mut refused) = (0, 0);

@@ -36,6 +36,10 @@ pub struct NodeRecord {
     /// Unix seconds when `publicKey` was made (0: unknown), for key age in `keyctl status`.
     #[serde(default)]
     pub key_created_at: u64,
+    /// The cluster PSK generation this node uses (`keyctl psk rotate` bumps it). Present only
+    /// when the node holds the cluster secret; pairs use the lower of their two generations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub psk_generation: Option<u64>,
 }
 
 /// Why a record was refused. Each variant names the field at fault.
@@ -171,6 +175,13 @@ impl NodeRecord {
                 .as_u64()
                 .ok_or_else(|| field("keyCreatedAt", "must be a non-negative integer"))?,
         };
+        let psk_generation = match obj.get("pskGeneration") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .ok_or_else(|| field("pskGeneration", "must be a non-negative integer"))?,
+            ),
+        };
         let record = NodeRecord {
             schema,
             name,
@@ -180,6 +191,7 @@ impl NodeRecord {
             key_generation,
             next_public_key,
             key_created_at,
+            psk_generation,
         };
         record.check()?;
         Ok(record)
@@ -385,12 +397,14 @@ mod tests {
             key_generation: 1,
             next_public_key: None,
             key_created_at: 0,
+            psk_generation: None,
         }
     }
 
     #[test]
     fn round_trip_and_unknown_fields_ignored() {
-        let r = rec("node-a", "192.0.2.1:51820", "10.42.1.0/24");
+        let mut r = rec("node-a", "192.0.2.1:51820", "10.42.1.0/24");
+        r.psk_generation = Some(3);
         let mut v: serde_json::Value = serde_json::from_slice(&r.to_json()).expect("json");
         v["futureField"] = serde_json::json!({"x": 1});
         let back = NodeRecord::from_json(v.to_string().as_bytes()).expect("parse");
@@ -447,6 +461,10 @@ mod tests {
         assert_eq!(err_field(with("name", "../etc".into())), "name");
         assert_eq!(err_field(with("name", "Upper".into())), "name");
         assert_eq!(err_field(with("schema", "one".into())), "schema");
+        assert_eq!(
+            err_field(with("pskGeneration", serde_json::json!(-1))),
+            "pskGeneration"
+        );
         let mut missing = good.clone();
         missing.as_object_mut().expect("obj").remove("podCidrs");
         assert_eq!(err_field(missing), "podCidrs");

@@ -49,6 +49,9 @@ pub enum Kind {
     Rotations,
     /// Revocations ([`weft_core::control::Revocation`]), written by keyctl (admin only).
     Revocations,
+    /// The cluster PSK generation ([`weft_core::control::PskGeneration`]), one object named
+    /// `cluster`, written by keyctl (admin only).
+    Psk,
 }
 
 impl Kind {
@@ -58,6 +61,7 @@ impl Kind {
         Kind::Claims,
         Kind::Rotations,
         Kind::Revocations,
+        Kind::Psk,
     ];
 
     /// The stable collection name ("nodes").
@@ -67,6 +71,7 @@ impl Kind {
             Kind::Claims => "claims",
             Kind::Rotations => "rotations",
             Kind::Revocations => "revocations",
+            Kind::Psk => "psk",
         }
     }
 }
@@ -450,6 +455,7 @@ mod tests {
         assert_eq!(Kind::Claims.as_str(), "claims");
         assert_eq!(Kind::Rotations.as_str(), "rotations");
         assert_eq!(Kind::Revocations.as_str(), "revocations");
-        assert_eq!(Kind::ALL.len(), 4);
+        assert_eq!(Kind::Psk.as_str(), "psk");
+        assert_eq!(Kind::ALL.len(), 5);
     }
 }

@@ -25,6 +25,7 @@ fn record(name: &str, n: u8) -> NodeRecord {
         key_generation: 1,
         next_public_key: None,
         key_created_at: 0,
+        psk_generation: None,
     }
 }
 

@@ -72,6 +72,7 @@ fn record(name: &str, range: u8) -> NodeRecord {
         key_generation: 1,
         next_public_key: None,
         key_created_at: 0,
+        psk_generation: None,
     };
     r.check().expect("valid record");
     r

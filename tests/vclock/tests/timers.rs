@@ -41,6 +41,7 @@ impl Sim {
                 endpoints: vec![addr],
                 allowed_ips: vec![format!("10.42.{i}.0/24").parse().expect("net")],
                 key_generation: 1,
+                psk: weft_core::peer::PeerPsk::Cluster(None),
             });
             nodes.push((addr, Node::new(k, keepalive)));
         }

@@ -346,6 +346,7 @@ fn make_records(n: usize) -> Result<Vec<NodeRecord>> {
                 key_generation: 1,
                 next_public_key: None,
                 key_created_at: 0,
+                psk_generation: None,
             };
             r.check()
                 .with_context(|| format!("generated record {} is invalid", r.name))?;

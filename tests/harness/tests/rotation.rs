@@ -1,9 +1,10 @@
-//! Key rotation end to end: 3 nodes with pods, 100 Hz pings on every ordered pod pair and a
-//! rate-capped iperf3 TCP stream, while nodes rotate their keys with the real `keyctl rotate`
-//! (one at a time, and all at once; with the dir registry and with a real etcd). Also meshd
-//! SIGKILLed in each phase of a rotation, and rotation under 1% underlay loss against controls.
+//! Key and PSK rotation end to end: 3 nodes with pods, 100 Hz pings on every ordered pod pair
+//! and a rate-capped iperf3 TCP stream, while nodes rotate their keys with the real `keyctl
+//! rotate` (one at a time, and all at once; with the dir registry and with a real etcd) or the
+//! cluster PSKs with `keyctl psk rotate`. Also meshd SIGKILLed in each phase of a rotation,
+//! rotation under 1% underlay loss against controls, and a node with the wrong cluster secret.
 //! Zero pings lost, the TCP stream never stalls for more than 1 s, every node ends on a new key
-//! with the key generation + 1, and the old key files are gone.
+//! with the key generation + 1 (or on the new PSK generation), and the old key files are gone.
 //! Need root and the workspace binaries; run serially:
 //!   cargo build --workspace --bins && cargo test -p weft-tests --test rotation -- --test-threads=1
 
@@ -173,9 +174,34 @@ fn longest_stall(intervals: &[(f64, u64)]) -> Duration {
     Duration::from_millis(200 * u64::from(best))
 }
 
+/// A cluster secret for tests (32 bytes, base64).
+const SECRET: &str = "q0E9bGmSIcHGYkHnUczk3P/U6N1ZRCpB5cFa4ZDl4Xo=";
+const WRONG_SECRET: &str = "Lt0Y3xw3NQhHxu9sJ9m0m1qLw8m0q7Wq5Q2nQy0b4V8=";
+
+/// Writes `secret` to node `n`'s cluster secret file (0600) and returns the meshd flags for it.
+fn secret_flags(n: &Node, secret: &str) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = n.dir.join("cluster-secret");
+    std::fs::write(&path, format!("{secret}\n")).expect("secret file");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    vec![
+        "--cluster-secret-file".into(),
+        path.to_string_lossy().into_owned(),
+    ]
+}
+
+/// A cluster under traffic, after the traffic checks passed.
+struct Run {
+    c: Cluster,
+    /// Every node's public key before the action.
+    before: Vec<String>,
+    _etcd: Option<weft_tests::Etcd>,
+}
+
 /// Runs the traffic, calls `rotate` meanwhile, and checks what the traffic saw. With `etcd`,
-/// the registry is a real etcd in the switch namespace (meshd and keyctl both use it).
-fn rotate_under_traffic(name: &str, etcd: bool, rotate: impl FnOnce(&Cluster)) {
+/// the registry is a real etcd in the switch namespace (meshd and keyctl both use it); with
+/// `secret`, every node holds the cluster secret (pairs use PSKs).
+fn under_traffic(name: &str, etcd: bool, secret: bool, rotate: impl FnOnce(&Cluster)) -> Run {
     setup();
     let c = Cluster::with_nodes(3).expect("cluster");
     let etcd = etcd.then(|| c.start_etcd().expect("etcd"));
@@ -183,10 +209,15 @@ fn rotate_under_traffic(name: &str, etcd: bool, rotate: impl FnOnce(&Cluster)) {
     ETCD_SPEC.with(|e| *e.borrow_mut() = spec.clone());
     let pods: Vec<Pod> = (0..3).map(|i| c.node(i).add_pod(0).expect("pod")).collect();
     for n in &c.nodes {
-        match &spec {
-            Some(s) => n.start_meshd(&["--registry", s]).expect("meshd"),
-            None => n.start_meshd(&[]).expect("meshd"),
+        let mut args: Vec<String> = Vec::new();
+        if let Some(s) = &spec {
+            args.extend(["--registry".to_string(), s.clone()]);
         }
+        if secret {
+            args.extend(secret_flags(n, SECRET));
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        n.start_meshd(&args).expect("meshd");
     }
     c.wait_mesh_ready(READY).expect("mesh ready");
     let before: Vec<String> = c.nodes.iter().map(public_key).collect();
@@ -230,6 +261,17 @@ fn rotate_under_traffic(name: &str, etcd: bool, rotate: impl FnOnce(&Cluster)) {
         stall <= Duration::from_secs(1),
         "TCP stalled for {stall:?}: {intervals:?}"
     );
+    Run {
+        c,
+        before,
+        _etcd: etcd,
+    }
+}
+
+/// [`under_traffic`] with a key rotation: then every node is on a new key, with one 0600 key
+/// file and no next key left.
+fn rotate_under_traffic(name: &str, etcd: bool, rotate: impl FnOnce(&Cluster)) {
+    let Run { c, before, .. } = under_traffic(name, etcd, false, rotate);
     for (i, n) in c.nodes.iter().enumerate() {
         assert_ne!(public_key(n), before[i], "{} kept its key", n.name);
         assert!(!n.state_dir().join("next.key").exists());
@@ -499,4 +541,235 @@ fn rotation_under_one_percent_loss_adds_no_loss_beyond_the_control() {
         rotated.0,
         controls
     );
+}
+
+/// The PSK generation of node `n` and of every pair it has (from its status).
+fn psk_generations(n: &Node) -> (Option<u64>, Vec<(String, Option<u64>, u64)>) {
+    let st = n.status_json().expect("status");
+    let own = st["node"]["pskGeneration"].as_u64();
+    let peers = st["peers"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| {
+                    (
+                        p["name"].as_str().unwrap_or_default().to_string(),
+                        p["pskGeneration"].as_u64(),
+                        p["keyPairs"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (own, peers)
+}
+
+/// Waits until every node and every pair is on PSK generation `g` with one slot per link.
+fn wait_psk(c: &Cluster, g: u64, within: Duration) {
+    for n in &c.nodes {
+        n.wait_status(within, |st| {
+            st["node"]["pskGeneration"].as_u64() == Some(g)
+                && st["peers"].as_array().is_some_and(|ps| {
+                    ps.len() == c.nodes.len() - 1
+                        && ps.iter().all(|p| {
+                            p["pskGeneration"].as_u64() == Some(g)
+                                && p["keyPairs"].as_u64() == Some(1)
+                        })
+                })
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{} not on PSK generation {g}: {e:#} {:?}\n{}",
+                n.name,
+                psk_generations(n),
+                c.debug_report()
+            )
+        });
+    }
+}
+
+/// `keyctl psk rotate --wait`, then all three nodes rotate their keys at once (PSKs follow the
+/// keys), then `keyctl psk rotate` again, all under 100 Hz pings and TCP: nothing lost, every
+/// pair ends on PSK generation 2 with the new keys. Then no private key, cluster secret or
+/// derived PSK (base64 or hex) is in any log (trace level), the registry or keyctl's output.
+#[test]
+fn psk_rotation_under_traffic_loses_nothing_and_never_shows_a_psk() {
+    let mut keys_seen: Vec<Vec<String>> = Vec::new();
+    let Run { c, before, .. } = under_traffic("psk", false, true, |c| {
+        wait_psk(c, 0, Duration::from_secs(5));
+        keyctl(c, &["psk", "rotate", "--wait", "--timeout", "20"]);
+        wait_psk(c, 1, Duration::from_secs(10));
+        keys_seen.push(c.nodes.iter().map(public_key).collect());
+        rotate_all_with_keyctl(c, "3");
+        keys_seen.push(c.nodes.iter().map(public_key).collect());
+        let out = keyctl(c, &["psk", "rotate", "--wait", "--timeout", "20"]);
+        assert!(out.contains("generation 2"), "{out}");
+        wait_psk(c, 2, Duration::from_secs(10));
+    });
+    for (i, n) in c.nodes.iter().enumerate() {
+        assert_ne!(public_key(n), before[i], "{} kept its key", n.name);
+    }
+    let status = keyctl(&c, &["status"]);
+    assert!(
+        status.contains("cluster PSK generation 2: 3 nodes on it, 0 behind"),
+        "{status}"
+    );
+    let mut sets = vec![before.clone()];
+    sets.extend(keys_seen);
+    check_no_secrets(&c, &sets, 2, status);
+}
+
+/// No private key, cluster secret ([`SECRET`], [`WRONG_SECRET`]) or PSK derived for any pair
+/// of `key_sets` at generations `0..=gens` appears in any meshd log, the registry or keyctl's
+/// output (`keyctl_out` plus a fresh `status --json`).
+fn check_no_secrets(c: &Cluster, key_sets: &[Vec<String>], gens: u64, keyctl_out: String) {
+    let secret = weft_core::psk::ClusterSecret::from_base64(SECRET).expect("secret");
+    let mut forbidden: Vec<Vec<u8>> = vec![b64(SECRET), b64(WRONG_SECRET)];
+    for keys in key_sets {
+        let keys: Vec<weft_core::PublicKey> =
+            keys.iter().map(|k| k.parse().expect("key")).collect();
+        for g in 0..=gens {
+            for a in 0..keys.len() {
+                for b in a + 1..keys.len() {
+                    forbidden.push(secret.derive(g, &keys[a], &keys[b]).bytes().to_vec());
+                }
+            }
+        }
+    }
+    for n in &c.nodes {
+        forbidden.push(b64(&std::fs::read_to_string(
+            n.state_dir().join("private.key"),
+        )
+        .expect("key")));
+    }
+    let mut texts: Vec<(String, Vec<u8>)> = c
+        .nodes
+        .iter()
+        .map(|n| (format!("{} log", n.name), n.meshd_log().into_bytes()))
+        .collect();
+    texts.push((
+        "keyctl".into(),
+        (keyctl(c, &["status", "--json"]) + &keyctl_out).into_bytes(),
+    ));
+    for kind in ["nodes", "rotations", "psk"] {
+        if let Ok(rd) = std::fs::read_dir(c.registry.dir.join(kind)) {
+            for e in rd.flatten() {
+                texts.push((
+                    e.path().display().to_string(),
+                    std::fs::read(e.path()).unwrap_or_default(),
+                ));
+            }
+        }
+    }
+    assert_secrets_absent(&forbidden, &texts);
+}
+
+fn b64(s: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(s.trim())
+        .expect("base64")
+}
+
+/// No secret of `forbidden` appears in any text: as base64, as hex (either case) or raw.
+fn assert_secrets_absent(forbidden: &[Vec<u8>], texts: &[(String, Vec<u8>)]) {
+    use base64::Engine as _;
+    for raw in forbidden {
+        let b = base64::engine::general_purpose::STANDARD.encode(raw);
+        let hex: String = raw.iter().map(|x| format!("{x:02x}")).collect();
+        for (name, text) in texts {
+            let lower = String::from_utf8_lossy(text).to_lowercase();
+            assert!(
+                !String::from_utf8_lossy(text).contains(&b),
+                "a secret (base64) is in {name}"
+            );
+            assert!(!lower.contains(&hex), "a secret (hex) is in {name}");
+            assert!(
+                !text.windows(raw.len()).any(|w| w == raw.as_slice()),
+                "a secret (raw bytes) is in {name}"
+            );
+        }
+    }
+}
+
+/// `keyctl psk rotate` with etcd as the registry, under the same traffic.
+#[test]
+fn psk_rotation_with_etcd_loses_nothing() {
+    under_traffic("psk, etcd", true, true, |c| {
+        wait_psk(c, 0, Duration::from_secs(5));
+        keyctl(c, &["psk", "rotate", "--wait", "--timeout", "20"]);
+        wait_psk(c, 1, Duration::from_secs(10));
+    });
+}
+
+/// A node whose cluster secret differs reaches no one and no one reaches it, while the others
+/// stay connected; with the right secret (restarted) it is back.
+#[test]
+fn wrong_cluster_secret_reaches_no_one() {
+    setup();
+    let c = Cluster::with_nodes(3).expect("cluster");
+    let pods: Vec<Pod> = (0..3).map(|i| c.node(i).add_pod(0).expect("pod")).collect();
+    let trace = vec![("RUST_LOG".to_string(), "trace".to_string())];
+    for (i, n) in c.nodes.iter().enumerate() {
+        let flags = secret_flags(n, if i == 2 { WRONG_SECRET } else { SECRET });
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        n.start_meshd_env(&flags, &trace).expect("meshd");
+    }
+    // node-0 and node-1 connect.
+    c.node(0)
+        .wait_status(READY, |st| {
+            st["peers"].as_array().is_some_and(|ps| {
+                ps.iter().any(|p| {
+                    p["name"].as_str() == Some("node-1") && !p["latestHandshakeSecsAgo"].is_null()
+                })
+            })
+        })
+        .expect("node-0 and node-1 connect");
+    let quick = PingOpts::count(5).interval(0.2).wait(1);
+    let r = pods[0].ping(pods[1].ip, &quick).expect("ping");
+    assert!(r.all_received(), "{}", r.output);
+    // Give node-2 the time of a few handshake attempts.
+    std::thread::sleep(Duration::from_secs(6));
+    for (a, b) in [(0, 2), (2, 0), (1, 2), (2, 1)] {
+        let r = pods[a].ping(pods[b].ip, &quick).expect("ping");
+        assert_eq!(
+            r.received, 0,
+            "pod {a} -> pod {b} got through with a wrong secret: {}",
+            r.output
+        );
+    }
+    for n in &c.nodes {
+        let st = n.status_json().expect("status");
+        for p in st["peers"].as_array().expect("peers") {
+            let wrong = n.index == 2 || p["name"].as_str() == Some("node-2");
+            assert_eq!(
+                p["latestHandshakeSecsAgo"].is_null(),
+                wrong,
+                "{} with {}: {p}",
+                n.name,
+                p["name"]
+            );
+        }
+    }
+    // The right secret: node-2 is back.
+    let n2 = c.node(2);
+    n2.stop_meshd(libc::SIGTERM).expect("stop");
+    let flags = secret_flags(n2, SECRET);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    n2.start_meshd(&flags).expect("restart");
+    c.wait_mesh_ready(READY).expect("mesh ready");
+    c.assert_pods_ping(&pods.iter().collect::<Vec<_>>());
+    // A PSK rotation, then the secrecy check over trace-level logs.
+    let out = keyctl(&c, &["psk", "rotate", "--wait", "--timeout", "20"]);
+    wait_psk(&c, 1, Duration::from_secs(10));
+    c.assert_pods_ping(&pods.iter().collect::<Vec<_>>());
+    let trace_lines = c
+        .node(0)
+        .meshd_log()
+        .lines()
+        .filter(|l| l.contains("TRACE"))
+        .count();
+    assert!(trace_lines > 0, "meshd did not log at trace level");
+    let keys: Vec<String> = c.nodes.iter().map(public_key).collect();
+    check_no_secrets(&c, &[keys], 1, out);
 }

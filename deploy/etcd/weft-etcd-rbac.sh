@@ -8,8 +8,9 @@
 #   - the role weft-admin has readwrite on the prefix PREFIX/, and the user weft-admin has it.
 #     keyctl and operators use this user. Revocations and everything else under PREFIX that is
 #     not a node's own record or claim are written only by it.
-#   - for each NODE, the role weft-node-NODE has readwrite on exactly the keys PREFIX/nodes/NODE
-#     and PREFIX/claims/NODE and read on the prefix PREFIX/, and the user weft-node-NODE has it.
+#   - for each NODE, the role weft-node-NODE has readwrite on exactly the keys PREFIX/nodes/NODE,
+#     PREFIX/claims/NODE and PREFIX/health/NODE and read on the prefix PREFIX/, and the user
+#     weft-node-NODE has it.
 #     meshd on NODE logs in as this user, with a password (WEFT_ETCD_USERNAME and
 #     WEFT_ETCD_PASSWORD) or with a client certificate whose CN is weft-node-NODE (etcd started
 #     with --client-cert-auth).
@@ -222,12 +223,13 @@ if $admin; then
 fi
 
 for n in "${nodes[@]}"; do
-    own=$(printf '%s\n' "$prefix/claims/$n" "$prefix/nodes/$n")
+    own=$(printf '%s\n' "$prefix/claims/$n" "$prefix/health/$n" "$prefix/nodes/$n")
     var=WEFT_ETCD_NODE_PASSWORD_$(printf '%s' "$n" | tr 'a-z.-' 'A-Z__')
     ensure_role "weft-node-$n" "$prefix_line"$'\n'"$own" "$own" \
         "read $prefix/ --prefix" \
         "readwrite $prefix/nodes/$n" \
-        "readwrite $prefix/claims/$n"
+        "readwrite $prefix/claims/$n" \
+        "readwrite $prefix/health/$n"
     ensure_user "weft-node-$n" "weft-node-$n" "$var"
 done
 

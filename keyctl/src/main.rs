@@ -31,6 +31,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_core::control::{PskGeneration, Revocation, RotationRequest, PSK_OBJECT};
+use weft_core::health::HealthReport;
 use weft_core::keys::PrivateKey;
 use weft_core::record::check_name;
 use weft_core::PublicKey;
@@ -107,6 +108,10 @@ struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also show every link's health as each node reports it (`health/NAME`): state, last
+    /// handshake, PSK generation, key pairs, and how old the report is.
+    #[arg(long)]
+    peers: bool,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -316,11 +321,23 @@ async fn status(a: StatusArgs) -> Result<()> {
         .get(PSK_OBJECT)
         .await
         .context("reading the cluster PSK generation")?;
+    let health = if a.peers {
+        Some(
+            Typed::<HealthReport>::new(registry.clone())
+                .list()
+                .await
+                .context("reading the link health reports")?
+                .0,
+        )
+    } else {
+        None
+    };
     let contents = status::Contents {
         records,
         rotations,
         revocations,
         psk,
+        health,
     };
     let s = status::view(registry.describe(), &contents, rotate::unix_now());
     if a.json {

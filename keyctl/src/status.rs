@@ -7,6 +7,7 @@
 use serde::Serialize;
 use std::collections::BTreeSet;
 use weft_core::control::{PskGeneration, Revocation, RotationRequest};
+use weft_core::health::{HealthReport, LinkState};
 use weft_core::{NodeRecord, PublicKey};
 
 /// What the registry holds, as read by keyctl.
@@ -17,6 +18,8 @@ pub struct Contents {
     pub revocations: Vec<Revocation>,
     /// `psk/cluster`, if `keyctl psk rotate` ever ran.
     pub psk: Option<PskGeneration>,
+    /// The nodes' link health reports (read only for `--peers`; `None`: not asked for).
+    pub health: Option<Vec<HealthReport>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -29,6 +32,66 @@ pub struct Status {
     /// The cluster PSK generation nodes are asked to use (0 before any `keyctl psk rotate`).
     pub psk_generation: u64,
     pub nodes: Vec<NodeStatus>,
+    /// With `--peers`: every link as each node reports it, and nodes with no report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub links: Option<Vec<LinkRow>>,
+}
+
+/// One link as one end reports it (`peer` and `state` absent: the node reported nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LinkRow {
+    pub node: String,
+    pub peer: Option<String>,
+    pub state: Option<LinkState>,
+    pub handshake_age_secs: Option<u64>,
+    pub psk_generation: Option<u64>,
+    pub key_pairs: Option<u32>,
+    /// Seconds since the node made the report; null: no report.
+    pub report_age_secs: Option<u64>,
+    /// The report is older than three of the node's reporting intervals (the node may be down).
+    pub stale: bool,
+}
+
+/// The link rows: each report's links, and a row for every node with a record but no report.
+fn link_rows(records: &[NodeRecord], health: &[HealthReport], now: u64) -> Vec<LinkRow> {
+    let mut rows = Vec::new();
+    let names: BTreeSet<&str> = records
+        .iter()
+        .map(|r| r.name.as_str())
+        .chain(health.iter().map(|h| h.node.as_str()))
+        .collect();
+    for name in names {
+        match health.iter().find(|h| h.node == name) {
+            None => rows.push(LinkRow {
+                node: name.to_string(),
+                peer: None,
+                state: None,
+                handshake_age_secs: None,
+                psk_generation: None,
+                key_pairs: None,
+                report_age_secs: None,
+                stale: false,
+            }),
+            Some(h) => {
+                let age = now.saturating_sub(h.reported_at);
+                for l in &h.links {
+                    rows.push(LinkRow {
+                        node: name.to_string(),
+                        peer: Some(l.peer.clone()),
+                        state: Some(l.state),
+                        // The age when the report was made plus the report's own age.
+                        handshake_age_secs: l.handshake_age_secs.map(|a| a + age),
+                        psk_generation: l.psk_generation,
+                        key_pairs: Some(l.key_pairs),
+                        report_age_secs: Some(age),
+                        stale: h.is_stale(now),
+                    });
+                }
+            }
+        }
+    }
+    rows
 }
 
 /// One node: from its record, its rotation request and its revocation (any may be missing;
@@ -119,6 +182,7 @@ pub fn view(registry: String, c: &Contents, now: u64) -> Status {
         time: now,
         psk_generation: c.psk.as_ref().map_or(0, |p| p.generation),
         nodes,
+        links: c.health.as_ref().map(|h| link_rows(&c.records, h, now)),
     }
 }
 
@@ -169,6 +233,83 @@ fn node_status(
             Some(v) => v.admits(&r.public_key),
         }),
     }
+}
+
+/// Lays out rows of cells in columns two spaces apart.
+fn columns<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (i, (c, w)) in r.iter().zip(widths).enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(c);
+            } else {
+                line.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// The `--peers` table: one row per link as each end reports it.
+fn render_links(links: &[LinkRow]) -> String {
+    let mut rows = vec![[
+        "NODE".to_string(),
+        "PEER".into(),
+        "LINK".into(),
+        "HANDSHAKE".into(),
+        "PSK".into(),
+        "PAIRS".into(),
+        "REPORTED".into(),
+    ]];
+    let dash = || "-".to_string();
+    for l in links {
+        let state = match l.state {
+            None => "(no report)".to_string(),
+            Some(LinkState::Up) => "up".into(),
+            Some(LinkState::Idle) => "idle".into(),
+            Some(LinkState::NoHandshake) => "NO HANDSHAKE".into(),
+        };
+        rows.push([
+            l.node.clone(),
+            l.peer.clone().unwrap_or_else(dash),
+            state,
+            l.handshake_age_secs
+                .map(|a| format!("{} ago", human_secs(a)))
+                .unwrap_or_else(dash),
+            l.psk_generation.map(|g| g.to_string()).unwrap_or_else(dash),
+            l.key_pairs.map(|p| p.to_string()).unwrap_or_else(dash),
+            match (l.report_age_secs, l.stale) {
+                (None, _) => dash(),
+                (Some(a), false) => format!("{} ago", human_secs(a)),
+                (Some(a), true) => format!("{} ago (STALE)", human_secs(a)),
+            },
+        ]);
+    }
+    let mut out = columns(&rows);
+    let n = |f: &dyn Fn(&LinkRow) -> bool| links.iter().filter(|l| f(l)).count();
+    out.push_str(&format!(
+        "\n{} links up, {} idle, {} without a handshake; {} nodes without a report, {} stale\n",
+        n(&|l| l.state == Some(LinkState::Up)),
+        n(&|l| l.state == Some(LinkState::Idle)),
+        n(&|l| l.state == Some(LinkState::NoHandshake)),
+        n(&|l| l.state.is_none()),
+        links
+            .iter()
+            .filter(|l| l.stale)
+            .map(|l| &l.node)
+            .collect::<BTreeSet<_>>()
+            .len(),
+    ));
+    out
 }
 
 /// A duration for people: `45s`, `12m`, `3h12m`, `5d3h`.
@@ -244,25 +385,7 @@ pub fn render(s: &Status) -> String {
             revocation,
         ]);
     }
-    let mut widths = [0usize; 7];
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for r in &rows {
-        let mut line = String::new();
-        for (i, (c, w)) in r.iter().zip(widths).enumerate() {
-            if i + 1 == r.len() {
-                line.push_str(c);
-            } else {
-                line.push_str(&format!("{c:<w$}  "));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
+    let mut out = columns(&rows);
     let count = |f: &dyn Fn(&NodeStatus) -> bool| s.nodes.iter().filter(|n| f(n)).count();
     out.push_str(&format!(
         "\n{} nodes with a record, {} rotating or requested, {} refused by a revocation\n",
@@ -270,6 +393,10 @@ pub fn render(s: &Status) -> String {
         count(&|n| n.rotation.state != RotationState::Idle),
         count(&|n| n.admitted == Some(false)),
     ));
+    if let Some(links) = &s.links {
+        out.push('\n');
+        out.push_str(&render_links(links));
+    }
     let psk_on = count(&|n| n.psk_generation.is_some());
     if psk_on > 0 || s.psk_generation > 0 {
         out.push_str(&format!(
@@ -353,6 +480,7 @@ pub(crate) mod tests {
                 generation: 2,
                 requested_at: 990,
             }),
+            health: None,
         };
         let s = view("dir:/x".into(), &contents, 4_700);
         let names: Vec<&str> = s.nodes.iter().map(|n| n.name.as_str()).collect();
@@ -427,6 +555,72 @@ pub(crate) mod tests {
         );
         assert_eq!(json["pskGeneration"], 2);
         assert_eq!(json["nodes"][0]["pskGeneration"], 2);
+    }
+
+    #[test]
+    fn links_from_health_reports() {
+        use weft_core::health::LinkHealth;
+        let records = vec![rec("a", 1, 1), rec("b", 2, 1), rec("c", 3, 1)];
+        let link = |peer: &str, state, age| LinkHealth {
+            peer: peer.into(),
+            state,
+            handshake_age_secs: age,
+            psk_generation: Some(1),
+            key_pairs: 1,
+            queued: 0,
+        };
+        let health = vec![
+            HealthReport {
+                node: "a".into(),
+                reported_at: 990,
+                interval_secs: 30,
+                links: vec![
+                    link("b", LinkState::Up, Some(5)),
+                    link("c", LinkState::NoHandshake, None),
+                ],
+            },
+            HealthReport {
+                node: "b".into(),
+                reported_at: 800,
+                interval_secs: 30,
+                links: vec![link("a", LinkState::Up, Some(1))],
+            },
+        ];
+        let contents = Contents {
+            records,
+            health: Some(health),
+            ..Contents::default()
+        };
+        let s = view("dir:/x".into(), &contents, 1_000);
+        let links = s.links.as_ref().expect("links");
+        assert_eq!(links.len(), 4);
+        assert_eq!(
+            links[0].handshake_age_secs,
+            Some(15),
+            "age at report + report age"
+        );
+        assert!(!links[0].stale);
+        assert!(links[2].stale, "b reported 200 s ago with a 30 s interval");
+        assert_eq!(links[3].node, "c");
+        assert_eq!(links[3].state, None);
+        let table = render(&s);
+        assert!(table.contains("NO HANDSHAKE"), "{table}");
+        assert!(table.contains("(STALE)"), "{table}");
+        assert!(table.contains("(no report)"), "{table}");
+        assert!(
+            table.contains(
+                "2 links up, 0 idle, 1 without a handshake; 1 nodes without a report, 1 stale"
+            ),
+            "{table}"
+        );
+        let json = serde_json::to_value(&s).expect("json");
+        assert_eq!(json["links"][1]["state"], "no-handshake");
+        // Without --peers there is no links section at all.
+        let plain = view("dir:/x".into(), &Contents::default(), 1_000);
+        assert!(serde_json::to_value(&plain)
+            .expect("json")
+            .get("links")
+            .is_none());
     }
 
     #[test]

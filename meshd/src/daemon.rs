@@ -70,7 +70,24 @@ struct Daemon {
     revocations_cached: String,
     /// Why this node itself is revoked, as last logged.
     self_revoked: Option<String>,
+    /// This node's link health report (`health/NAME`) and its writer.
+    health: Health,
 }
+
+/// The link health report last written, when, and the task writing one.
+#[derive(Default)]
+struct Health {
+    published: Option<weft_core::health::HealthReport>,
+    checked: Option<Instant>,
+    written: Option<Instant>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// How often the link health is looked at; a changed report is written at once.
+const HEALTH_CHECK: Duration = Duration::from_secs(2);
+/// A report is written at least this often even when nothing changed (readers call a report
+/// stale after three of these).
+const HEALTH_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The write state of the peer cache. It is written at most once per [`PEER_CACHE_INTERVAL`] (a
 /// burst of registry events costs one write, not one per event), and at shutdown.
@@ -348,6 +365,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         revocations: known_revocations,
         revocations_cached: String::new(),
         self_revoked: None,
+        health: Health::default(),
     };
     d.check_self_revoked();
     if !cached.is_empty() {
@@ -422,6 +440,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
                 d.flush().await;
                 d.save_peer_cache(false);
                 d.drive_rotation().await;
+                d.report_health();
             },
             Some(generation) = psk_rx.recv() => d.set_psk_generation(generation),
             Some(generation) = rot_rx.recv() => {
@@ -658,6 +677,49 @@ async fn watch_nodes(registry: Arc<dyn Registry>, tx: mpsc::Sender<Event<NodeRec
 }
 
 impl Daemon {
+    /// Every [`HEALTH_CHECK`]: builds the link health report and writes it (in the background,
+    /// bound to this node's lease) when a link changed state or [`HEALTH_INTERVAL`] passed.
+    fn report_health(&mut self) {
+        let now = Instant::now();
+        if self
+            .health
+            .checked
+            .is_some_and(|t| now.duration_since(t) < HEALTH_CHECK)
+        {
+            return;
+        }
+        self.health.checked = Some(now);
+        let report = weft_core::health::HealthReport::from_status(
+            &self.own.name,
+            &self.node.peer_status(),
+            unix_now(),
+            HEALTH_INTERVAL.as_secs(),
+        );
+        let due = self
+            .health
+            .written
+            .is_none_or(|t| now.duration_since(t) >= HEALTH_INTERVAL);
+        let changed = self
+            .health
+            .published
+            .as_ref()
+            .is_none_or(|p| p.differs(&report));
+        if !due && !changed {
+            return;
+        }
+        if let Some(h) = self.health.task.take() {
+            h.abort();
+        }
+        self.health.written = Some(now);
+        self.health.published = Some(report.clone());
+        let registry = self.registry.clone();
+        self.health.task = Some(tokio::spawn(async move {
+            if let Err(e) = weft_registry::put_owned_object(&*registry, &report).await {
+                tracing::debug!(error = %e, "could not write the link health report");
+            }
+        }));
+    }
+
     /// Moves to a newer cluster PSK generation and publishes it; peers start the handshakes on
     /// it when they see the record. An older generation (a deleted or rewritten object) is
     /// ignored: generations only go up.
@@ -1097,6 +1159,13 @@ impl Daemon {
                     h.abort();
                 }
                 let _ = std::fs::remove_file(self.cfg.state_dir.join(PEER_CACHE_FILE));
+                if let Some(h) = self.health.task.take() {
+                    h.abort();
+                }
+                let _ = self
+                    .registry
+                    .delete(weft_registry::Kind::Health, &self.own.name)
+                    .await;
                 let deleted = self
                     .registry
                     .delete(weft_registry::Kind::Nodes, &self.own.name)

@@ -9,6 +9,7 @@
 pub mod alloc;
 pub mod allowed_ips;
 pub mod control;
+pub mod health;
 pub mod keys;
 pub mod node;
 pub mod packet;

@@ -29,8 +29,8 @@ use std::sync::Arc;
 pub use dir::{DirOptions, DirRegistry};
 pub use etcd::{EtcdOptions, EtcdRegistry};
 pub use typed::{
-    delete_node, get_node, list_nodes, nodes, put_node, put_own_node, watch_nodes, Event, Object,
-    Typed, TypedWatch,
+    delete_node, get_node, list_nodes, nodes, put_node, put_own_node, put_owned_object,
+    watch_nodes, Event, Object, Typed, TypedWatch,
 };
 
 /// Largest object a backend stores or reads (1 MiB); node records are a few hundred bytes.
@@ -52,6 +52,9 @@ pub enum Kind {
     /// The cluster PSK generation ([`weft_core::control::PskGeneration`]), one object named
     /// `cluster`, written by keyctl (admin only).
     Psk,
+    /// Link health reports ([`weft_core::health::HealthReport`]), one per node, named after the
+    /// node, written by that node.
+    Health,
 }
 
 impl Kind {
@@ -62,6 +65,7 @@ impl Kind {
         Kind::Rotations,
         Kind::Revocations,
         Kind::Psk,
+        Kind::Health,
     ];
 
     /// The stable collection name ("nodes").
@@ -72,6 +76,7 @@ impl Kind {
             Kind::Rotations => "rotations",
             Kind::Revocations => "revocations",
             Kind::Psk => "psk",
+            Kind::Health => "health",
         }
     }
 }
@@ -456,6 +461,7 @@ mod tests {
         assert_eq!(Kind::Rotations.as_str(), "rotations");
         assert_eq!(Kind::Revocations.as_str(), "revocations");
         assert_eq!(Kind::Psk.as_str(), "psk");
-        assert_eq!(Kind::ALL.len(), 5);
+        assert_eq!(Kind::Health.as_str(), "health");
+        assert_eq!(Kind::ALL.len(), 6);
     }
 }

@@ -72,6 +72,24 @@ macro_rules! control_object {
 control_object!(weft_core::control::RotationRequest, Kind::Rotations);
 control_object!(weft_core::control::Revocation, Kind::Revocations);
 
+impl Object for weft_core::health::HealthReport {
+    const KIND: Kind = Kind::Health;
+    type Error = weft_core::health::HealthError;
+
+    fn decode(bytes: &[u8]) -> Result<Self, Self::Error> {
+        Self::from_json(bytes)
+    }
+    fn encode(&self) -> Vec<u8> {
+        self.to_json()
+    }
+    fn object_name(&self) -> &str {
+        &self.node
+    }
+    fn validate(&self) -> Result<(), Self::Error> {
+        self.check()
+    }
+}
+
 impl Object for weft_core::control::PskGeneration {
     const KIND: Kind = Kind::Psk;
     type Error = weft_core::control::ControlError;
@@ -362,15 +380,24 @@ pub async fn put_own_node(
     registry: &dyn Registry,
     record: &NodeRecord,
 ) -> Result<Revision, RegistryError> {
-    crate::check_object_name(Kind::Nodes, &record.name)?;
-    record.validate().map_err(|e| RegistryError::Invalid {
-        kind: Kind::Nodes,
-        name: record.name.clone(),
+    put_owned_object(registry, record).await
+}
+
+/// Validates and writes an object this node owns (its record, its health report): bound to the
+/// registry's lease where the backend has leases ([`Registry::put_owned`]), so it goes when the
+/// node does.
+pub async fn put_owned_object<T: Object>(
+    registry: &dyn Registry,
+    item: &T,
+) -> Result<Revision, RegistryError> {
+    let name = item.object_name();
+    crate::check_object_name(T::KIND, name)?;
+    item.validate().map_err(|e| RegistryError::Invalid {
+        kind: T::KIND,
+        name: name.to_string(),
         source: Box::new(e) as BoxError,
     })?;
-    registry
-        .put_owned(Kind::Nodes, &record.name, &record.encode())
-        .await
+    registry.put_owned(T::KIND, name, &item.encode()).await
 }
 
 /// Reads one node record (an error if the stored one is invalid).

@@ -78,13 +78,18 @@ fn public_key_of(n: &Node) -> String {
 fn etcd_mesh_expiry_rejoin_and_leave() {
     let (c, etcd, pods) = etcd_mesh(5, 5);
     c.assert_pods_ping(&pods.iter().collect::<Vec<_>>());
-    let keys = etcd.keys("/weft/").expect("keys");
-    let want: Vec<String> = ["claims", "nodes"]
+    // Records, claims, and the link health reports (written within a 2 s check of starting).
+    let want: Vec<String> = ["claims", "health", "nodes"]
         .iter()
         .flat_map(|k| (0..5).map(move |i| format!("/weft/{k}/node-{i}")))
         .collect();
+    let mut keys = Vec::new();
+    weft_tests::wait_until(Duration::from_secs(10), || {
+        keys = etcd.keys("/weft/").unwrap_or_default();
+        keys == want
+    });
     assert_eq!(keys, want);
-    for k in keys.iter().filter(|k| k.starts_with("/weft/nodes/")) {
+    for k in keys.iter().filter(|k| !k.starts_with("/weft/claims/")) {
         assert!(
             etcd.lease_of(k).expect("lease").is_some(),
             "{k} is not bound to a lease"
@@ -163,8 +168,9 @@ fn etcd_mesh_expiry_rejoin_and_leave() {
             let keys = etcd.keys("/weft/").unwrap_or_default();
             !keys.contains(&"/weft/nodes/node-1".to_string())
                 && !keys.contains(&"/weft/claims/node-1".to_string())
+                && !keys.contains(&"/weft/health/node-1".to_string())
         }),
-        "node-1's record or claim still in etcd after leave"
+        "node-1's record, claim or health report still in etcd after leave"
     );
     for i in [0, 2, 3, 4] {
         assert!(

@@ -93,19 +93,28 @@ fn etcd_tls_node_users_mesh_and_refusals() {
     let pods: Vec<Pod> = (0..3).map(|i| c.node(i).add_pod(0).expect("pod")).collect();
     c.wait_mesh_ready(READY).expect("mesh ready");
     c.assert_pods_ping(&pods.iter().collect::<Vec<_>>());
-    let keys = etcd.keys("/weft/").expect("keys");
-    assert_eq!(
-        keys,
-        [
-            "/weft/claims/node-0",
-            "/weft/claims/node-1",
-            "/weft/claims/node-2",
-            "/weft/nodes/node-0",
-            "/weft/nodes/node-1",
-            "/weft/nodes/node-2"
-        ]
-    );
-    for k in keys.iter().filter(|k| k.starts_with("/weft/nodes/")) {
+    // Each node also writes its link health report (within a 2 s check of starting).
+    let want = [
+        "/weft/claims/node-0",
+        "/weft/claims/node-1",
+        "/weft/claims/node-2",
+        "/weft/health/node-0",
+        "/weft/health/node-1",
+        "/weft/health/node-2",
+        "/weft/nodes/node-0",
+        "/weft/nodes/node-1",
+        "/weft/nodes/node-2",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let keys = loop {
+        let keys = etcd.keys("/weft/").expect("keys");
+        if keys == want || Instant::now() > deadline {
+            break keys;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(keys, want);
+    for k in keys.iter().filter(|k| !k.starts_with("/weft/claims/")) {
         assert!(
             etcd.lease_of(k).expect("lease").is_some(),
             "{k} is not bound to a lease"
@@ -129,6 +138,8 @@ fn etcd_tls_node_users_mesh_and_refusals() {
             &["del", "/weft/nodes/node-1"],
             &["put", "/weft/claims/node-1", "x"],
             &["del", "/weft/claims/node-1"],
+            &["put", "/weft/health/node-1", "x"],
+            &["put", "/weft/psk/cluster", "x"],
             &["put", "/weft/revocations/x", "x"],
             &["del", "/weft/revocations/x"],
             &["del", "--prefix", "/weft/"],
@@ -159,7 +170,7 @@ fn etcd_tls_node_users_mesh_and_refusals() {
     let seen = etcd
         .etcdctl_as(&node2, &["get", "--prefix", "--keys-only", "/weft/"])
         .expect("node-2 reads the prefix");
-    assert_eq!(seen.lines().filter(|l| !l.is_empty()).count(), 6, "{seen}");
+    assert_eq!(seen.lines().filter(|l| !l.is_empty()).count(), 9, "{seen}");
     // The admin may write revocations, claims and records of any node.
     for args in [
         ["put", "/weft/revocations/x", "x"].as_slice(),

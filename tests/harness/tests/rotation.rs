@@ -543,25 +543,18 @@ fn rotation_under_one_percent_loss_adds_no_loss_beyond_the_control() {
     );
 }
 
-/// The PSK generation of node `n` and of every pair it has (from its status).
-fn psk_generations(n: &Node) -> (Option<u64>, Vec<(String, Option<u64>, u64)>) {
-    let st = n.status_json().expect("status");
-    let own = st["node"]["pskGeneration"].as_u64();
-    let peers = st["peers"]
+/// The PSK generation of node `n` and, per peer, of the pair and its key pair count.
+fn psk_generations(n: &Node) -> serde_json::Value {
+    let st = n.status_json().unwrap_or_default();
+    let peers: Vec<serde_json::Value> = st["peers"]
         .as_array()
         .map(|ps| {
             ps.iter()
-                .map(|p| {
-                    (
-                        p["name"].as_str().unwrap_or_default().to_string(),
-                        p["pskGeneration"].as_u64(),
-                        p["keyPairs"].as_u64().unwrap_or(0),
-                    )
-                })
+                .map(|p| serde_json::json!([p["name"], p["pskGeneration"], p["keyPairs"]]))
                 .collect()
         })
         .unwrap_or_default();
-    (own, peers)
+    serde_json::json!({"own": st["node"]["pskGeneration"], "peers": peers})
 }
 
 /// Waits until every node and every pair is on PSK generation `g` with one slot per link.
@@ -579,7 +572,7 @@ fn wait_psk(c: &Cluster, g: u64, within: Duration) {
         })
         .unwrap_or_else(|e| {
             panic!(
-                "{} not on PSK generation {g}: {e:#} {:?}\n{}",
+                "{} not on PSK generation {g}: {e:#} {}\n{}",
                 n.name,
                 psk_generations(n),
                 c.debug_report()
@@ -751,6 +744,29 @@ fn wrong_cluster_secret_reaches_no_one() {
             );
         }
     }
+    // `keyctl status --peers` shows the same from the nodes' health reports: every link of
+    // node-2 without a handshake, node-0 <-> node-1 up on PSK generation 0.
+    let expected = |v: &serde_json::Value| {
+        let links = v["links"].as_array().cloned().unwrap_or_default();
+        links.len() == 6
+            && links.iter().all(|l| {
+                let wrong = l["node"] == "node-2" || l["peer"] == "node-2";
+                let want = if wrong { "no-handshake" } else { "up" };
+                l["state"] == want && (wrong || l["pskGeneration"] == 0)
+            })
+    };
+    let mut seen = serde_json::Value::Null;
+    let ok = weft_tests::wait_until(Duration::from_secs(8), || {
+        seen =
+            serde_json::from_str(&keyctl(&c, &["status", "--peers", "--json"])).unwrap_or_default();
+        expected(&seen)
+    });
+    assert!(ok, "keyctl status --peers: {seen:#}");
+    let table = keyctl(&c, &["status", "--peers"]);
+    assert!(
+        table.contains("2 links up, 0 idle, 4 without a handshake"),
+        "{table}"
+    );
     // The right secret: node-2 is back.
     let n2 = c.node(2);
     n2.stop_meshd(libc::SIGTERM).expect("stop");

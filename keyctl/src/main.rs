@@ -523,6 +523,10 @@ fn progress_line(p: &rotate::Progress, elapsed: Duration) -> String {
             key.fingerprint()
         ),
         rotate::Progress::NoRecord { node } => format!("{t} {node}: no record; skipped"),
+        rotate::Progress::Approved { node, next } => format!(
+            "{t} {node}: readmitted node; approved its next key {} as the successor of its approved key",
+            next.fingerprint()
+        ),
     }
 }
 

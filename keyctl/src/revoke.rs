@@ -22,7 +22,8 @@ pub fn revoke(
         .map(|r| r.public_key)
         .into_iter()
         .chain(record.and_then(|r| r.next_public_key))
-        .chain(existing.and_then(|e| e.approved_key));
+        .chain(existing.and_then(|e| e.approved_key))
+        .chain(existing.and_then(|e| e.approved_next_key));
     for k in more {
         if !keys.contains(&k) {
             keys.push(k);
@@ -32,6 +33,7 @@ pub fn revoke(
         node: node.to_string(),
         revoked_keys: keys,
         approved_key: None,
+        approved_next_key: None,
         revoked_at: now,
     }
 }
@@ -50,8 +52,35 @@ pub fn readmit(node: &str, existing: Option<&Revocation>, key: PublicKey) -> Res
     }
     Ok(Revocation {
         approved_key: Some(key),
+        approved_next_key: None,
         ..existing.clone()
     })
+}
+
+/// The revocation after a readmitted node's rotation step, as `keyctl rotate` sees its record:
+/// while the node publishes an admitted key and announces a next key, that next key becomes the
+/// approved successor (the current key stays approved until the rotation ends); once the record
+/// names the successor as its key with no next key, the successor becomes the approved key.
+/// `None` when nothing is to change (no revocation, a record that is not admitted, a revoked
+/// next key, or approval already given).
+pub fn approve_successor(existing: Option<&Revocation>, record: &NodeRecord) -> Option<Revocation> {
+    let rev = existing?;
+    if !rev.admits(&record.public_key) {
+        return None;
+    }
+    match record.next_public_key {
+        Some(next) if !rev.admits(&next) && !rev.revoked_keys.contains(&next) => Some(Revocation {
+            approved_key: Some(record.public_key),
+            approved_next_key: Some(next),
+            ..rev.clone()
+        }),
+        None if rev.approved_next_key == Some(record.public_key) => Some(Revocation {
+            approved_key: Some(record.public_key),
+            approved_next_key: None,
+            ..rev.clone()
+        }),
+        _ => None,
+    }
 }
 
 /// What to do with a stored revocation that cannot be read.
@@ -169,6 +198,33 @@ mod tests {
         let ghost = revoke("ghost", None, None, 5);
         assert!(ghost.revoked_keys.is_empty() && ghost.check().is_ok());
         assert!(!ghost.admits(&k1));
+    }
+
+    #[test]
+    fn successor_of_a_readmitted_key_is_approved_from_the_announcement() {
+        let (k1, k2, k3, k4) = (key(), key(), key(), key());
+        let r =
+            readmit("n2", Some(&revoke("n2", Some(&rec(k1, None)), None, 1)), k2).expect("readmit");
+        // Announced k3 while on the approved k2: k3 becomes the approved successor.
+        let a = approve_successor(Some(&r), &rec(k2, Some(k3))).expect("approve");
+        assert_eq!((a.approved_key, a.approved_next_key), (Some(k2), Some(k3)));
+        assert!(a.admits(&k2) && a.admits(&k3) && a.check().is_ok());
+        assert_eq!(
+            approve_successor(Some(&a), &rec(k2, Some(k3))),
+            None,
+            "already"
+        );
+        // Rotation done: k3 is the approved key.
+        let b = approve_successor(Some(&a), &rec(k3, None)).expect("settle");
+        assert_eq!((b.approved_key, b.approved_next_key), (Some(k3), None));
+        assert!(!b.admits(&k2) && b.admits(&k3));
+        // Never for a record that is not admitted, a revoked next key, or no revocation.
+        assert_eq!(approve_successor(Some(&r), &rec(k4, Some(k3))), None);
+        assert_eq!(approve_successor(Some(&r), &rec(k2, Some(k1))), None);
+        assert_eq!(approve_successor(None, &rec(k2, Some(k3))), None);
+        // Revoking again revokes the successor too.
+        let c = revoke("n2", Some(&rec(k2, Some(k3))), Some(&a), 9);
+        assert!(c.revoked_keys.contains(&k3) && c.approved_next_key.is_none());
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use weft_core::control::RotationRequest;
+use weft_core::control::{Revocation, RotationRequest};
 use weft_core::{NodeRecord, PublicKey};
 use weft_registry::{Registry, Typed};
 
@@ -57,6 +57,12 @@ pub enum Progress {
     },
     NoRecord {
         node: String,
+    },
+    /// A readmitted node announced `next`: keyctl approved it as the successor of the approved
+    /// key (`revocations/NAME` `approvedNextKey`), since only the operator may approve its keys.
+    Approved {
+        node: String,
+        next: PublicKey,
     },
 }
 
@@ -298,12 +304,21 @@ pub async fn run(
     let mut rollout = Rollout::new(nodes, opts.max_parallel, existing);
     let mut last_error = String::new();
     let mut records: BTreeMap<String, NodeRecord> = BTreeMap::new();
+    let revocations: Typed<Revocation> = Typed::new(registry.clone());
+    let mut revoked: BTreeMap<String, Revocation> = BTreeMap::new();
     loop {
         match weft_registry::list_nodes(&**registry).await {
             Ok((items, _)) => {
                 records = items.into_iter().map(|r| (r.name.clone(), r)).collect();
                 let (writes, progress) = rollout.step(&records, unix_now());
                 progress.iter().for_each(&mut *report);
+                match revocations.list().await {
+                    Ok((items, _)) => {
+                        revoked = items.into_iter().map(|r| (r.node.clone(), r)).collect();
+                        approve_successors(registry, nodes, &records, &mut revoked, report).await;
+                    }
+                    Err(e) => eprintln!("keyctl: warning: reading the revocations: {e}"),
+                }
                 for req in writes {
                     if let Err(e) = requests.put(&req).await {
                         let e = format!("writing the rotation request for {}: {e}", req.node);
@@ -327,12 +342,15 @@ pub async fn run(
             .targets()
             .iter()
             .any(|(_, t)| *t == Target::NoRecord);
+        // A readmitted node's next key needs keyctl's approval: keyctl stays for it.
+        let approving = awaiting_approval(&rollout, &records, &revoked);
         let finished = if opts.wait {
             rollout.all_done()
         } else {
-            rollout.all_requested() && !no_record
+            rollout.all_requested() && !no_record && approving.is_empty()
         };
-        let nothing_left = rollout.settled() || (!opts.wait && rollout.all_requested());
+        let nothing_left =
+            rollout.settled() || (!opts.wait && rollout.all_requested() && approving.is_empty());
         if finished || nothing_left || Instant::now() >= deadline {
             return Ok(Outcome {
                 targets: rollout.targets(),
@@ -354,6 +372,68 @@ pub async fn run(
         )
         .await;
     }
+}
+
+/// Approves the next key of every readmitted node among `nodes` that announced one (and makes
+/// the successor the approved key once the node finished), each with a compare-and-swap.
+async fn approve_successors(
+    registry: &std::sync::Arc<dyn Registry>,
+    nodes: &[String],
+    records: &BTreeMap<String, NodeRecord>,
+    revoked: &mut BTreeMap<String, Revocation>,
+    report: &mut dyn FnMut(&Progress),
+) {
+    for name in nodes {
+        let Some(rec) = records.get(name) else {
+            continue;
+        };
+        if crate::revoke::approve_successor(revoked.get(name), rec).is_none() {
+            continue;
+        }
+        let written =
+            crate::revoke::update(&**registry, name, crate::revoke::OnCorrupt::Fail, |e| {
+                crate::revoke::approve_successor(e, rec)
+                    .or_else(|| e.cloned())
+                    .ok_or_else(|| anyhow::anyhow!("{name} is no longer revoked"))
+            })
+            .await;
+        match written {
+            Ok(r) => {
+                if let (Some(next), true) = (r.approved_next_key, rec.next_public_key.is_some()) {
+                    report(&Progress::Approved {
+                        node: name.clone(),
+                        next,
+                    });
+                }
+                revoked.insert(name.clone(), r);
+            }
+            Err(e) => eprintln!("keyctl: warning: approving {name}'s next key: {e:#}"),
+        }
+    }
+}
+
+/// The rotating nodes under a revocation whose next key keyctl has not approved yet (not
+/// announced, or announced and not admitted).
+fn awaiting_approval(
+    rollout: &Rollout,
+    records: &BTreeMap<String, NodeRecord>,
+    revoked: &BTreeMap<String, Revocation>,
+) -> Vec<String> {
+    rollout
+        .targets()
+        .into_iter()
+        .filter(|(name, t)| {
+            let Some(rev) = revoked.get(name) else {
+                return false;
+            };
+            matches!(t, Target::Requested { .. })
+                && !records
+                    .get(name)
+                    .and_then(|r| r.next_public_key)
+                    .is_some_and(|k| rev.admits(&k))
+        })
+        .map(|(name, _)| name)
+        .collect()
 }
 
 #[cfg(test)]

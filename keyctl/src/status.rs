@@ -156,6 +156,8 @@ pub struct RevocationStatus {
     pub state: RevocationState,
     pub revoked_keys: Vec<PublicKey>,
     pub approved_key: Option<PublicKey>,
+    /// The approved successor while a readmitted node rotates.
+    pub approved_next_key: Option<PublicKey>,
     pub revoked_at: u64,
 }
 
@@ -208,6 +210,7 @@ fn node_status(
         },
         revoked_keys: v.revoked_keys.clone(),
         approved_key: v.approved_key,
+        approved_next_key: v.approved_next_key,
         revoked_at: v.revoked_at,
     });
     NodeStatus {
@@ -461,18 +464,21 @@ pub(crate) mod tests {
                     node: "c".into(),
                     revoked_keys: vec![c.public_key],
                     approved_key: None,
+                    approved_next_key: None,
                     revoked_at: 950,
                 },
                 Revocation {
                     node: "d".into(),
                     revoked_keys: vec![PrivateKey::generate().public_key()],
                     approved_key: Some(d.public_key),
+                    approved_next_key: None,
                     revoked_at: 950,
                 },
                 Revocation {
                     node: "ghost".into(),
                     revoked_keys: vec![],
                     approved_key: Some(approved),
+                    approved_next_key: None,
                     revoked_at: 960,
                 },
             ],

@@ -763,16 +763,45 @@ impl Daemon {
     /// Moves the rotation along (called on every tick and rotation request).
     async fn drive_rotation(&mut self) {
         use crate::rotation::Step;
+        // A node readmitted after a revocation is admitted only with keys the operator
+        // approved: keyctl rotate approves its next key when it sees the announcement.
+        let revocation = self.revocations.get(&self.own.name).cloned();
         if self.rotation.is_idle() {
             if self.rotation.requested > self.own.key_generation {
                 self.start_rotation("requested by keyctl rotate");
             } else if let Some(max) = self.cfg.key_max_age {
                 let age = unix_now().saturating_sub(self.own.key_created_at);
                 if self.own.key_created_at > 0 && age >= max.as_secs() {
-                    self.start_rotation("key older than --key-max-age");
+                    if revocation.is_some() {
+                        if !self.rotation.held {
+                            tracing::warn!(
+                                "key older than --key-max-age, but this node was readmitted after a \
+                                 revocation: it rotates only through `keyctl rotate`, which \
+                                 approves its next key"
+                            );
+                            self.rotation.held = true;
+                        }
+                    } else {
+                        self.start_rotation("key older than --key-max-age");
+                    }
                 }
             }
             return;
+        }
+        if let (Some(rev), Some(next)) = (&revocation, self.rotation.next) {
+            if !rev.admits(&next) {
+                // Peers would refuse the next key: wait in the announced phase (the old key
+                // keeps working) until keyctl approves it.
+                if !self.rotation.held {
+                    tracing::warn!(
+                        next = %next.fingerprint(),
+                        "waiting for the operator to approve the next key (keyctl rotate does \
+                         when it sees the announcement): this node was readmitted after a revocation"
+                    );
+                    self.rotation.held = true;
+                }
+                return;
+            }
         }
         let announced = self.records.get(&self.own.name).is_some_and(|r| {
             r.next_public_key.is_some() && r.next_public_key == self.rotation.next

@@ -159,6 +159,7 @@ mod tests {
             node: node.into(),
             revoked_keys: vec![PrivateKey::generate().public_key()],
             approved_key: None,
+            approved_next_key: None,
             revoked_at: 7,
         }
     }

@@ -56,6 +56,9 @@ pub struct Rotation {
     /// Tests only (`WEFT_TEST_ROTATION_DWELL_MS`): the least time spent announced and
     /// handshaking, so a test can kill meshd in each phase. Zero otherwise.
     pub dwell: Duration,
+    /// Set while the rotation is held back (a readmitted node's next key awaiting approval),
+    /// so the reason is logged once.
+    pub held: bool,
 }
 
 impl Default for Rotation {
@@ -68,6 +71,7 @@ impl Default for Rotation {
             requested: 0,
             done: 0,
             dwell: Duration::ZERO,
+            held: false,
         }
     }
 }
@@ -96,6 +100,7 @@ impl Rotation {
             seen: None,
         };
         self.next = Some(next);
+        self.held = false;
         self.reason = reason.to_string();
         self.started.get_or_insert(now);
     }
@@ -158,6 +163,7 @@ impl Rotation {
         self.phase = Phase::Idle;
         self.next = None;
         self.started = None;
+        self.held = false;
         self.done += 1;
     }
 
@@ -176,6 +182,7 @@ impl Rotation {
             "peers": progress,
             "requestedGeneration": self.requested,
             "rotationsDone": self.done,
+            "waitingForApproval": self.held && self.next.is_some(),
         })
     }
 }

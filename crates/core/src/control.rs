@@ -103,6 +103,11 @@ pub struct Revocation {
     /// The one key the operator approved after the revocation, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approved_key: Option<PublicKey>,
+    /// The successor of the approved key: the next key the readmitted node announced in a
+    /// rotation that `keyctl rotate` asked for, approved by keyctl when it saw the announcement
+    /// (a node cannot approve its own keys). Admitted like the approved key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved_next_key: Option<PublicKey>,
     /// Unix seconds.
     #[serde(default)]
     pub revoked_at: u64,
@@ -121,21 +126,38 @@ impl Revocation {
 
     pub fn check(&self) -> Result<(), ControlError> {
         check_node(&self.node)?;
-        if let Some(k) = &self.approved_key {
-            if self.revoked_keys.contains(k) {
+        for (field, key) in [
+            ("approvedKey", &self.approved_key),
+            ("approvedNextKey", &self.approved_next_key),
+        ] {
+            if key.is_some_and(|k| self.revoked_keys.contains(&k)) {
                 return Err(ControlError::Field {
-                    field: "approvedKey",
+                    field,
                     reason: "is one of the revoked keys".into(),
                 });
             }
         }
+        if self.approved_next_key.is_some() && self.approved_key.is_none() {
+            return Err(ControlError::Field {
+                field: "approvedNextKey",
+                reason: "needs an approvedKey it succeeds".into(),
+            });
+        }
+        if self.approved_next_key.is_some() && self.approved_next_key == self.approved_key {
+            return Err(ControlError::Field {
+                field: "approvedNextKey",
+                reason: "must differ from approvedKey".into(),
+            });
+        }
         Ok(())
     }
 
-    /// Whether a node publishing `key` may be a peer: only with the approved key, and never with
-    /// a revoked one.
+    /// Whether a node publishing `key` may be a peer: only with the approved key (or its approved
+    /// successor), and never with a revoked one.
     pub fn admits(&self, key: &PublicKey) -> bool {
-        !self.revoked_keys.contains(key) && self.approved_key.as_ref() == Some(key)
+        !self.revoked_keys.contains(key)
+            && (self.approved_key.as_ref() == Some(key)
+                || self.approved_next_key.as_ref() == Some(key))
     }
 
     /// [`Revocation::admits`] with the reason when it does not.
@@ -144,6 +166,9 @@ impl Revocation {
             return Err(Revoked::KeyRevoked {
                 key: key.fingerprint(),
             });
+        }
+        if self.approved_next_key.as_ref() == Some(key) {
+            return Ok(());
         }
         match &self.approved_key {
             Some(a) if a == key => Ok(()),
@@ -216,12 +241,24 @@ mod tests {
             node: "n1".into(),
             revoked_keys: vec![a],
             approved_key: None,
+            approved_next_key: None,
             revoked_at: 1,
         };
         assert!(!r.admits(&a) && !r.admits(&b));
         r.approved_key = Some(b);
         assert!(!r.admits(&a) && r.admits(&b));
         assert_eq!(Revocation::from_json(&r.to_json()), Ok(r.clone()));
+        // An approved successor (keyctl rotate of a readmitted node) is admitted too.
+        let c = PrivateKey::generate().public_key();
+        r.approved_next_key = Some(c);
+        assert!(r.admits(&b) && r.admits(&c) && !r.admits(&a));
+        assert!(r.verdict(&c).is_ok() && r.check().is_ok());
+        assert_eq!(Revocation::from_json(&r.to_json()), Ok(r.clone()));
+        r.approved_next_key = Some(a);
+        assert!(r.check().is_err(), "a revoked successor");
+        r.approved_next_key = Some(b);
+        assert!(r.check().is_err(), "successor equal to the approved key");
+        r.approved_next_key = None;
         r.approved_key = Some(a);
         assert!(r.check().is_err());
         assert!(Revocation::from_json(br#"{"node":"N","revokedKeys":[]}"#).is_err());
@@ -261,6 +298,7 @@ mod tests {
             node: "b".into(),
             revoked_keys: vec![old],
             approved_key: None,
+            approved_next_key: None,
             revoked_at: 1,
         };
         revs.insert("b".to_string(), rev.clone());
@@ -271,6 +309,7 @@ mod tests {
                 node: "ghost".into(),
                 revoked_keys: vec![],
                 approved_key: None,
+                approved_next_key: None,
                 revoked_at: 1,
             },
         );

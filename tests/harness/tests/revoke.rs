@@ -8,7 +8,10 @@
 //! 3. node-2 restarted with the same key (it publishes the revoked key again): still refused;
 //! 4. node-2 with a fresh key (private.key deleted, restarted): still refused (not approved);
 //! 5. `keyctl readmit node-2 --public-key NEWKEY`: traffic restored within a few seconds;
-//! 6. no private key (the private.key files' base64) appears in keyctl's output, the registry or
+//! 6. the readmitted node-2 rotates (`keyctl rotate --node node-2 --wait`): keyctl approves the
+//!    next key it announces (a node cannot approve its own keys), no ping between node-0 and
+//!    node-2 is lost at 50 Hz, and the revocation ends approving node-2's new key alone;
+//! 7. no private key (the private.key files' base64) appears in keyctl's output, the registry or
 //!    meshd's logs.
 //!
 //! Needs root, etcd and the workspace binaries (meshd, keyctl); run serially:
@@ -451,6 +454,44 @@ fn revoke_scenario(with_etcd: bool) {
         n2["revocation"]["approvedKey"].as_str(),
         Some(new_key.as_str())
     );
+
+    // The readmitted node rotates: keyctl approves the next key node-2 announces, node-2 stays
+    // connected (50 Hz pings both ways lose nothing), and its new key ends the approved one.
+    let opts = PingOpts::count(600).interval(0.02).wait(1);
+    let pings = [
+        p0.bg_ping(p2.ip, &opts).expect("ping"),
+        p2.bg_ping(p0.ip, &opts).expect("ping"),
+    ];
+    std::thread::sleep(Duration::from_secs(1));
+    let t2 = Instant::now();
+    let out = m.keyctl_ok(&["rotate", "--node", "node-2", "--wait", "--timeout", "60"]);
+    eprintln!("[{label}] readmitted node-2 rotated in {:?}", t2.elapsed());
+    assert!(out.contains("approved its next key"), "{out}");
+    let rotated_key = public_key(m.node(2));
+    assert_ne!(rotated_key, new_key);
+    private_keys.push(private_key(m.node(2)));
+    for (i, p) in pings.into_iter().enumerate() {
+        let r = p.finish().expect("ping result");
+        assert_eq!(
+            r.lost(),
+            0,
+            "[{label}] ping {i} lost {:?} while the readmitted node rotated\n{}",
+            r.lost_seqs(),
+            m.c.debug_report()
+        );
+    }
+    let st = m.keyctl_status();
+    let n2 = keyctl_node(&st, "node-2");
+    assert_eq!(n2["revocation"]["state"], "readmitted", "{n2}");
+    assert_eq!(n2["admitted"], true, "{n2}");
+    assert_eq!(n2["keyGeneration"], 3, "{n2}");
+    assert_eq!(
+        n2["revocation"]["approvedKey"].as_str(),
+        Some(rotated_key.as_str()),
+        "{n2}"
+    );
+    assert!(n2["revocation"]["approvedNextKey"].is_null(), "{n2}");
+    m.all_pods_ping();
 
     // No private key anywhere keyctl or meshd wrote or printed.
     let registry = m.registry_dump();

@@ -325,9 +325,16 @@ fn rotate_all_at_once_with_etcd_loses_nothing() {
     });
 }
 
-/// The record of `name` in the dir registry.
-fn record(c: &Cluster, name: &str) -> serde_json::Value {
-    let bytes = std::fs::read(c.registry.record_path(name)).expect("record");
+/// The record of `name` in the dir registry, or in etcd.
+fn record(c: &Cluster, etcd: Option<&weft_tests::Etcd>, name: &str) -> serde_json::Value {
+    let bytes = match etcd {
+        Some(e) => e
+            .get(&format!("/weft/nodes/{name}"))
+            .expect("etcd get")
+            .expect("record in etcd")
+            .into_bytes(),
+        None => std::fs::read(c.registry.record_path(name)).expect("record"),
+    };
     serde_json::from_slice(&bytes).expect("record JSON")
 }
 
@@ -337,8 +344,27 @@ fn record(c: &Cluster, name: &str) -> serde_json::Value {
 /// one, no next key left anywhere) and connected (every pod pings every other).
 #[test]
 fn sigkill_in_each_rotation_phase_ends_consistent_and_connected() {
+    sigkill_in_each_phase(false);
+}
+
+/// [`sigkill_in_each_rotation_phase_ends_consistent_and_connected`] with etcd as the registry
+/// (the killed meshd's record stays bound to its old lease until the restarted one rewrites it
+/// on a new lease).
+#[test]
+fn sigkill_in_each_rotation_phase_with_etcd_ends_consistent_and_connected() {
+    sigkill_in_each_phase(true);
+}
+
+fn sigkill_in_each_phase(with_etcd: bool) {
     setup();
     let c = Cluster::with_nodes(3).expect("cluster");
+    let etcd = with_etcd.then(|| c.start_etcd().expect("etcd"));
+    let spec = etcd.as_ref().map(|e| e.spec());
+    ETCD_SPEC.with(|e| *e.borrow_mut() = spec.clone());
+    let args: Vec<&str> = match &spec {
+        Some(s) => vec!["--registry", s.as_str()],
+        None => Vec::new(),
+    };
     let pods: Vec<Pod> = (0..3).map(|i| c.node(i).add_pod(0).expect("pod")).collect();
     // Each phase lasts at least 3 s, so the test can kill meshd inside it. Trace-level logs, so
     // the secrecy check below covers everything meshd (and boringtun) can log.
@@ -350,7 +376,7 @@ fn sigkill_in_each_rotation_phase_ends_consistent_and_connected() {
         ("RUST_LOG".to_string(), "trace".to_string()),
     ];
     for n in &c.nodes {
-        n.start_meshd_env(&[], &env).expect("meshd");
+        n.start_meshd_env(&args, &env).expect("meshd");
     }
     c.wait_mesh_ready(READY).expect("mesh ready");
     let n0 = c.node(0);
@@ -369,11 +395,11 @@ fn sigkill_in_each_rotation_phase_ends_consistent_and_connected() {
         secrets.extend(read_key("next.key"));
         n0.stop_meshd(libc::SIGKILL).expect("SIGKILL");
         let killed = Instant::now();
-        n0.start_meshd(&[]).expect("restart");
+        n0.start_meshd(&args).expect("restart");
         wait_rotated(&c, n0, g + 1, Duration::from_secs(30));
         let key = public_key(n0);
         assert_ne!(key, old, "{phase}: still the old key");
-        let rec = record(&c, &n0.name);
+        let rec = record(&c, etcd.as_ref(), &n0.name);
         assert_eq!(
             rec["publicKey"].as_str(),
             Some(key.as_str()),
@@ -439,13 +465,27 @@ fn sigkill_in_each_rotation_phase_ends_consistent_and_connected() {
         assert!(!keyctl_out.to_lowercase().contains(h));
     }
     let mut registry_text = String::new();
-    for kind in ["nodes", "rotations"] {
-        if let Ok(rd) = std::fs::read_dir(c.registry.dir.join(kind)) {
-            for e in rd.flatten() {
-                registry_text.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+    match &etcd {
+        Some(e) => {
+            for (_, v) in e.get_prefix("/weft/").expect("etcd get") {
+                registry_text.push_str(&String::from_utf8_lossy(&v));
+            }
+        }
+        None => {
+            for kind in ["nodes", "rotations", "health"] {
+                if let Ok(rd) = std::fs::read_dir(c.registry.dir.join(kind)) {
+                    for e in rd.flatten() {
+                        registry_text
+                            .push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+                    }
+                }
             }
         }
     }
+    assert!(
+        registry_text.contains("publicKey"),
+        "registry dump is empty"
+    );
     for secret in &secrets {
         let secret = secret.trim();
         for n in &c.nodes {
@@ -491,11 +531,28 @@ fn lost_over(pods: &[Pod], secs: u32, during: impl FnOnce()) -> (u32, u32) {
 /// the worst control plus three standard deviations of a Poisson count at that level.
 #[test]
 fn rotation_under_one_percent_loss_adds_no_loss_beyond_the_control() {
+    rotation_under_loss(false);
+}
+
+/// The same with etcd as the registry (its TCP traffic crosses the same lossy underlay).
+#[test]
+fn rotation_under_one_percent_loss_with_etcd_adds_no_loss_beyond_the_control() {
+    rotation_under_loss(true);
+}
+
+fn rotation_under_loss(with_etcd: bool) {
     setup();
     let c = Cluster::with_nodes(3).expect("cluster");
+    let etcd = with_etcd.then(|| c.start_etcd().expect("etcd"));
+    let spec = etcd.as_ref().map(|e| e.spec());
+    ETCD_SPEC.with(|e| *e.borrow_mut() = spec.clone());
+    let args: Vec<&str> = match &spec {
+        Some(s) => vec!["--registry", s.as_str()],
+        None => Vec::new(),
+    };
     let pods: Vec<Pod> = (0..3).map(|i| c.node(i).add_pod(0).expect("pod")).collect();
     for n in &c.nodes {
-        n.start_meshd(&[]).expect("meshd");
+        n.start_meshd(&args).expect("meshd");
     }
     c.wait_mesh_ready(READY).expect("mesh ready");
     for n in &c.nodes {
@@ -528,8 +585,10 @@ fn rotation_under_one_percent_loss_adds_no_loss_beyond_the_control() {
     let worst = controls.iter().map(|(l, _)| *l).max().unwrap_or(0);
     let bound = worst + (3.0 * f64::from(worst.max(1)).sqrt()).ceil() as u32;
     eprintln!(
-        "1% loss: controls lost {:?}, with rotation {:?}; bound {bound}",
-        controls, rotated
+        "1% loss{}: controls lost {:?}, with rotation {:?}; bound {bound}",
+        if with_etcd { " (etcd)" } else { "" },
+        controls,
+        rotated
     );
     for (l, s) in &controls {
         assert!(*s >= 6 * (100 * SECS - 50), "control ran short: {s}");

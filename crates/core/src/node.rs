@@ -8,7 +8,7 @@
 use crate::allowed_ips::AllowedIps;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::packet;
-use crate::peer::{DropReason, Drops, KeySlot, Peer, PeerConfig, QUEUE_LIMIT};
+use crate::peer::{DropReason, Drops, KeySlot, Peer, PeerConfig, PeerKind, QUEUE_LIMIT};
 use crate::reconcile::Command;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -138,6 +138,8 @@ impl std::fmt::Debug for Node {
 #[serde(rename_all = "camelCase")]
 pub struct PeerStatus {
     pub name: String,
+    /// `node`, or `external` for an external standard WireGuard peer.
+    pub kind: PeerKind,
     pub public_key: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_public_key: Option<String>,
@@ -467,12 +469,19 @@ impl Node {
         Ok(())
     }
 
-    /// Starts a handshake with every peer on the next key (the pair with the peer's newest key).
+    /// Starts a handshake with every node peer on the next key (the pair with the peer's newest
+    /// key). External peers are left alone: a standard WireGuard peer knows one key per node and
+    /// would drop a handshake from the next one; they keep the current key until it is retired.
     pub fn initiate_next(&mut self) {
         let Some(next) = self.next_key() else {
             return;
         };
-        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        let ids: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.config.kind == PeerKind::Node)
+            .map(|(id, _)| *id)
+            .collect();
         for id in ids {
             let theirs = self
                 .peers
@@ -513,14 +522,16 @@ impl Node {
         }
     }
 
-    /// Per peer (by name), how far it has come in moving to this node's next key. Empty when
-    /// this node is not rotating.
+    /// Per node peer (by name), how far it has come in moving to this node's next key. Empty
+    /// when this node is not rotating. External peers are not listed: they cannot move to a key
+    /// their config does not name, so waiting for them would only delay the rotation.
     pub fn rotation_progress(&self) -> BTreeMap<String, PeerRotation> {
         let Some(next) = self.next_key() else {
             return BTreeMap::new();
         };
         self.peers
             .values()
+            .filter(|p| p.config.kind == PeerKind::Node)
             .map(|p| {
                 let mine = p.slots.iter().filter(|s| s.own == next);
                 let mut state = PeerRotation::Handshaking;
@@ -984,6 +995,7 @@ impl Node {
             .values()
             .map(|p| PeerStatus {
                 name: p.config.name.clone(),
+                kind: p.config.kind,
                 public_key: p.config.public_key.to_base64(),
                 next_public_key: p.config.next_public_key.map(|k| k.to_base64()),
                 key_generation: p.config.key_generation,
@@ -1051,6 +1063,7 @@ mod tests {
                 let addr: SocketAddr = format!("198.18.0.{}:51820", 10 + i).parse().expect("addr");
                 cfgs.push(PeerConfig {
                     name: format!("n{i}"),
+                    kind: PeerKind::Node,
                     public_key: k.public_key(),
                     next_public_key: None,
                     endpoints: vec![addr],
@@ -1199,6 +1212,62 @@ mod tests {
             }
         }
         assert_eq!(to_stranger, 0);
+    }
+
+    /// An external peer without an endpoint: packets for it wait (the handshake has nowhere to
+    /// go: noPeer) until its own handshake arrives, which sets the endpoint; then the queue is
+    /// flushed. A rotation neither handshakes with it on the next key nor waits for it.
+    #[test]
+    fn external_peer_without_endpoint_is_reached_after_it_handshakes_in() {
+        let now = Instant::now();
+        let (mut net, cfgs) = Net::new(3);
+        let mut ext = cfgs[1].clone();
+        ext.kind = PeerKind::External;
+        ext.endpoints.clear();
+        net.nodes[0].1.add_peer(ext).expect("add external");
+        net.nodes[0].1.add_peer(cfgs[2].clone()).expect("add n3");
+        net.nodes[2].1.add_peer(cfgs[0].clone()).expect("add n1");
+        net.run(now);
+        assert_eq!(net.nodes[0].1.peer("n2").and_then(|p| p.endpoint), None);
+        let no_peer = net.nodes[0].1.drops().get(DropReason::NoPeer);
+        assert!(no_peer >= 1, "the handshake had nowhere to go");
+        let p = ipv4_packet([10, 42, 1, 5], [10, 42, 2, 7], b"to-the-laptop");
+        net.nodes[0].1.handle_tun(&p, now);
+        net.run(now);
+        assert!(net.delivered[1].is_empty());
+        assert_eq!(net.nodes[0].1.peer("n2").map(|p| p.queue.len()), Some(1));
+        let st = net.nodes[0].1.peer_status();
+        assert_eq!(st[0].kind, PeerKind::External);
+        assert_eq!(st[0].endpoint, None);
+
+        // The external peer knows node 0's endpoint and handshakes in.
+        net.nodes[1].1.add_peer(cfgs[0].clone()).expect("add n1");
+        net.run(now);
+        assert_eq!(
+            net.nodes[0].1.peer("n2").and_then(|p| p.endpoint),
+            Some(net.nodes[1].0),
+            "endpoint learnt from the handshake"
+        );
+        assert_eq!(net.delivered[1], vec![p]);
+        let back = ipv4_packet([10, 42, 2, 7], [10, 42, 1, 5], b"reply");
+        net.nodes[1].1.handle_tun(&back, now);
+        net.run(now);
+        assert_eq!(net.delivered[0], vec![back]);
+
+        // Node 0 rotates: only the node peer gets a handshake on the next key, and only the
+        // node peer counts for the rotation.
+        let next = PrivateKey::generate();
+        net.nodes[0].1.set_next_key(next).expect("next");
+        net.nodes[0].1.initiate_next();
+        let mut to: Vec<SocketAddr> = Vec::new();
+        while let Some(o) = net.nodes[0].1.poll_output() {
+            if let Output::Transmit { dst, .. } = o {
+                to.push(dst);
+            }
+        }
+        assert_eq!(to, vec![net.nodes[2].0]);
+        let progress = net.nodes[0].1.rotation_progress();
+        assert_eq!(progress.keys().collect::<Vec<_>>(), ["n3"]);
     }
 
     #[test]

@@ -10,8 +10,8 @@
 //!
 //! The registry is a set of typed collections ([`Kind`]): node records and pod CIDR claims (see
 //! [`claims`]: claimed with a compare-and-swap over the whole collection, [`Registry::
-//! put_if_unchanged`]), rotation requests and revocations (written by keyctl); external peers join
-//! them later. [`Registry`] is the raw, object-safe, backend-neutral interface (held as
+//! put_if_unchanged`]), rotation requests, revocations and external standard WireGuard peers
+//! (written by keyctl). [`Registry`] is the raw, object-safe, backend-neutral interface (held as
 //! `Arc<dyn Registry>`); [`Typed`] decodes and validates on top of it, skipping (and logging)
 //! objects that fail to parse so one bad record never ends a watch. Backends: [`dir`] (one JSON file per object, the embedded default)
 //! and [`etcd`] (one key per object, a node's own record bound to a lease, see
@@ -49,6 +49,9 @@ pub enum Kind {
     Rotations,
     /// Revocations ([`weft_core::control::Revocation`]), written by keyctl (admin only).
     Revocations,
+    /// External standard WireGuard peers ([`weft_core::external::ExternalPeer`]), written by
+    /// `keyctl peer` (admin only), named after the peer.
+    Peers,
 }
 
 impl Kind {
@@ -58,6 +61,7 @@ impl Kind {
         Kind::Claims,
         Kind::Rotations,
         Kind::Revocations,
+        Kind::Peers,
     ];
 
     /// The stable collection name ("nodes").
@@ -67,6 +71,7 @@ impl Kind {
             Kind::Claims => "claims",
             Kind::Rotations => "rotations",
             Kind::Revocations => "revocations",
+            Kind::Peers => "peers",
         }
     }
 }
@@ -450,6 +455,7 @@ mod tests {
         assert_eq!(Kind::Claims.as_str(), "claims");
         assert_eq!(Kind::Rotations.as_str(), "rotations");
         assert_eq!(Kind::Revocations.as_str(), "revocations");
-        assert_eq!(Kind::ALL.len(), 4);
+        assert_eq!(Kind::Peers.as_str(), "peers");
+        assert_eq!(Kind::ALL.len(), 5);
     }
 }

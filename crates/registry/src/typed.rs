@@ -72,6 +72,24 @@ macro_rules! control_object {
 control_object!(weft_core::control::RotationRequest, Kind::Rotations);
 control_object!(weft_core::control::Revocation, Kind::Revocations);
 
+impl Object for weft_core::external::ExternalPeer {
+    const KIND: Kind = Kind::Peers;
+    type Error = weft_core::external::ExternalError;
+
+    fn decode(bytes: &[u8]) -> Result<Self, Self::Error> {
+        Self::from_json(bytes)
+    }
+    fn encode(&self) -> Vec<u8> {
+        self.to_json()
+    }
+    fn object_name(&self) -> &str {
+        &self.name
+    }
+    fn validate(&self) -> Result<(), Self::Error> {
+        self.check()
+    }
+}
+
 /// One event of a typed watch; see [`RawEvent`] for the meaning of each.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event<T> {

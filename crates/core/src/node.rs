@@ -121,7 +121,14 @@ pub struct Node {
     outputs: VecDeque<Output>,
     drops: Drops,
     scratch: Vec<u8>,
+    /// Endpoints learnt from external peers (which may have none configured) that were removed,
+    /// by key: used again if the same peer is added back (a revocation lifted, a conflict
+    /// resolved), so this node can handshake with it at once instead of waiting for it.
+    learnt_endpoints: HashMap<PublicKey, SocketAddr>,
 }
+
+/// Most learnt endpoints of removed external peers kept.
+const LEARNT_ENDPOINTS_MAX: usize = 1024;
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -170,6 +177,7 @@ impl Node {
             outputs: VecDeque::new(),
             drops: Drops::default(),
             scratch: vec![0u8; MAX_DATAGRAM + MIN_BUF],
+            learnt_endpoints: HashMap::new(),
         }
     }
 
@@ -333,8 +341,14 @@ impl Node {
             self.allowed.insert(*net, id);
         }
         self.names.insert(cfg.name.clone(), id);
+        let learnt = match cfg.kind {
+            PeerKind::External if cfg.endpoints.is_empty() => {
+                self.learnt_endpoints.remove(&cfg.public_key)
+            }
+            _ => None,
+        };
         let peer = Peer {
-            endpoint: cfg.endpoints.first().copied(),
+            endpoint: cfg.endpoints.first().copied().or(learnt),
             config: cfg,
             slots: Vec::new(),
             endpoint_index: 0,
@@ -436,6 +450,14 @@ impl Node {
             }
             let queued = p.queue.len() as u64;
             self.drops.add(DropReason::NoPeer, queued);
+            if let (PeerKind::External, Some(ep), true) =
+                (p.config.kind, p.endpoint, p.endpoint_confirmed)
+            {
+                if self.learnt_endpoints.len() >= LEARNT_ENDPOINTS_MAX {
+                    self.learnt_endpoints.clear();
+                }
+                self.learnt_endpoints.insert(p.config.public_key, ep);
+            }
         }
         self.allowed.retain(|v| *v != id);
         tracing::info!("peer removed");
@@ -1268,6 +1290,24 @@ mod tests {
         assert_eq!(to, vec![net.nodes[2].0]);
         let progress = net.nodes[0].1.rotation_progress();
         assert_eq!(progress.keys().collect::<Vec<_>>(), ["n3"]);
+        net.nodes[0].1.drop_next_key();
+
+        // Removed and added back (say a revocation was lifted): the learnt endpoint is used
+        // again, so node 0 handshakes with it at once.
+        net.nodes[0].1.remove_peer("n2").expect("remove");
+        net.run(now);
+        let mut again = cfgs[1].clone();
+        again.kind = PeerKind::External;
+        again.endpoints.clear();
+        net.nodes[0].1.add_peer(again).expect("add again");
+        assert_eq!(
+            net.nodes[0].1.peer("n2").and_then(|p| p.endpoint),
+            Some(net.nodes[1].0)
+        );
+        assert!(matches!(
+            net.nodes[0].1.poll_output(),
+            Some(Output::Transmit { dst, .. }) if dst == net.nodes[1].0
+        ));
     }
 
     #[test]

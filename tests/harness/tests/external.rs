@@ -12,9 +12,11 @@
 //!    and the laptop still reaches it; once the old key is retired, status flags the laptop
 //!    STALE naming node-1 and the old config no longer reaches node-1 (node-0 still works).
 //!    `keyctl peer config laptop` re-applied: everything works again, status no longer stale.
-//! 4. `keyctl peer rm laptop`: every meshd drops the peer, the laptop's traffic and handshakes
+//! 4. `keyctl revoke laptop`: every meshd drops it (`refusedExternalPeers`: "revoked..."); with
+//!    the revocation deleted it is back.
+//! 5. `keyctl peer rm laptop`: every meshd drops the peer, the laptop's traffic and handshakes
 //!    are refused (`unknownPeer`).
-//! 5. No private key appears in keyctl's output or in the registry.
+//! 6. No private key appears in keyctl's output or in the registry.
 //!
 //! A second test covers bad input: `keyctl peer add` refuses (exit 64, naming the flag and the
 //! conflicting node or peer) overlapping ranges, bad keys, CIDRs and names and writes nothing;
@@ -328,7 +330,29 @@ fn external_peer_end_to_end() {
     let ext = status_external(&keyctl_status(&c, &mut log), "laptop");
     assert_eq!(ext["stale"], false, "{ext}");
 
-    // 4. Removal: every node drops the peer and refuses its handshakes.
+    // 4. Revocation by name works as for nodes: every node drops it and says why; lifting the
+    // revocation (deleting revocations/laptop) brings it back.
+    keyctl_ok(&c, &mut log, &["revoke", "laptop"]);
+    for n in &nodes {
+        let st = n
+            .wait_status(Duration::from_secs(5), |st| {
+                peer_of(st, "laptop").is_none()
+                    && st["refusedExternalPeers"]["laptop"]
+                        .as_str()
+                        .is_some_and(|r| r.starts_with("revoked"))
+            })
+            .unwrap_or_else(|e| panic!("{} did not drop the revoked laptop: {e:#}", n.name));
+        assert!(peer_of(&st, "node-0").is_some() || n.index == 0);
+    }
+    assert_eq!(
+        laptop_ping(laptop, pods[0].ip, None),
+        0,
+        "revoked laptop reaches a pod"
+    );
+    std::fs::remove_file(c.registry.dir.join("revocations/laptop.json")).expect("lift");
+    assert_laptop_reaches(&c, laptop, &pods);
+
+    // 5. Removal: every node drops the peer and refuses its handshakes.
     keyctl_ok(&c, &mut log, &["peer", "rm", "laptop"]);
     for n in &nodes {
         n.wait_status(Duration::from_secs(5), |st| peer_of(st, "laptop").is_none())
@@ -361,7 +385,7 @@ fn external_peer_end_to_end() {
     // The mesh itself is untouched.
     c.assert_pods_ping(&pods.iter().collect::<Vec<_>>());
 
-    // 5. No private key anywhere keyctl writes or prints.
+    // 6. No private key anywhere keyctl writes or prints.
     let mut registry = String::new();
     dump_dir(&c.registry.dir, &mut registry);
     assert!(

@@ -447,7 +447,10 @@ mod tests {
     fn stale_when_a_key_is_retired_not_while_rotating() {
         let (a, b) = (node("node-a", 1), node("node-b", 2));
         let mut p = laptop();
-        assert!(staleness(&p, &[a.clone()]).stale, "never printed");
+        assert!(
+            staleness(&p, std::slice::from_ref(&a)).stale,
+            "never printed"
+        );
         p.config_keys = config_keys(&[a.clone(), b.clone()]);
         p.config_printed_at = 100;
         let s = staleness(&p, &[a.clone(), b.clone()]);

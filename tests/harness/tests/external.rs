@@ -216,7 +216,7 @@ fn external_peer_end_to_end() {
     assert_eq!(stored["publicKey"], keys.public_key.as_str());
     assert_eq!(
         stored["configKeys"]["node-1"],
-        public_key(&nodes[1]).as_str()
+        public_key(nodes[1]).as_str()
     );
     let t_add = Instant::now();
     let ifname = laptop
@@ -269,7 +269,7 @@ fn external_peer_end_to_end() {
     assert_eq!(ext["refused"], Value::Null, "{ext}");
 
     // 3. node-1 rotates. While it rotates the old key still works and the config is not stale.
-    let old_key = public_key(&nodes[1]);
+    let old_key = public_key(nodes[1]);
     keyctl_ok(&c, &mut log, &["rotate", "--node", "node-1"]);
     let mut saw_rotating = false;
     let rotating_ok = weft_tests::wait_until(Duration::from_secs(15), || {
@@ -297,7 +297,7 @@ fn external_peer_end_to_end() {
                 && st["rotation"]["phase"] == "idle"
         })
         .expect("node-1 finished rotating");
-    let new_key = public_key(&nodes[1]);
+    let new_key = public_key(nodes[1]);
     let ext = status_external(&keyctl_status(&c, &mut log), "laptop");
     assert_eq!(ext["stale"], true, "{ext}");
     assert_eq!(ext["changedKeys"][0]["node"], "node-1", "{ext}");

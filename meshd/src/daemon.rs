@@ -54,6 +54,9 @@ struct Daemon {
     /// External standard WireGuard peers (`peers/NAME`, written by `keyctl peer add`).
     externals: BTreeMap<String, ExternalPeer>,
     refused_external: BTreeMap<String, String>,
+    /// Whether node records are known (a first listing, or the cache): external peers are
+    /// checked against the nodes, so none is added before.
+    nodes_known: bool,
     routes: HashSet<Route>,
     connectivity: String,
     /// The task writing this node's record until the registry accepts it.
@@ -334,6 +337,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
             .map(|p| (p.name.clone(), p))
             .collect(),
         refused_external: BTreeMap::new(),
+        nodes_known: false,
         routes: HashSet::new(),
         connectivity: "connecting".into(),
         publisher: None,
@@ -356,6 +360,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
             "starting from the cached peer set"
         );
         d.records = cached.into_iter().map(|r| (r.name.clone(), r)).collect();
+        d.nodes_known = true;
         d.reconcile().await;
     }
     if let Some((alloc, block, confirmed)) = claim {
@@ -859,6 +864,7 @@ impl Daemon {
         match ev {
             Event::Reset { items, .. } => {
                 self.records = items.into_iter().map(|r| (r.name.clone(), r)).collect();
+                self.nodes_known = true;
                 let was_down = !self.connectivity.starts_with("connected");
                 self.connectivity = "connected".into();
                 // After an outage, write our record again in case the registry lost it; a
@@ -933,8 +939,13 @@ impl Daemon {
             self.records.values().filter(|r| r.name != own).cloned(),
             &self.revocations,
         );
-        let (externals, ext_revoked) =
-            filter_revoked_external(self.externals.values().cloned(), &self.revocations);
+        // Until the node records are known an external peer cannot be checked against them.
+        let externals = self
+            .externals
+            .values()
+            .filter(|_| self.nodes_known)
+            .cloned();
+        let (externals, ext_revoked) = filter_revoked_external(externals, &self.revocations);
         // Node records take precedence: externals are checked against the accepted nodes.
         let set = desired_peer_set(&self.own, admitted, externals);
         let desired = set.peers;

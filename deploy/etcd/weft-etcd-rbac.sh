@@ -6,8 +6,9 @@
 #
 # For the prefix PREFIX (default /weft) it makes sure that:
 #   - the role weft-admin has readwrite on the prefix PREFIX/, and the user weft-admin has it.
-#     keyctl and operators use this user. Revocations and everything else under PREFIX that is
-#     not a node's own record or claim are written only by it.
+#     keyctl and operators use this user. Revocations, external peers (PREFIX/peers/), the PSK
+#     generation and everything else under PREFIX that is not a node's own record, claim or
+#     health report are written only by it.
 #   - for each NODE, the role weft-node-NODE has readwrite on exactly the keys PREFIX/nodes/NODE,
 #     PREFIX/claims/NODE and PREFIX/health/NODE and read on the prefix PREFIX/, and the user
 #     weft-node-NODE has it.

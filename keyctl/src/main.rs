@@ -3,19 +3,23 @@
 //! In: a subcommand and its flags (the registry flags are meshd's: `--registry`, `--etcd-prefix`,
 //! `--etcd-ca`/`--etcd-cert`/`--etcd-key`, the same `WEFT_*` variables, and the etcd user from
 //! `WEFT_ETCD_USERNAME`/`WEFT_ETCD_PASSWORD`); for `pubkey` a base64 private key on stdin; for
-//! the other commands the registry's node records, rotation requests and revocations.
+//! the other commands the registry's node records, rotation requests, revocations and external
+//! peers.
 //!
 //! Out: on stdout, a new private key (`genkey`) or the matching public key (`pubkey`), base64 with
 //! a trailing newline, byte-for-byte the format of `wg genkey` / `wg pubkey`; a table, or JSON
-//! with `--json`, for `status`, `rotate`, `revoke` and `readmit`; in the registry,
-//! `rotations/NAME` (`rotate`) and `revocations/NAME` (`revoke`, `readmit`) objects. Apart from
-//! `genkey`, nothing keyctl prints or writes ever holds a private key (it never reads one except
-//! `pubkey`'s stdin).
+//! with `--json`, for `status`, `rotate`, `revoke`, `readmit` and `peer list`; a wg-quick config
+//! for an external peer (`peer add`, `peer config`) with its private key left as a placeholder;
+//! in the registry, `rotations/NAME` (`rotate`), `revocations/NAME` (`revoke`, `readmit`) and
+//! `peers/NAME` (`peer add`, `peer config`, `peer rm`) objects. Apart from `genkey`, nothing
+//! keyctl prints or writes ever holds a private key (it never reads one except `pubkey`'s
+//! stdin).
 //!
 //! Exit codes: 0 ok; 1 failure (registry unreachable, unknown node, refused readmit, ...); 2 a
 //! rotation did not finish (before `--timeout`, or a node has no record), naming the nodes;
 //! 64 bad flags, naming the flag.
 
+mod peer;
 mod psk;
 mod registry_args;
 mod revoke;
@@ -31,6 +35,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_core::control::{PskGeneration, Revocation, RotationRequest, PSK_OBJECT};
+use weft_core::external::{parse_allowed_ips, ExternalPeer};
 use weft_core::health::HealthReport;
 use weft_core::keys::PrivateKey;
 use weft_core::record::check_name;
@@ -49,13 +54,14 @@ const EXIT_USAGE: u8 = 64;
     about = "weft key management: keys, rotation, revocation and preshared keys of mesh nodes",
     long_about = "weft key management.\n\n\
         `genkey` and `pubkey` are interchangeable with wg(8). `status`, `rotate`, `revoke`, \
-        `readmit` and `psk` work on the registry meshd uses (same --registry and --etcd-* flags \
-        and WEFT_* variables). Apart from `genkey`, keyctl never prints or stores a private key \
-        or a preshared key: `psk rotate` writes only a generation number.",
+        `readmit`, `peer` and `psk` work on the registry meshd uses (same --registry and \
+        --etcd-* flags and WEFT_* variables). Apart from `genkey`, keyctl never prints or stores \
+        a private key or a preshared key: `psk rotate` writes only a generation number.",
     after_help = "Examples:\n  keyctl genkey > node.key\n  keyctl pubkey < node.key\n  \
         keyctl status --registry etcd://10.0.0.5:2379\n  \
         keyctl rotate --all --max-parallel 2 --wait\n  keyctl revoke node-2\n  \
-        keyctl readmit node-2 --public-key KEY\n  keyctl psk rotate --wait\n\n\
+        keyctl readmit node-2 --public-key KEY\n  keyctl psk rotate --wait\n  \
+        keyctl peer add laptop --public-key KEY --allowed-ips 10.99.0.1/32 > laptop.conf\n\n\
         Exit codes: 0 ok, 1 failure, 2 rotation not finished, 64 bad flags."
 )]
 struct Cli {
@@ -80,6 +86,64 @@ enum Command {
     /// Cluster preshared keys (derived on each node from the cluster secret file).
     #[command(subcommand)]
     Psk(PskCommand),
+    /// External standard WireGuard peers (a laptop, a VM): add, print config, remove, list.
+    #[command(subcommand)]
+    Peer(PeerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PeerCommand {
+    /// Register an external peer (it makes its own key) and print its wg-quick config.
+    Add(PeerAddArgs),
+    /// Print the current wg-quick config of an external peer again (after nodes rotated).
+    Config(PeerNameArgs),
+    /// Remove an external peer: every node drops it.
+    Rm(PeerNameArgs),
+    /// List the external peers (also in `keyctl status`).
+    List(PeerListArgs),
+}
+
+#[derive(Debug, Args)]
+struct PeerAddArgs {
+    /// The peer's name (a lowercase DNS name, not a node's).
+    #[arg(value_name = "NAME")]
+    name: String,
+    /// The peer's own public key (`wg pubkey` on the peer).
+    #[arg(long, value_name = "KEY")]
+    public_key: String,
+    /// The addresses the peer uses, comma-separated; they may not overlap any node's pod range
+    /// or another external peer's.
+    #[arg(long, value_name = "CIDR[,CIDR]")]
+    allowed_ips: String,
+    /// Where nodes reach the peer; without it they learn it from the peer's first handshake.
+    #[arg(long, value_name = "HOST:PORT")]
+    endpoint: Option<String>,
+    /// Print JSON (the record and the config) instead of the config.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+#[derive(Debug, Args)]
+struct PeerNameArgs {
+    /// The external peer.
+    #[arg(value_name = "NAME")]
+    name: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+#[derive(Debug, Args)]
+struct PeerListArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -202,6 +266,10 @@ fn main() -> ExitCode {
         Command::Revoke(a) => with_runtime(|| revoke(a)),
         Command::Readmit(a) => with_runtime(|| readmit(a)),
         Command::Psk(PskCommand::Rotate(a)) => with_runtime(|| psk_rotate(a)),
+        Command::Peer(PeerCommand::Add(a)) => with_runtime(|| peer_add(a)),
+        Command::Peer(PeerCommand::Config(a)) => with_runtime(|| peer_config(a)),
+        Command::Peer(PeerCommand::Rm(a)) => with_runtime(|| peer_rm(a)),
+        Command::Peer(PeerCommand::List(a)) => with_runtime(|| peer_list(a)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -332,12 +400,17 @@ async fn status(a: StatusArgs) -> Result<()> {
     } else {
         None
     };
+    let (externals, _) = Typed::<ExternalPeer>::new(registry.clone())
+        .list()
+        .await
+        .context("reading the external peers")?;
     let contents = status::Contents {
         records,
         rotations,
         revocations,
         psk,
         health,
+        externals,
     };
     let s = status::view(registry.describe(), &contents, rotate::unix_now());
     if a.json {
@@ -552,13 +625,30 @@ async fn revoke(a: RevokeArgs) -> Result<()> {
         }
         Err(e) => return Err(e).context(format!("reading {}'s record", a.node)),
     };
+    // An external peer of that name is revoked the same way (names are unique across both).
+    let external = match Typed::<ExternalPeer>::new(registry.clone())
+        .get(&a.node)
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("keyctl: warning: {e}; revoking the name with the keys revoked before");
+            None
+        }
+    };
+    let current = revoke::current_keys(record.as_ref(), external.as_ref());
     let now = rotate::unix_now();
     let rev = revoke::update(&*registry, &a.node, revoke::OnCorrupt::Replace, |e| {
-        Ok(revoke::revoke(&a.node, record.as_ref(), e, now))
+        Ok(revoke::revoke(&a.node, &current, e, now))
     })
     .await?;
+    let record = record.map(|_| ()).or(external.as_ref().map(|_| ()));
     if a.json {
-        return print_json(&json!({ "revocation": rev, "hasRecord": record.is_some() }));
+        return print_json(&json!({
+            "revocation": rev,
+            "hasRecord": record.is_some(),
+            "externalPeer": external.is_some(),
+        }));
     }
     let n = &a.node;
     match &record {
@@ -600,7 +690,17 @@ async fn readmit(a: ReadmitArgs) -> Result<()> {
     })
     .await?;
     let published = match weft_registry::get_node(&*registry, &a.node).await {
-        Ok(r) => r.map(|r| r.public_key),
+        Ok(Some(r)) => Some(r.public_key),
+        Ok(None) => match Typed::<ExternalPeer>::new(registry.clone())
+            .get(&a.node)
+            .await
+        {
+            Ok(p) => p.map(|p| p.public_key),
+            Err(e) => {
+                eprintln!("keyctl: warning: cannot read external peer {}: {e}", a.node);
+                None
+            }
+        },
         Err(e) => {
             eprintln!("keyctl: warning: cannot read {}'s record: {e}", a.node);
             None
@@ -626,4 +726,154 @@ async fn readmit(a: ReadmitArgs) -> Result<()> {
         None => say!("{n} has no record yet: it is admitted once it publishes this key"),
     }
     Ok(())
+}
+
+/// What `peer add` and `peer config` read: every node record and every revocation.
+async fn nodes_and_revocations(
+    registry: &Arc<dyn Registry>,
+) -> Result<(Vec<weft_core::NodeRecord>, Vec<Revocation>)> {
+    let (records, _) = weft_registry::list_nodes(&**registry)
+        .await
+        .context("reading the node records")?;
+    let (revocations, _) = Typed::<Revocation>::new(registry.clone())
+        .list()
+        .await
+        .context("reading the revocations")?;
+    Ok((records, revocations))
+}
+
+/// Prints a peer's config (or JSON with the record and the config).
+fn print_config(p: &ExternalPeer, nodes: &[weft_core::NodeRecord], json: bool) -> Result<()> {
+    let config = peer::render_config(p, nodes);
+    if json {
+        return print_json(&json!({
+            "peer": p,
+            "nodes": nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+            "config": config,
+        }));
+    }
+    print_text(&config)
+}
+
+async fn peer_add(a: PeerAddArgs) -> Result<()> {
+    check_node("NAME", &a.name)?;
+    let public_key: PublicKey = a
+        .public_key
+        .trim()
+        .parse()
+        .map_err(|e| bad("public-key", format!("not a WireGuard public key: {e}")))?;
+    let allowed_ips =
+        parse_allowed_ips(&a.allowed_ips).map_err(|e| bad("allowed-ips", e.to_string()))?;
+    let endpoint = a
+        .endpoint
+        .as_deref()
+        .map(peer::parse_endpoint)
+        .transpose()?;
+    let now = rotate::unix_now();
+    let mut new = ExternalPeer {
+        schema: weft_core::external::SCHEMA_VERSION,
+        name: a.name.clone(),
+        public_key,
+        allowed_ips,
+        endpoint,
+        created_at: now,
+        config_keys: Default::default(),
+        config_printed_at: now,
+    };
+    new.check().map_err(|e| peer::usage_error(&e))?;
+    let registry = open(&a.registry)?;
+    let (records, revocations) = nodes_and_revocations(&registry).await?;
+    if let Some(rev) = revocations.iter().find(|r| r.node == a.name) {
+        if !rev.admits(&public_key) {
+            bail!(
+                "{n} is revoked (revocations/{n}) and this key is not its approved key; meshd would \
+                 refuse it. Approve it first: keyctl readmit {n} --public-key {public_key}",
+                n = a.name
+            );
+        }
+    }
+    let nodes = peer::config_nodes(records.clone(), &revocations);
+    new.config_keys = peer::config_keys(&nodes);
+    // Checked against every node record (even refused ones) and every other external peer.
+    let written = peer::add(&*registry, &new, &records).await?;
+    eprintln!(
+        "keyctl: added external peer {} (key {}, allowed IPs {}{}); every node adds it within a \
+         second. Fill in its PrivateKey in the config below.",
+        written.name,
+        written.public_key.fingerprint(),
+        a.allowed_ips,
+        written
+            .endpoint
+            .map(|e| format!(", endpoint {e}"))
+            .unwrap_or_else(|| ", endpoint learnt from its first handshake".into()),
+    );
+    print_config(&written, &nodes, a.json)
+}
+
+async fn peer_config(a: PeerNameArgs) -> Result<()> {
+    check_node("NAME", &a.name)?;
+    let registry = open(&a.registry)?;
+    let (records, revocations) = nodes_and_revocations(&registry).await?;
+    let nodes = peer::config_nodes(records, &revocations);
+    let p = peer::record_config(
+        &*registry,
+        &a.name,
+        &peer::config_keys(&nodes),
+        rotate::unix_now(),
+    )
+    .await?;
+    if nodes.iter().any(|n| n.next_public_key.is_some()) {
+        eprintln!(
+            "keyctl: note: a node is rotating its key; print the config again once it finished"
+        );
+    }
+    print_config(&p, &nodes, a.json)
+}
+
+async fn peer_rm(a: PeerNameArgs) -> Result<()> {
+    check_node("NAME", &a.name)?;
+    let registry = open(&a.registry)?;
+    let removed = registry
+        .delete(weft_registry::Kind::Peers, &a.name)
+        .await
+        .with_context(|| {
+            format!(
+                "removing {}",
+                registry.location(weft_registry::Kind::Peers, &a.name)
+            )
+        })?;
+    if !removed {
+        bail!("no external peer named {} (keyctl peer list)", a.name);
+    }
+    if a.json {
+        return print_json(&json!({ "removed": a.name }));
+    }
+    say!(
+        "removed external peer {}: every node drops it within a second",
+        a.name
+    );
+    Ok(())
+}
+
+async fn peer_list(a: PeerListArgs) -> Result<()> {
+    let registry = open(&a.registry)?;
+    let (records, revocations) = nodes_and_revocations(&registry).await?;
+    let (externals, _) = Typed::<ExternalPeer>::new(registry.clone())
+        .list()
+        .await
+        .context("reading the external peers")?;
+    let peers = status::external_view(&status::Contents {
+        records,
+        revocations,
+        externals,
+        ..Default::default()
+    });
+    if a.json {
+        return print_json(&json!({ "externalPeers": peers }));
+    }
+    if peers.is_empty() {
+        say!("no external peers in {}", registry.describe());
+        return Ok(());
+    }
+    print_text(&status::render_external(&peers))
 }

@@ -4,24 +4,38 @@
 
 use anyhow::{bail, Context, Result};
 use weft_core::control::Revocation;
+use weft_core::external::ExternalPeer;
 use weft_core::{NodeRecord, PublicKey};
 use weft_registry::{Kind, Registry};
 
-/// The revocation after `keyctl revoke`: the node's current key (and its next key, if it is
-/// rotating) join the keys revoked before, and so does a key approved earlier; nothing is
-/// approved. Works for a node without a record too (then only the name is banned: no key is
+/// The keys a revocation of NAME must refuse: the node's current key and its next key if it is
+/// rotating, or the external peer's key.
+pub fn current_keys(
+    record: Option<&NodeRecord>,
+    external: Option<&ExternalPeer>,
+) -> Vec<PublicKey> {
+    record
+        .map(|r| r.public_key)
+        .into_iter()
+        .chain(record.and_then(|r| r.next_public_key))
+        .chain(external.map(|p| p.public_key))
+        .collect()
+}
+
+/// The revocation after `keyctl revoke`: the current keys of the node or external peer (see
+/// [`current_keys`]) join the keys revoked before, and so does a key approved earlier; nothing
+/// is approved. Works for a name without a record too (then only the name is banned: no key is
 /// accepted until `keyctl readmit`).
 pub fn revoke(
     node: &str,
-    record: Option<&NodeRecord>,
+    current: &[PublicKey],
     existing: Option<&Revocation>,
     now: u64,
 ) -> Revocation {
     let mut keys: Vec<PublicKey> = existing.map(|e| e.revoked_keys.clone()).unwrap_or_default();
-    let more = record
-        .map(|r| r.public_key)
-        .into_iter()
-        .chain(record.and_then(|r| r.next_public_key))
+    let more = current
+        .iter()
+        .copied()
         .chain(existing.and_then(|e| e.approved_key))
         .chain(existing.and_then(|e| e.approved_next_key));
     for k in more {
@@ -175,7 +189,12 @@ mod tests {
     fn revoke_collects_every_key_and_readmit_approves_one() {
         let (k1, k2, k3, k4) = (key(), key(), key(), key());
         // First revocation: current and next key.
-        let r = revoke("n2", Some(&rec(k1, Some(k2))), None, 10);
+        let r = revoke(
+            "n2",
+            &current_keys(Some(&rec(k1, Some(k2))), None),
+            None,
+            10,
+        );
         assert_eq!(r.revoked_keys, vec![k1, k2]);
         assert_eq!(r.approved_key, None);
         assert!(r.check().is_ok());
@@ -188,23 +207,34 @@ mod tests {
         assert_eq!(r2.revoked_keys, r.revoked_keys);
         assert!(r2.admits(&k3) && !r2.admits(&k1));
         // Revoked again while publishing k4 (never approved): k3 and k4 join, nothing approved.
-        let r3 = revoke("n2", Some(&rec(k4, None)), Some(&r2), 20);
+        let r3 = revoke("n2", &[k4], Some(&r2), 20);
         assert_eq!(r3.revoked_keys, vec![k1, k2, k4, k3]);
         assert_eq!(r3.approved_key, None);
         assert_eq!(r3.revoked_at, 20);
         // Revoking again changes nothing but the time; no record: only earlier keys.
-        let r4 = revoke("n2", Some(&rec(k4, None)), Some(&r3), 30);
+        let r4 = revoke("n2", &[k4], Some(&r3), 30);
         assert_eq!(r4.revoked_keys, r3.revoked_keys);
-        let ghost = revoke("ghost", None, None, 5);
+        let ghost = revoke("ghost", &current_keys(None, None), None, 5);
         assert!(ghost.revoked_keys.is_empty() && ghost.check().is_ok());
         assert!(!ghost.admits(&k1));
+        // An external peer's key is revoked like a node's.
+        let laptop = ExternalPeer {
+            schema: 1,
+            name: "laptop".into(),
+            public_key: k1,
+            allowed_ips: vec!["10.99.0.1/32".parse().expect("cidr")],
+            endpoint: None,
+            created_at: 0,
+            config_keys: Default::default(),
+            config_printed_at: 0,
+        };
+        assert_eq!(current_keys(None, Some(&laptop)), vec![k1]);
     }
 
     #[test]
     fn successor_of_a_readmitted_key_is_approved_from_the_announcement() {
         let (k1, k2, k3, k4) = (key(), key(), key(), key());
-        let r =
-            readmit("n2", Some(&revoke("n2", Some(&rec(k1, None)), None, 1)), k2).expect("readmit");
+        let r = readmit("n2", Some(&revoke("n2", &[k1], None, 1)), k2).expect("readmit");
         // Announced k3 while on the approved k2: k3 becomes the approved successor.
         let a = approve_successor(Some(&r), &rec(k2, Some(k3))).expect("approve");
         assert_eq!((a.approved_key, a.approved_next_key), (Some(k2), Some(k3)));
@@ -223,7 +253,7 @@ mod tests {
         assert_eq!(approve_successor(Some(&r), &rec(k2, Some(k1))), None);
         assert_eq!(approve_successor(None, &rec(k2, Some(k3))), None);
         // Revoking again revokes the successor too.
-        let c = revoke("n2", Some(&rec(k2, Some(k3))), Some(&a), 9);
+        let c = revoke("n2", &[k2, k3], Some(&a), 9);
         assert!(c.revoked_keys.contains(&k3) && c.approved_next_key.is_none());
     }
 
@@ -234,7 +264,7 @@ mod tests {
         let k1 = key();
         let written = update(&*reg, "n2", OnCorrupt::Fail, |e| {
             assert!(e.is_none());
-            Ok(revoke("n2", Some(&rec(k1, None)), e, 1))
+            Ok(revoke("n2", &[k1], e, 1))
         })
         .await
         .expect("first");
@@ -277,7 +307,7 @@ mod tests {
             .expect_err("corrupt");
         assert!(format!("{e:#}").contains("cannot be read"), "{e:#}");
         let r = update(&*reg, "n2", OnCorrupt::Replace, |e| {
-            Ok(revoke("n2", None, e, 3))
+            Ok(revoke("n2", &[], e, 3))
         })
         .await
         .expect("replace");

@@ -1,12 +1,18 @@
 //! `keyctl status`: every node with its key fingerprint, age and generation, its rotation state
 //! (a pending `rotations/NAME` request, or a `nextPublicKey` in its record) and its revocation
-//! (`revocations/NAME`). Only public keys appear.
+//! (`revocations/NAME`); then every external peer (`peers/NAME`) with its key fingerprint,
+//! allowed IPs, whether the config last printed for it is stale, and why meshd refuses it, if it
+//! does. Only public keys appear.
 //!
 //! [`view`] is pure (registry contents and the time in, rows out); [`render`] makes the table.
 
+use crate::peer::{config_nodes, staleness, Staleness};
+use ipnet::IpNet;
 use serde::Serialize;
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use weft_core::control::{PskGeneration, Revocation, RotationRequest};
+use weft_core::external::{check_against, ExternalError, ExternalPeer, Owner};
 use weft_core::health::{HealthReport, LinkState};
 use weft_core::{NodeRecord, PublicKey};
 
@@ -20,6 +26,7 @@ pub struct Contents {
     pub psk: Option<PskGeneration>,
     /// The nodes' link health reports (read only for `--peers`; `None`: not asked for).
     pub health: Option<Vec<HealthReport>>,
+    pub externals: Vec<ExternalPeer>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -32,6 +39,7 @@ pub struct Status {
     /// The cluster PSK generation nodes are asked to use (0 before any `keyctl psk rotate`).
     pub psk_generation: u64,
     pub nodes: Vec<NodeStatus>,
+    pub external_peers: Vec<ExternalStatus>,
     /// With `--peers`: every link as each node reports it, and nodes with no report.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub links: Option<Vec<LinkRow>>,
@@ -92,6 +100,28 @@ fn link_rows(records: &[NodeRecord], health: &[HealthReport], now: u64) -> Vec<L
         }
     }
     rows
+}
+
+/// One external standard WireGuard peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalStatus {
+    pub name: String,
+    pub public_key: PublicKey,
+    pub fingerprint: String,
+    pub allowed_ips: Vec<IpNet>,
+    /// Null: nodes learn it from the peer's first handshake.
+    pub endpoint: Option<SocketAddr>,
+    pub created_at: u64,
+    /// When the config was last printed (`keyctl peer add` / `peer config`); 0: never.
+    pub config_printed_at: u64,
+    /// `stale`, `changedKeys`, `newNodes`: whether that config still reaches every node.
+    #[serde(flatten)]
+    pub config: Staleness,
+    pub revocation: Option<RevocationStatus>,
+    /// Why meshd refuses this peer (revoked, or a conflict with a node or an earlier peer);
+    /// null when it takes it.
+    pub refused: Option<String>,
 }
 
 /// One node: from its record, its rotation request and its revocation (any may be missing;
@@ -172,6 +202,12 @@ pub fn view(registry: String, c: &Contents, now: u64) -> Status {
         .collect();
     let nodes = names
         .into_iter()
+        .filter(|name| {
+            // A revocation of an external peer's name belongs to that peer's row.
+            c.records.iter().any(|r| r.name == *name)
+                || c.rotations.iter().any(|r| r.node == *name)
+                || !c.externals.iter().any(|p| p.name == *name)
+        })
         .map(|name| {
             let rec = c.records.iter().find(|r| r.name == name);
             let req = c.rotations.iter().find(|r| r.node == name);
@@ -185,7 +221,122 @@ pub fn view(registry: String, c: &Contents, now: u64) -> Status {
         psk_generation: c.psk.as_ref().map_or(0, |p| p.generation),
         nodes,
         links: c.health.as_ref().map(|h| link_rows(&c.records, h, now)),
+        external_peers: external_view(c),
     }
+}
+
+/// The external peers, in name order, as meshd sees them: each checked against the nodes a
+/// config names and the peers before it (node records take precedence).
+pub fn external_view(c: &Contents) -> Vec<ExternalStatus> {
+    let nodes = config_nodes(c.records.clone(), &c.revocations);
+    let mut externals = c.externals.clone();
+    externals.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut taken: Vec<ExternalPeer> = Vec::new();
+    let mut out = Vec::new();
+    for p in externals {
+        let rev = c.revocations.iter().find(|r| r.node == p.name);
+        let refused = match rev.map(|r| r.verdict(&p.public_key)) {
+            Some(Err(why)) => Some(why.to_string()),
+            _ => {
+                let verdict = if c.records.iter().any(|r| r.name == p.name) {
+                    Err(ExternalError::NameTaken {
+                        name: p.name.clone(),
+                        owner: Owner::Node(p.name.clone()),
+                    })
+                } else {
+                    check_against(&p, &nodes, &taken)
+                };
+                verdict.err().map(|e| e.to_string())
+            }
+        };
+        let revocation = rev.map(|v| RevocationStatus {
+            state: if v.admits(&p.public_key) {
+                RevocationState::Readmitted
+            } else if v.approved_key.is_some() {
+                RevocationState::AwaitingApprovedKey
+            } else {
+                RevocationState::Revoked
+            },
+            revoked_keys: v.revoked_keys.clone(),
+            approved_key: v.approved_key,
+            approved_next_key: None,
+            revoked_at: v.revoked_at,
+        });
+        out.push(ExternalStatus {
+            name: p.name.clone(),
+            public_key: p.public_key,
+            fingerprint: p.public_key.fingerprint(),
+            allowed_ips: p.allowed_ips.clone(),
+            endpoint: p.endpoint,
+            created_at: p.created_at,
+            config_printed_at: p.config_printed_at,
+            config: staleness(&p, &nodes),
+            revocation,
+            refused: refused.clone(),
+        });
+        if refused.is_none() {
+            taken.push(p);
+        }
+    }
+    out
+}
+
+/// The external peers' table (also `keyctl peer list`).
+pub fn render_external(peers: &[ExternalStatus]) -> String {
+    let mut rows = vec![[
+        "EXTERNAL PEER".to_string(),
+        "KEY".into(),
+        "ALLOWED IPS".into(),
+        "ENDPOINT".into(),
+        "CONFIG".into(),
+        "STATE".into(),
+    ]];
+    for p in peers {
+        rows.push([
+            p.name.clone(),
+            p.fingerprint.clone(),
+            p.allowed_ips
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            p.endpoint
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "(learnt)".into()),
+            p.config.describe(p.config_printed_at > 0),
+            match (&p.refused, &p.revocation) {
+                (Some(why), _) if why.starts_with("revoked") => "REVOKED".to_string(),
+                (Some(why), _) => format!("refused: {why}"),
+                (None, Some(_)) => "readmitted (approved key)".to_string(),
+                (None, None) => "-".to_string(),
+            },
+        ]);
+    }
+    table(&rows)
+}
+
+/// Left-aligned columns, two spaces apart, no trailing blanks.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (i, (c, w)) in r.iter().zip(widths).enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(c);
+            } else {
+                line.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 fn node_status(
@@ -238,30 +389,6 @@ fn node_status(
     }
 }
 
-/// Lays out rows of cells in columns two spaces apart.
-fn columns<const N: usize>(rows: &[[String; N]]) -> String {
-    let mut widths = [0usize; N];
-    for r in rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for r in rows {
-        let mut line = String::new();
-        for (i, (c, w)) in r.iter().zip(widths).enumerate() {
-            if i + 1 == r.len() {
-                line.push_str(c);
-            } else {
-                line.push_str(&format!("{c:<w$}  "));
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
-}
-
 /// The `--peers` table: one row per link as each end reports it.
 fn render_links(links: &[LinkRow]) -> String {
     let mut rows = vec![[
@@ -297,7 +424,7 @@ fn render_links(links: &[LinkRow]) -> String {
             },
         ]);
     }
-    let mut out = columns(&rows);
+    let mut out = table(&rows);
     let n = |f: &dyn Fn(&LinkRow) -> bool| links.iter().filter(|l| f(l)).count();
     out.push_str(&format!(
         "\n{} links up, {} idle, {} without a handshake; {} nodes without a report, {} stale\n",
@@ -388,7 +515,11 @@ pub fn render(s: &Status) -> String {
             revocation,
         ]);
     }
-    let mut out = columns(&rows);
+    let mut out = table(&rows);
+    if !s.external_peers.is_empty() {
+        out.push('\n');
+        out.push_str(&render_external(&s.external_peers));
+    }
     let count = |f: &dyn Fn(&NodeStatus) -> bool| s.nodes.iter().filter(|n| f(n)).count();
     out.push_str(&format!(
         "\n{} nodes with a record, {} rotating or requested, {} refused by a revocation\n",
@@ -408,6 +539,16 @@ pub fn render(s: &Status) -> String {
             count(&|n| n.psk_generation.is_some_and(|g| g >= s.psk_generation)),
             count(&|n| n.psk_generation.is_some_and(|g| g < s.psk_generation)),
             count(&|n| n.has_record && n.psk_generation.is_none()),
+        ));
+    }
+    if !s.external_peers.is_empty() {
+        let ext =
+            |f: &dyn Fn(&ExternalStatus) -> bool| s.external_peers.iter().filter(|p| f(p)).count();
+        out.push_str(&format!(
+            "{} external peers, {} with a stale config, {} refused\n",
+            s.external_peers.len(),
+            ext(&|p| p.config.stale),
+            ext(&|p| p.refused.is_some()),
         ));
     }
     out
@@ -487,6 +628,7 @@ pub(crate) mod tests {
                 requested_at: 990,
             }),
             health: None,
+            externals: Vec::new(),
         };
         let s = view("dir:/x".into(), &contents, 4_700);
         let names: Vec<&str> = s.nodes.iter().map(|n| n.name.as_str()).collect();
@@ -627,6 +769,106 @@ pub(crate) mod tests {
             .expect("json")
             .get("links")
             .is_none());
+    }
+
+    #[test]
+    fn external_peers_stale_refused_and_revoked() {
+        use std::collections::BTreeMap;
+        let (a, b) = (rec("node-a", 1, 1), rec("node-b", 2, 1));
+        let ext = |name: &str, cidr: &str| ExternalPeer {
+            schema: 1,
+            name: name.into(),
+            public_key: PrivateKey::generate().public_key(),
+            allowed_ips: vec![cidr.parse().expect("cidr")],
+            endpoint: None,
+            created_at: 10,
+            config_keys: BTreeMap::from([
+                ("node-a".to_string(), a.public_key),
+                ("node-b".to_string(), b.public_key),
+            ]),
+            config_printed_at: 20,
+        };
+        let laptop = ext("laptop", "10.99.0.1/32");
+        let thief = ext("thief", "10.42.2.0/28");
+        let gone = ext("gone", "10.99.1.0/24");
+        // node-b rotates and retires the key laptop's config names.
+        let mut b2 = b.clone();
+        b2.public_key = PrivateKey::generate().public_key();
+        let contents = Contents {
+            records: vec![a.clone(), b2.clone()],
+            rotations: vec![],
+            revocations: vec![Revocation {
+                node: "gone".into(),
+                revoked_keys: vec![gone.public_key],
+                approved_key: None,
+                approved_next_key: None,
+                revoked_at: 30,
+            }],
+            externals: vec![thief, laptop.clone(), gone],
+            ..Contents::default()
+        };
+        let s = view("dir:/x".into(), &contents, 100);
+        // The revocation of an external peer's name is shown on the peer, not as a node.
+        assert_eq!(
+            s.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+            ["node-a", "node-b"]
+        );
+        let names: Vec<&str> = s.external_peers.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["gone", "laptop", "thief"]);
+        let [pg, pl, pt] = &s.external_peers[..] else {
+            panic!("three peers")
+        };
+        assert!(pl.config.stale && pl.refused.is_none());
+        assert_eq!(pl.config.changed_keys[0].node, "node-b");
+        assert!(
+            pt.refused
+                .as_deref()
+                .is_some_and(|r| r.contains("node node-b")),
+            "{pt:?}"
+        );
+        assert!(pg
+            .refused
+            .as_deref()
+            .is_some_and(|r| r.starts_with("revoked")));
+        let json = serde_json::to_value(&s).expect("json");
+        assert_eq!(json["externalPeers"][1]["stale"], true);
+        assert_eq!(json["externalPeers"][1]["changedKeys"][0]["node"], "node-b");
+        assert_eq!(json["externalPeers"][1]["allowedIps"][0], "10.99.0.1/32");
+        assert_eq!(
+            json["externalPeers"][1]["fingerprint"].as_str(),
+            Some(laptop.public_key.fingerprint().as_str())
+        );
+        let table = render(&s);
+        let line = table
+            .lines()
+            .find(|l| l.starts_with("laptop"))
+            .unwrap_or_default();
+        assert!(
+            line.contains(&laptop.public_key.fingerprint())
+                && line.contains("10.99.0.1/32")
+                && line.contains("(learnt)")
+                && line.contains("STALE: node-b key changed"),
+            "{table}"
+        );
+        assert!(table.contains("REVOKED"), "{table}");
+        assert!(
+            table.contains("3 external peers, 3 with a stale config, 2 refused"),
+            "{table}"
+        );
+        // Mid-rotation (next key announced, old key still current): not stale.
+        let mut b_rot = b.clone();
+        b_rot.next_public_key = Some(b2.public_key);
+        let s = view(
+            "dir:/x".into(),
+            &Contents {
+                records: vec![a, b_rot],
+                externals: vec![laptop],
+                ..Contents::default()
+            },
+            100,
+        );
+        assert!(!s.external_peers[0].config.stale);
+        assert!(render(&s).contains("up to date"));
     }
 
     #[test]

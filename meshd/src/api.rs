@@ -42,6 +42,8 @@ pub struct Status {
     pub pod_cidr_claim: Option<String>,
     pub peers: Vec<PeerStatus>,
     pub refused_records: BTreeMap<String, String>,
+    /// External peer records (`peers/NAME`) refused, with the reason.
+    pub refused_external_peers: BTreeMap<String, String>,
     pub drops: BTreeMap<&'static str, u64>,
 }
 
@@ -138,9 +140,13 @@ pub fn render(v: &serde_json::Value) -> String {
                     .join(" ")
             })
             .unwrap_or_default();
+        let name = match p["kind"].as_str() {
+            Some("external") => format!("{} (ext)", s(&p["name"])),
+            _ => s(&p["name"]),
+        };
         out.push_str(&format!(
             "{:<16} {:<46} {:<22} {:<18} {:>10} {:>12} {:>12}  {}\n",
-            s(&p["name"]),
+            name,
             s(&p["publicKey"]),
             s(&p["endpoint"]),
             p["allowedIps"]
@@ -156,6 +162,11 @@ pub fn render(v: &serde_json::Value) -> String {
     if let Some(m) = v["refusedRecords"].as_object() {
         for (name, why) in m {
             out.push_str(&format!("refused record {name}: {}\n", s(why)));
+        }
+    }
+    if let Some(m) = v["refusedExternalPeers"].as_object() {
+        for (name, why) in m {
+            out.push_str(&format!("refused external peer {name}: {}\n", s(why)));
         }
     }
     if let Some(m) = v["drops"].as_object() {

@@ -1,6 +1,7 @@
 //! `meshd run`: sets up the node (fail-closed routes first), then one event loop drives the
 //! sans-IO `weft_core::node::Node` with packets from the TUN and the UDP socket, timer ticks,
-//! registry events and API requests, and carries out what it asks for.
+//! registry events (node records, external peers, revocations, rotation requests) and API
+//! requests, and carries out what it asks for.
 
 use crate::api::{NodeInfo, Status};
 use crate::config::Config;
@@ -16,11 +17,14 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UdpSocket, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
-use weft_core::control::{filter_revoked, PskGeneration, Revocation, PSK_OBJECT};
+use weft_core::control::{
+    filter_revoked, filter_revoked_external, PskGeneration, Revocation, PSK_OBJECT,
+};
+use weft_core::external::ExternalPeer;
 use weft_core::node::{Node, Output};
-use weft_core::reconcile::{desired_peers, plan};
+use weft_core::reconcile::{desired_peer_set, plan};
 use weft_core::record::{mesh_address, NodeRecord, SCHEMA_VERSION};
-use weft_registry::{Connectivity, Event, Registry};
+use weft_registry::{Connectivity, Event, Object, Registry};
 use weft_sys::{Netlink, Route, RouteKind, Tun, DEV_ROUTE_METRIC};
 
 const TICK: Duration = Duration::from_millis(250);
@@ -49,6 +53,12 @@ struct Daemon {
     registry: Arc<dyn Registry>,
     records: BTreeMap<String, NodeRecord>,
     refused: BTreeMap<String, String>,
+    /// External standard WireGuard peers (`peers/NAME`, written by `keyctl peer add`).
+    externals: BTreeMap<String, ExternalPeer>,
+    refused_external: BTreeMap<String, String>,
+    /// Whether node records are known (a first listing, or the cache): external peers are
+    /// checked against the nodes, so none is added before.
+    nodes_known: bool,
     routes: HashSet<Route>,
     connectivity: String,
     /// The task writing this node's record until the registry accepts it.
@@ -60,7 +70,7 @@ struct Daemon {
     renewal: Option<tokio::task::JoinHandle<()>>,
     /// What `meshd status` says about that claim.
     claim_state: Option<Arc<std::sync::Mutex<String>>>,
-    /// `STATE_DIR/peers.json` and when it is due.
+    /// `STATE_DIR/peers.json` and `STATE_DIR/external-peers.json`, and when they are due.
     cache: PeerCache,
     /// This node's key rotation.
     rotation: crate::rotation::Rotation,
@@ -95,6 +105,8 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(30);
 struct PeerCache {
     /// The text last written (identical writes are skipped).
     written: String,
+    /// The same for the external peers.
+    written_external: String,
     /// The records changed since the last write.
     dirty: bool,
     /// When the last write was made or tried.
@@ -113,9 +125,18 @@ const REGISTRY_STARTUP_WAIT: Duration = Duration::from_secs(1);
 /// registry is unreachable comes up with its peers.
 pub const PEER_CACHE_FILE: &str = "peers.json";
 
+/// `STATE_DIR/external-peers.json`: the last known external peer records, for the same reason.
+pub const EXTERNAL_CACHE_FILE: &str = "external-peers.json";
+
 /// Reads the peer cache; a missing or bad file (or bad entries in it) is logged and skipped.
 fn load_peer_cache(state_dir: &std::path::Path) -> Vec<NodeRecord> {
-    let path = state_dir.join(PEER_CACHE_FILE);
+    load_cache(state_dir, PEER_CACHE_FILE)
+}
+
+/// Reads a cache of registry objects (a JSON list); a missing or bad file (or bad entries in it)
+/// is logged and skipped.
+fn load_cache<T: Object>(state_dir: &std::path::Path, file: &str) -> Vec<T> {
+    let path = state_dir.join(file);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
@@ -133,7 +154,7 @@ fn load_peer_cache(state_dir: &std::path::Path) -> Vec<NodeRecord> {
     };
     items
         .into_iter()
-        .filter_map(|v| match NodeRecord::from_json(v.to_string().as_bytes()) {
+        .filter_map(|v| match T::decode(v.to_string().as_bytes()) {
             Ok(r) => Some(r),
             Err(e) => {
                 tracing::warn!(file = %path.display(), error = %e, "skipping a cached record");
@@ -209,6 +230,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         None => None,
     };
     let cached = load_peer_cache(&cfg.state_dir);
+    let cached_external: Vec<ExternalPeer> = load_cache(&cfg.state_dir, EXTERNAL_CACHE_FILE);
     // Listed alongside the previous record, so even the first reconcile refuses revoked nodes.
     let initial_revocations = tokio::spawn({
         let (registry, state_dir) = (registry.clone(), cfg.state_dir.clone());
@@ -298,7 +320,9 @@ pub async fn run(mut cfg: Config) -> Result<()> {
     tokio::spawn(serve_api(listener, api_tx));
 
     let (ev_tx, mut ev_rx) = mpsc::channel(256);
-    tokio::spawn(watch_nodes(registry.clone(), ev_tx));
+    tokio::spawn(watch_collection::<NodeRecord>(registry.clone(), ev_tx));
+    let (ext_tx, mut ext_rx) = mpsc::channel(256);
+    tokio::spawn(watch_collection::<ExternalPeer>(registry.clone(), ext_tx));
     let (rot_tx, mut rot_rx) = mpsc::channel(16);
     tokio::spawn(watch_rotation_requests(
         registry.clone(),
@@ -354,6 +378,12 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         registry,
         records: BTreeMap::new(),
         refused: BTreeMap::new(),
+        externals: cached_external
+            .into_iter()
+            .map(|p| (p.name.clone(), p))
+            .collect(),
+        refused_external: BTreeMap::new(),
+        nodes_known: false,
         routes: HashSet::new(),
         connectivity: "connecting".into(),
         publisher: None,
@@ -371,8 +401,13 @@ pub async fn run(mut cfg: Config) -> Result<()> {
     if !cached.is_empty() {
         // Come up with the last known peers (the registry may be unreachable right now); the
         // watch's first Reset replaces them.
-        tracing::info!(records = cached.len(), "starting from the cached peer set");
+        tracing::info!(
+            records = cached.len(),
+            external = d.externals.len(),
+            "starting from the cached peer set"
+        );
         d.records = cached.into_iter().map(|r| (r.name.clone(), r)).collect();
+        d.nodes_known = true;
         d.reconcile().await;
     }
     if let Some((alloc, block, confirmed)) = claim {
@@ -477,7 +512,30 @@ pub async fn run(mut cfg: Config) -> Result<()> {
                     tracing::error!("registry watch ended; restarting it");
                     let (tx, rx) = mpsc::channel(256);
                     ev_rx = rx;
-                    tokio::spawn(watch_nodes(d.registry.clone(), tx));
+                    tokio::spawn(watch_collection::<NodeRecord>(d.registry.clone(), tx));
+                }
+            },
+            ev = ext_rx.recv() => match ev {
+                Some(ev) => {
+                    // Batched like the node records: one reconcile for a burst.
+                    d.handle_external_event(ev);
+                    let mut taken = 1;
+                    while taken < EVENT_BATCH {
+                        match ext_rx.try_recv() {
+                            Ok(ev) => d.handle_external_event(ev),
+                            Err(_) => break,
+                        }
+                        taken += 1;
+                    }
+                    d.reconcile().await;
+                    d.cache.dirty = true;
+                    d.save_peer_cache(false);
+                }
+                None => {
+                    tracing::error!("external peer watch ended; restarting it");
+                    let (tx, rx) = mpsc::channel(256);
+                    ext_rx = rx;
+                    tokio::spawn(watch_collection::<ExternalPeer>(d.registry.clone(), tx));
                 }
             },
             ev = rev_rx.recv() => match ev {
@@ -650,11 +708,15 @@ async fn watch_psk_generation(registry: Arc<dyn Registry>, tx: mpsc::Sender<u64>
     }
 }
 
-/// Forwards registry events to the loop. Retries with backoff when the watch cannot start.
-async fn watch_nodes(registry: Arc<dyn Registry>, tx: mpsc::Sender<Event<NodeRecord>>) {
+/// Forwards the registry events of one collection (node records, external peers) to the loop.
+/// Retries with backoff when the watch cannot start.
+async fn watch_collection<T: Object>(registry: Arc<dyn Registry>, tx: mpsc::Sender<Event<T>>) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match weft_registry::nodes(&registry).watch(None).await {
+        match weft_registry::Typed::<T>::new(registry.clone())
+            .watch(None)
+            .await
+        {
             Ok(mut w) => {
                 backoff = Duration::from_millis(200);
                 while let Some(ev) = w.next().await {
@@ -662,10 +724,10 @@ async fn watch_nodes(registry: Arc<dyn Registry>, tx: mpsc::Sender<Event<NodeRec
                         return;
                     }
                 }
-                tracing::warn!("registry watch stopped; restarting");
+                tracing::warn!(collection = %T::KIND, "registry watch stopped; restarting");
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the registry");
+                tracing::warn!(collection = %T::KIND, error = %e, "cannot watch the registry");
                 let _ = tx
                     .send(Event::Status(Connectivity::Unreachable(e.to_string())))
                     .await;
@@ -921,23 +983,42 @@ impl Daemon {
             .filter_map(|r| serde_json::from_slice(&r.to_json()).ok())
             .collect();
         let text = serde_json::Value::Array(items).to_string();
-        if text == self.cache.written {
-            self.cache.dirty = false;
-            return;
+        let external: Vec<serde_json::Value> = self
+            .externals
+            .values()
+            .filter_map(|p| serde_json::from_slice(&p.to_json()).ok())
+            .collect();
+        let external = serde_json::Value::Array(external).to_string();
+        let mut ok = true;
+        if text != self.cache.written {
+            ok &= self.write_cache(PEER_CACHE_FILE, &text);
+            if ok {
+                self.cache.written = text;
+            }
         }
-        let path = self.cfg.state_dir.join(PEER_CACHE_FILE);
+        if external != self.cache.written_external {
+            let written = self.write_cache(EXTERNAL_CACHE_FILE, &external);
+            if written {
+                self.cache.written_external = external;
+            }
+            ok &= written;
+        }
+        // Stays dirty after a failure: tried again after the interval.
+        self.cache.dirty = !ok;
+    }
+
+    /// Replaces `STATE_DIR/file` atomically; false (logged) if it could not.
+    fn write_cache(&self, file: &str, text: &str) -> bool {
+        let path = self.cfg.state_dir.join(file);
         let tmp = self
             .cfg
             .state_dir
-            .join(format!(".{PEER_CACHE_FILE}.tmp{}", std::process::id()));
-        match std::fs::write(&tmp, &text).and_then(|_| std::fs::rename(&tmp, &path)) {
-            Ok(()) => {
-                self.cache.written = text;
-                self.cache.dirty = false;
-            }
-            // Stays dirty: tried again after the interval.
+            .join(format!(".{file}.tmp{}", std::process::id()));
+        match std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &path)) {
+            Ok(()) => true,
             Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "cannot write the peer cache")
+                tracing::warn!(file = %path.display(), error = %e, "cannot write the peer cache");
+                false
             }
         }
     }
@@ -948,6 +1029,7 @@ impl Daemon {
         match ev {
             Event::Reset { items, .. } => {
                 self.records = items.into_iter().map(|r| (r.name.clone(), r)).collect();
+                self.nodes_known = true;
                 let was_down = !self.connectivity.starts_with("connected");
                 self.connectivity = "connected".into();
                 // After an outage, write our record again in case the registry lost it; a
@@ -972,6 +1054,23 @@ impl Daemon {
                 self.connectivity = format!("unreachable: {why}");
                 false
             }
+        }
+    }
+
+    /// Applies an event of the external peer watch. Its connectivity is the registry's, which
+    /// the node record watch already reports; an unreachable registry removes nothing.
+    fn handle_external_event(&mut self, ev: Event<ExternalPeer>) {
+        match ev {
+            Event::Reset { items, .. } => {
+                self.externals = items.into_iter().map(|p| (p.name.clone(), p)).collect();
+            }
+            Event::Upsert { item, .. } => {
+                self.externals.insert(item.name.clone(), item);
+            }
+            Event::Delete { name, .. } => {
+                self.externals.remove(&name);
+            }
+            Event::Status(c) => tracing::debug!(?c, "external peer watch"),
         }
     }
 
@@ -1005,8 +1104,18 @@ impl Daemon {
             self.records.values().filter(|r| r.name != own).cloned(),
             &self.revocations,
         );
-        let (desired, refused) = desired_peers(&self.own, admitted);
-        let refused: BTreeMap<String, String> = refused
+        // Until the node records are known an external peer cannot be checked against them.
+        let externals = self
+            .externals
+            .values()
+            .filter(|_| self.nodes_known)
+            .cloned();
+        let (externals, ext_revoked) = filter_revoked_external(externals, &self.revocations);
+        // Node records take precedence: externals are checked against the accepted nodes.
+        let set = desired_peer_set(&self.own, admitted, externals);
+        let desired = set.peers;
+        let refused: BTreeMap<String, String> = set
+            .refused_nodes
             .into_iter()
             .map(|(n, e)| (n, e.to_string()))
             .chain(revoked.into_iter().map(|(n, e)| (n, e.to_string())))
@@ -1017,6 +1126,18 @@ impl Daemon {
             }
         }
         self.refused = refused;
+        let refused_external: BTreeMap<String, String> = set
+            .refused_external
+            .into_iter()
+            .map(|(n, e)| (n, e.to_string()))
+            .chain(ext_revoked.into_iter().map(|(n, e)| (n, e.to_string())))
+            .collect();
+        for (name, why) in &refused_external {
+            if self.refused_external.get(name) != Some(why) {
+                tracing::warn!(peer = %name, reason = %why, "refusing external peer record");
+            }
+        }
+        self.refused_external = refused_external;
         let cmds = plan(&desired, self.node.peer_configs());
         for cmd in cmds {
             tracing::debug!(?cmd, "reconcile");
@@ -1163,6 +1284,7 @@ impl Daemon {
                 .and_then(|s| s.lock().ok().map(|g| g.clone())),
             peers: self.node.peer_status(),
             refused_records: self.refused.clone(),
+            refused_external_peers: self.refused_external.clone(),
             drops: self.node.drops().by_name(),
         };
         serde_json::to_string(&st).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
@@ -1195,6 +1317,7 @@ impl Daemon {
                     .registry
                     .delete(weft_registry::Kind::Health, &self.own.name)
                     .await;
+                let _ = std::fs::remove_file(self.cfg.state_dir.join(EXTERNAL_CACHE_FILE));
                 let deleted = self
                     .registry
                     .delete(weft_registry::Kind::Nodes, &self.own.name)

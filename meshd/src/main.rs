@@ -1,9 +1,10 @@
 //! meshd, weft's node daemon.
 //!
-//! In: flags (or `WEFT_*` env vars), node records and revocations from the registry, packets
-//! from the TUN and datagrams from the UDP socket. Out: an encrypted WireGuard mesh to every
-//! other node a revocation does not refuse, routes for their pod ranges, this node's record in
-//! the registry, and status on a local socket.
+//! In: flags (or `WEFT_*` env vars), node records, external peer records and revocations from
+//! the registry, packets from the TUN and datagrams from the UDP socket. Out: an encrypted
+//! WireGuard mesh to every other node and every external standard WireGuard peer that no
+//! revocation or conflict refuses, routes for their ranges, this node's record in the registry,
+//! and status on a local socket.
 //! Exit codes: 0 ok, 64 bad flags or config, 1 runtime failure.
 
 mod api;

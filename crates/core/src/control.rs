@@ -1,10 +1,13 @@
 //! Operator requests stored in the registry by `keyctl` (written by the admin user only; nodes
 //! read them): key rotation requests, revocations and the cluster PSK generation.
 //!
-//! In: JSON bytes from the registry, and node records to check against revocations. Out: checked
-//! values, or an error naming the bad field; the records a revocation admits
-//! ([`filter_revoked`]).
+//! In: JSON bytes from the registry, and node records (and external peer records) to check
+//! against revocations. Out: checked values, or an error naming the bad field; the records a
+//! revocation admits ([`filter_revoked`], [`filter_revoked_external`]). Revocations are by name,
+//! and names are unique across nodes and external peers (see [`crate::reconcile::
+//! desired_peer_set`]), so `keyctl revoke NAME` works for both.
 
+use crate::external::ExternalPeer;
 use crate::keys::PublicKey;
 use crate::record::{check_name, NodeRecord};
 use serde::{Deserialize, Serialize};
@@ -226,10 +229,73 @@ pub fn filter_revoked(
     (admitted, refused)
 }
 
+/// [`filter_revoked`] for external peers: one whose name has a revocation passes only while
+/// its key is exactly the approved one (an external peer has no next key).
+pub fn filter_revoked_external(
+    peers: impl IntoIterator<Item = ExternalPeer>,
+    revocations: &BTreeMap<String, Revocation>,
+) -> (Vec<ExternalPeer>, Vec<(String, Revoked)>) {
+    let mut admitted = Vec::new();
+    let mut refused = Vec::new();
+    for p in peers {
+        match revocations
+            .get(&p.name)
+            .map(|rev| rev.verdict(&p.public_key))
+        {
+            None | Some(Ok(())) => admitted.push(p),
+            Some(Err(why)) => refused.push((p.name.clone(), why)),
+        }
+    }
+    (admitted, refused)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::keys::PrivateKey;
+
+    #[test]
+    fn external_peers_revoked_by_name() {
+        let (old, fresh) = (key(), key());
+        let peer = |name: &str, k: PublicKey| ExternalPeer {
+            schema: 1,
+            name: name.into(),
+            public_key: k,
+            allowed_ips: vec!["10.99.0.1/32".parse().expect("cidr")],
+            endpoint: None,
+            created_at: 0,
+            config_keys: BTreeMap::new(),
+            config_printed_at: 0,
+        };
+        let (laptop, vm) = (peer("laptop", old), peer("vm", key()));
+        let mut revs = BTreeMap::new();
+        revs.insert(
+            "laptop".to_string(),
+            Revocation {
+                node: "laptop".into(),
+                revoked_keys: vec![old],
+                approved_key: None,
+                approved_next_key: None,
+                revoked_at: 1,
+            },
+        );
+        let (ok, refused) = filter_revoked_external(vec![laptop.clone(), vm.clone()], &revs);
+        assert_eq!(ok, vec![vm.clone()]);
+        assert_eq!(refused.len(), 1);
+        assert!(refused[0].1.to_string().starts_with("revoked"));
+        // Re-added with a new key: refused until that key is approved.
+        let laptop2 = peer("laptop", fresh);
+        assert!(filter_revoked_external(vec![laptop2.clone()], &revs)
+            .0
+            .is_empty());
+        if let Some(r) = revs.get_mut("laptop") {
+            r.approved_key = Some(fresh);
+        }
+        assert_eq!(
+            filter_revoked_external(vec![laptop2.clone(), laptop], &revs).0,
+            vec![laptop2]
+        );
+    }
 
     #[test]
     fn revocation_admits_only_the_approved_key() {

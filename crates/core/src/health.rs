@@ -143,6 +143,7 @@ mod tests {
     fn peer(name: &str, hs: Option<f64>, psk: Option<u64>, pairs: usize) -> PeerStatus {
         PeerStatus {
             name: name.into(),
+            kind: crate::peer::PeerKind::Node,
             public_key: String::new(),
             next_public_key: None,
             key_generation: 1,

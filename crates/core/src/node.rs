@@ -8,7 +8,7 @@
 use crate::allowed_ips::AllowedIps;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::packet;
-use crate::peer::{DropReason, Drops, KeySlot, Peer, PeerConfig, PeerPsk, QUEUE_LIMIT};
+use crate::peer::{DropReason, Drops, KeySlot, Peer, PeerConfig, PeerKind, PeerPsk, QUEUE_LIMIT};
 use crate::psk::ClusterSecret;
 use crate::reconcile::Command;
 use boringtun::noise::errors::WireGuardError;
@@ -124,7 +124,14 @@ pub struct Node {
     outputs: VecDeque<Output>,
     drops: Drops,
     scratch: Vec<u8>,
+    /// Endpoints learnt from external peers (which may have none configured) that were removed,
+    /// by key: used again if the same peer is added back (a revocation lifted, a conflict
+    /// resolved), so this node can handshake with it at once instead of waiting for it.
+    learnt_endpoints: HashMap<PublicKey, SocketAddr>,
 }
+
+/// Most learnt endpoints of removed external peers kept.
+const LEARNT_ENDPOINTS_MAX: usize = 1024;
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -141,6 +148,8 @@ impl std::fmt::Debug for Node {
 #[serde(rename_all = "camelCase")]
 pub struct PeerStatus {
     pub name: String,
+    /// `node`, or `external` for an external standard WireGuard peer.
+    pub kind: PeerKind,
     pub public_key: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_public_key: Option<String>,
@@ -175,6 +184,7 @@ impl Node {
             outputs: VecDeque::new(),
             drops: Drops::default(),
             scratch: vec![0u8; MAX_DATAGRAM + MIN_BUF],
+            learnt_endpoints: HashMap::new(),
         }
     }
 
@@ -231,6 +241,9 @@ impl Node {
     /// node's and the peer's generations.
     fn pair_psk(&self, cfg: &PeerConfig) -> Option<u64> {
         let (_, own) = self.psk.as_ref()?;
+        if cfg.kind == PeerKind::External {
+            return None;
+        }
         match cfg.psk {
             PeerPsk::Never => None,
             PeerPsk::Cluster(theirs) => Some(theirs.map_or(*own, |t| t.min(*own))),
@@ -370,8 +383,14 @@ impl Node {
             self.allowed.insert(*net, id);
         }
         self.names.insert(cfg.name.clone(), id);
+        let learnt = match cfg.kind {
+            PeerKind::External if cfg.endpoints.is_empty() => {
+                self.learnt_endpoints.remove(&cfg.public_key)
+            }
+            _ => None,
+        };
         let peer = Peer {
-            endpoint: cfg.endpoints.first().copied(),
+            endpoint: cfg.endpoints.first().copied().or(learnt),
             config: cfg,
             slots: Vec::new(),
             endpoint_index: 0,
@@ -478,6 +497,14 @@ impl Node {
             }
             let queued = p.queue.len() as u64;
             self.drops.add(DropReason::NoPeer, queued);
+            if let (PeerKind::External, Some(ep), true) =
+                (p.config.kind, p.endpoint, p.endpoint_confirmed)
+            {
+                if self.learnt_endpoints.len() >= LEARNT_ENDPOINTS_MAX {
+                    self.learnt_endpoints.clear();
+                }
+                self.learnt_endpoints.insert(p.config.public_key, ep);
+            }
         }
         self.allowed.retain(|v| *v != id);
         tracing::info!("peer removed");
@@ -548,12 +575,19 @@ impl Node {
         Ok(())
     }
 
-    /// Starts a handshake with every peer on the next key (the pair with the peer's newest key).
+    /// Starts a handshake with every node peer on the next key (the pair with the peer's newest
+    /// key). External peers are left alone: a standard WireGuard peer knows one key per node and
+    /// would drop a handshake from the next one; they keep the current key until it is retired.
     pub fn initiate_next(&mut self) {
         let Some(next) = self.next_key() else {
             return;
         };
-        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        let ids: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.config.kind == PeerKind::Node)
+            .map(|(id, _)| *id)
+            .collect();
         for id in ids {
             let theirs = self
                 .peers
@@ -616,14 +650,16 @@ impl Node {
         }
     }
 
-    /// Per peer (by name), how far it has come in moving to this node's next key. Empty when
-    /// this node is not rotating.
+    /// Per node peer (by name), how far it has come in moving to this node's next key. Empty
+    /// when this node is not rotating. External peers are not listed: they cannot move to a key
+    /// their config does not name, so waiting for them would only delay the rotation.
     pub fn rotation_progress(&self) -> BTreeMap<String, PeerRotation> {
         let Some(next) = self.next_key() else {
             return BTreeMap::new();
         };
         self.peers
             .values()
+            .filter(|p| p.config.kind == PeerKind::Node)
             .map(|p| {
                 let mine = p.slots.iter().filter(|s| s.own == next);
                 let mut state = PeerRotation::Handshaking;
@@ -1108,6 +1144,7 @@ impl Node {
             .values()
             .map(|p| PeerStatus {
                 name: p.config.name.clone(),
+                kind: p.config.kind,
                 public_key: p.config.public_key.to_base64(),
                 next_public_key: p.config.next_public_key.map(|k| k.to_base64()),
                 key_generation: p.config.key_generation,
@@ -1179,6 +1216,7 @@ mod tests {
                 let addr: SocketAddr = format!("198.18.0.{}:51820", 10 + i).parse().expect("addr");
                 cfgs.push(PeerConfig {
                     name: format!("n{i}"),
+                    kind: PeerKind::Node,
                     public_key: k.public_key(),
                     next_public_key: None,
                     endpoints: vec![addr],
@@ -1328,6 +1366,80 @@ mod tests {
             }
         }
         assert_eq!(to_stranger, 0);
+    }
+
+    /// An external peer without an endpoint: packets for it wait (the handshake has nowhere to
+    /// go: noPeer) until its own handshake arrives, which sets the endpoint; then the queue is
+    /// flushed. A rotation neither handshakes with it on the next key nor waits for it.
+    #[test]
+    fn external_peer_without_endpoint_is_reached_after_it_handshakes_in() {
+        let now = Instant::now();
+        let (mut net, cfgs) = Net::new(3);
+        let mut ext = cfgs[1].clone();
+        ext.kind = PeerKind::External;
+        ext.endpoints.clear();
+        net.nodes[0].1.add_peer(ext).expect("add external");
+        net.nodes[0].1.add_peer(cfgs[2].clone()).expect("add n3");
+        net.nodes[2].1.add_peer(cfgs[0].clone()).expect("add n1");
+        net.run(now);
+        assert_eq!(net.nodes[0].1.peer("n2").and_then(|p| p.endpoint), None);
+        let no_peer = net.nodes[0].1.drops().get(DropReason::NoPeer);
+        assert!(no_peer >= 1, "the handshake had nowhere to go");
+        let p = ipv4_packet([10, 42, 1, 5], [10, 42, 2, 7], b"to-the-laptop");
+        net.nodes[0].1.handle_tun(&p, now);
+        net.run(now);
+        assert!(net.delivered[1].is_empty());
+        assert_eq!(net.nodes[0].1.peer("n2").map(|p| p.queue.len()), Some(1));
+        let st = net.nodes[0].1.peer_status();
+        assert_eq!(st[0].kind, PeerKind::External);
+        assert_eq!(st[0].endpoint, None);
+
+        // The external peer knows node 0's endpoint and handshakes in.
+        net.nodes[1].1.add_peer(cfgs[0].clone()).expect("add n1");
+        net.run(now);
+        assert_eq!(
+            net.nodes[0].1.peer("n2").and_then(|p| p.endpoint),
+            Some(net.nodes[1].0),
+            "endpoint learnt from the handshake"
+        );
+        assert_eq!(net.delivered[1], vec![p]);
+        let back = ipv4_packet([10, 42, 2, 7], [10, 42, 1, 5], b"reply");
+        net.nodes[1].1.handle_tun(&back, now);
+        net.run(now);
+        assert_eq!(net.delivered[0], vec![back]);
+
+        // Node 0 rotates: only the node peer gets a handshake on the next key, and only the
+        // node peer counts for the rotation.
+        let next = PrivateKey::generate();
+        net.nodes[0].1.set_next_key(next).expect("next");
+        net.nodes[0].1.initiate_next();
+        let mut to: Vec<SocketAddr> = Vec::new();
+        while let Some(o) = net.nodes[0].1.poll_output() {
+            if let Output::Transmit { dst, .. } = o {
+                to.push(dst);
+            }
+        }
+        assert_eq!(to, vec![net.nodes[2].0]);
+        let progress = net.nodes[0].1.rotation_progress();
+        assert_eq!(progress.keys().collect::<Vec<_>>(), ["n3"]);
+        net.nodes[0].1.drop_next_key();
+
+        // Removed and added back (say a revocation was lifted): the learnt endpoint is used
+        // again, so node 0 handshakes with it at once.
+        net.nodes[0].1.remove_peer("n2").expect("remove");
+        net.run(now);
+        let mut again = cfgs[1].clone();
+        again.kind = PeerKind::External;
+        again.endpoints.clear();
+        net.nodes[0].1.add_peer(again).expect("add again");
+        assert_eq!(
+            net.nodes[0].1.peer("n2").and_then(|p| p.endpoint),
+            Some(net.nodes[1].0)
+        );
+        assert!(matches!(
+            net.nodes[0].1.poll_output(),
+            Some(Output::Transmit { dst, .. }) if dst == net.nodes[1].0
+        ));
     }
 
     #[test]

@@ -9,10 +9,24 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Instant;
 
-/// What the device needs to know about a peer; it comes from the peer's registry record.
+/// What kind of party a peer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PeerKind {
+    /// A mesh node running meshd (a `nodes/NAME` record).
+    Node,
+    /// An external standard WireGuard peer (a `peers/NAME` record, see
+    /// [`crate::external`]): one key at a time, so it never moves to a node's next key by
+    /// itself; it needs a new config once the node retires the key its config names.
+    External,
+}
+
+/// What the device needs to know about a peer; it comes from the peer's registry record (a node
+/// record, or an external peer record).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerConfig {
     pub name: String,
+    pub kind: PeerKind,
     pub public_key: PublicKey,
     /// The key the peer is rotating to, while it rotates: handshakes from it are accepted too.
     pub next_public_key: Option<PublicKey>,

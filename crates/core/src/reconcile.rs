@@ -1,13 +1,17 @@
-//! Reconcile: desired peers (from registry records) against applied peers, as commands.
+//! Reconcile: desired peers (from node records and external peer records) against applied
+//! peers, as commands.
 //!
 //! Changing one peer's key, endpoints or CIDRs yields one `Update` for that peer alone, so no
-//! other peer is disturbed.
+//! other peer is disturbed. Node records take precedence over external peers
+//! ([`desired_peer_set`]).
 
+use crate::external::{check_against, ExternalError, ExternalPeer, Owner};
 use crate::keys::PublicKey;
-use crate::peer::{PeerConfig, PeerPsk};
+use crate::peer::{PeerConfig, PeerKind, PeerPsk};
 use crate::record::{validate_against, NodeRecord, RecordError};
+use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -20,6 +24,7 @@ pub enum Command {
 pub fn peer_config(r: &NodeRecord) -> PeerConfig {
     PeerConfig {
         name: r.name.clone(),
+        kind: PeerKind::Node,
         public_key: r.public_key,
         next_public_key: r.next_public_key,
         endpoints: r.endpoints.clone(),
@@ -40,13 +45,111 @@ pub fn desired_peers(
     own: &NodeRecord,
     records: impl IntoIterator<Item = NodeRecord>,
 ) -> (Vec<PeerConfig>, Vec<(String, RecordError)>) {
+    let s = select_nodes(own, records);
+    let peers = s.accepted.iter().skip(1).map(peer_config).collect();
+    (peers, s.refused)
+}
+
+/// The peers this node wants, node records and external peers together, with what was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DesiredPeers {
+    /// Node peers first (by name), then external peers (by name).
+    pub peers: Vec<PeerConfig>,
+    pub refused_nodes: Vec<(String, RecordError)>,
+    pub refused_external: Vec<(String, ExternalError)>,
+}
+
+/// [`desired_peers`] plus the external peers: node records are picked first and take precedence,
+/// then each external peer (in name order) is accepted only if it conflicts with no accepted node
+/// (this node included) and no external peer accepted before it ([`check_against`]: name, keys,
+/// overlapping ranges, ranges holding an endpoint), and its name is not the name of any node
+/// record (accepted or not), so names stay unique across both kinds.
+pub fn desired_peer_set(
+    own: &NodeRecord,
+    records: impl IntoIterator<Item = NodeRecord>,
+    externals: impl IntoIterator<Item = ExternalPeer>,
+) -> DesiredPeers {
+    let records: Vec<NodeRecord> = records.into_iter().collect();
+    let node_names: BTreeSet<String> = records
+        .iter()
+        .map(|r| r.name.clone())
+        .chain(std::iter::once(own.name.clone()))
+        .collect();
+    let Selection {
+        accepted,
+        refused: refused_nodes,
+        mut keys,
+        mut index,
+    } = select_nodes(own, records);
+    // Next keys of accepted nodes are taken too (a handshake from one finds that node).
+    let own_next = own.next_public_key.map(|k| (k, 0));
+    keys.extend(
+        accepted
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.next_public_key.map(|k| (k, i)))
+            .chain(own_next),
+    );
+    let mut externals: Vec<ExternalPeer> = externals.into_iter().collect();
+    externals.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut taken: Vec<ExternalPeer> = Vec::new();
+    let mut refused_external = Vec::new();
+    for p in externals {
+        let verdict = if node_names.contains(&p.name) {
+            Err(ExternalError::NameTaken {
+                name: p.name.clone(),
+                owner: Owner::Node(p.name.clone()),
+            })
+        } else if let Some(node) = keys.get(&p.public_key).and_then(|&i| accepted.get(i)) {
+            Err(ExternalError::KeyTaken {
+                key: p.public_key.fingerprint(),
+                owner: Owner::Node(node.name.clone()),
+            })
+        } else if index.may_conflict(&p.allowed_ips, p.endpoint.as_slice())
+            || taken.iter().any(|t| t.public_key == p.public_key)
+        {
+            check_against(&p, &accepted, &taken)
+        } else {
+            Ok(())
+        };
+        match verdict {
+            Ok(()) => {
+                index.insert(&p.allowed_ips, p.endpoint.as_slice());
+                taken.push(p);
+            }
+            Err(e) => refused_external.push((p.name.clone(), e)),
+        }
+    }
+    let peers = accepted
+        .iter()
+        .skip(1)
+        .map(peer_config)
+        .chain(taken.iter().map(ExternalPeer::peer_config))
+        .collect();
+    DesiredPeers {
+        peers,
+        refused_nodes,
+        refused_external,
+    }
+}
+
+/// The node records taken (this node's own first), the refused ones, and the index of what the
+/// taken ones route.
+struct Selection {
+    accepted: Vec<NodeRecord>,
+    refused: Vec<(String, RecordError)>,
+    /// Key -> position in `accepted` (accepted keys are distinct).
+    keys: HashMap<PublicKey, usize>,
+    index: ConflictIndex,
+}
+
+fn select_nodes(own: &NodeRecord, records: impl IntoIterator<Item = NodeRecord>) -> Selection {
     let mut records: Vec<NodeRecord> = records.into_iter().filter(|r| r.name != own.name).collect();
     records.sort_by(|a, b| a.name.cmp(&b.name));
     let mut accepted: Vec<NodeRecord> = vec![own.clone()];
-    // Key -> position in `accepted` (accepted keys are distinct).
     let mut keys: HashMap<PublicKey, usize> = HashMap::from([(own.public_key, 0)]);
     let mut index = ConflictIndex::new();
-    index.insert(own);
+    index.insert(&own.pod_cidrs, &own.endpoints);
     let mut refused = Vec::new();
     for r in records {
         if r.public_key == own.public_key {
@@ -69,7 +172,7 @@ pub fn desired_peers(
             ));
             continue;
         }
-        let verdict = if index.may_conflict(&r) {
+        let verdict = if index.may_conflict(&r.pod_cidrs, &r.endpoints) {
             validate_against(&r, &accepted)
         } else {
             Ok(())
@@ -77,14 +180,18 @@ pub fn desired_peers(
         match verdict {
             Ok(()) => {
                 keys.insert(r.public_key, accepted.len());
-                index.insert(&r);
+                index.insert(&r.pod_cidrs, &r.endpoints);
                 accepted.push(r);
             }
             Err(e) => refused.push((r.name.clone(), e)),
         }
     }
-    let peers = accepted.iter().skip(1).map(peer_config).collect();
-    (peers, refused)
+    Selection {
+        accepted,
+        refused,
+        keys,
+        index,
+    }
 }
 
 /// The pod ranges and endpoint addresses of the accepted records, to tell in O(log n) whether a
@@ -121,28 +228,28 @@ impl ConflictIndex {
                 .is_some_and(|(_, end)| *end >= first)
     }
 
-    fn may_conflict(&self, r: &NodeRecord) -> bool {
+    /// Whether a party routing `cidrs` with underlay `endpoints` may conflict with an indexed one.
+    fn may_conflict(&self, cidrs: &[IpNet], endpoints: &[SocketAddr]) -> bool {
         if !self.exact {
             return true;
         }
-        r.pod_cidrs.iter().any(|c| {
+        cidrs.iter().any(|c| {
             let (first, last) = (c.network(), c.broadcast());
             self.range_meets(first, last) || self.endpoints.range(first..=last).next().is_some()
-        }) || r
-            .endpoints
+        }) || endpoints
             .iter()
             .any(|ep| self.range_meets(ep.ip(), ep.ip()))
     }
 
-    fn insert(&mut self, r: &NodeRecord) {
-        for c in &r.pod_cidrs {
+    fn insert(&mut self, cidrs: &[IpNet], endpoints: &[SocketAddr]) {
+        for c in cidrs {
             let (first, last) = (c.network(), c.broadcast());
             if self.range_meets(first, last) {
                 self.exact = false;
             }
             self.ranges.insert(first, last);
         }
-        self.endpoints.extend(r.endpoints.iter().map(|e| e.ip()));
+        self.endpoints.extend(endpoints.iter().map(|e| e.ip()));
     }
 }
 
@@ -338,6 +445,200 @@ mod tests {
         }
         // Both verdicts are common, so both paths were taken.
         assert!(accepted > 1000 && refused > 1000, "{accepted} {refused}");
+    }
+
+    fn ext(name: &str, cidr: &str) -> ExternalPeer {
+        ExternalPeer {
+            schema: crate::external::SCHEMA_VERSION,
+            name: name.into(),
+            public_key: PrivateKey::generate().public_key(),
+            allowed_ips: vec![cidr.parse().expect("cidr")],
+            endpoint: None,
+            created_at: 0,
+            config_keys: BTreeMap::new(),
+            config_printed_at: 0,
+        }
+    }
+
+    #[test]
+    fn external_peers_join_after_nodes_and_conflicts_are_refused() {
+        let own = rec("a", 1);
+        let b = rec("b", 2);
+        let laptop = ext("laptop", "10.99.0.1/32");
+        // Overlaps node b's pod range: refused naming b, even though b sorts after it.
+        let thief = ext("aaa-thief", "10.42.2.128/25");
+        // Overlaps this node's own range.
+        let greedy = ext("greedy", "10.42.0.0/16");
+        // Overlaps laptop, which sorts first and wins.
+        let late = ext("next-laptop", "10.99.0.0/24");
+        // A node's name; and a node's key.
+        let named = ext("b", "10.98.0.0/24");
+        let mut same_key = ext("vm", "10.97.0.0/24");
+        same_key.public_key = b.public_key;
+        // Allowed IPs holding a node's underlay endpoint.
+        let underlay = ext("underlay", "198.18.0.0/24");
+        let d = desired_peer_set(
+            &own,
+            vec![own.clone(), b.clone()],
+            vec![
+                late.clone(),
+                laptop.clone(),
+                thief,
+                greedy,
+                named,
+                same_key,
+                underlay,
+            ],
+        );
+        assert_eq!(d.peers, vec![peer_config(&b), laptop.peer_config()]);
+        assert!(d.refused_nodes.is_empty());
+        let why: BTreeMap<&str, String> = d
+            .refused_external
+            .iter()
+            .map(|(n, e)| (n.as_str(), e.to_string()))
+            .collect();
+        assert_eq!(
+            why.keys().copied().collect::<Vec<_>>(),
+            ["aaa-thief", "b", "greedy", "next-laptop", "underlay", "vm"]
+        );
+        assert!(why["aaa-thief"].contains("node b"), "{why:?}");
+        assert!(why["greedy"].contains("node a"), "{why:?}");
+        assert!(
+            why["next-laptop"].contains("external peer laptop"),
+            "{why:?}"
+        );
+        assert!(why["b"].contains("node b"), "{why:?}");
+        assert!(why["vm"].contains("publicKey"), "{why:?}");
+        assert!(why["underlay"].contains("endpoint"), "{why:?}");
+
+        // Node records take precedence: a node that appears later with an overlapping range is
+        // taken and the external peer dropped (one Remove, one Add).
+        let mut c = rec("c", 3);
+        c.pod_cidrs = vec!["10.99.0.0/24".parse().expect("cidr")];
+        let d2 = desired_peer_set(&own, vec![b.clone(), c.clone()], vec![laptop.clone()]);
+        assert_eq!(d2.peers, vec![peer_config(&b), peer_config(&c)]);
+        assert_eq!(d2.refused_external.len(), 1);
+        let cmds = plan(&d2.peers, &d.peers);
+        assert_eq!(
+            cmds,
+            vec![
+                Command::Remove("laptop".into()),
+                Command::Add(peer_config(&c))
+            ]
+        );
+        // A rotating node's next key is taken as well.
+        let mut rot = b.clone();
+        let next = PrivateKey::generate().public_key();
+        rot.next_public_key = Some(next);
+        let mut thief_key = ext("laptop", "10.99.0.1/32");
+        thief_key.public_key = next;
+        let d3 = desired_peer_set(&own, vec![rot], vec![thief_key]);
+        assert_eq!(d3.peers.len(), 1);
+        assert_eq!(d3.refused_external[0].1.field(), Some("publicKey"));
+        // Without externals it is desired_peers.
+        let d4 = desired_peer_set(&own, vec![b.clone()], vec![]);
+        assert_eq!(d4.peers, desired_peers(&own, vec![b]).0);
+    }
+
+    /// The indexed external selection agrees with checking every external against every
+    /// accepted node and external, on random sets full of conflicts.
+    #[test]
+    fn indexed_external_selection_matches_naive() {
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move |n: u64| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (seed >> 33) % n
+        };
+        let keys: Vec<_> = (0..10)
+            .map(|_| PrivateKey::generate().public_key())
+            .collect();
+        let (mut accepted, mut refused) = (0, 0);
+        for round in 0..300 {
+            let own = rec("n0", 1);
+            let nodes: Vec<NodeRecord> = (0..next(6))
+                .map(|i| {
+                    let mut r = rec(&format!("n{}", i + 1), 2 + next(6) as u8);
+                    if next(4) == 0 {
+                        r.public_key = keys[next(keys.len() as u64) as usize];
+                    }
+                    r
+                })
+                .collect();
+            let externals: Vec<ExternalPeer> = (0..1 + next(8))
+                .map(|_| {
+                    let name = match next(5) {
+                        0 => format!("n{}", next(4)),
+                        _ => format!("e{}", next(10)),
+                    };
+                    let cidr = match next(4) {
+                        0 => format!("10.42.{}.0/25", next(8)),
+                        1 => format!("10.99.{}.0/24", next(3)),
+                        2 => format!("10.99.0.{}/32", next(4)),
+                        _ => format!("198.18.0.{}/32", 10 + next(8)),
+                    };
+                    let mut p = ext(&name, &cidr);
+                    p.public_key = keys[next(keys.len() as u64) as usize];
+                    if next(3) == 0 {
+                        p.endpoint = Some(
+                            format!("10.99.{}.9:4000", next(3))
+                                .parse()
+                                .expect("endpoint"),
+                        );
+                    }
+                    p
+                })
+                .collect();
+            // Names are unique within a collection.
+            let mut externals: Vec<ExternalPeer> = externals
+                .into_iter()
+                .map(|p| (p.name.clone(), p))
+                .collect::<BTreeMap<_, _>>()
+                .into_values()
+                .collect();
+            externals.retain(|p| p.check().is_ok());
+            let fast = desired_peer_set(&own, nodes.clone(), externals.clone());
+            // Naive: the accepted node records, then each external against all of them.
+            let (node_peers, _) = desired_peers(&own, nodes.clone());
+            let mut taken_nodes: Vec<NodeRecord> = vec![own.clone()];
+            taken_nodes.extend(
+                nodes
+                    .iter()
+                    .filter(|n| node_peers.iter().any(|p| p.name == n.name))
+                    .cloned(),
+            );
+            let mut taken: Vec<ExternalPeer> = Vec::new();
+            let mut naive_refused = Vec::new();
+            for p in externals {
+                let v = if nodes.iter().any(|n| n.name == p.name) || p.name == own.name {
+                    Err(())
+                } else {
+                    check_against(&p, &taken_nodes, &taken).map_err(|_| ())
+                };
+                match v {
+                    Ok(()) => taken.push(p),
+                    Err(()) => naive_refused.push(p.name.clone()),
+                }
+            }
+            let fast_ext: Vec<&str> = fast
+                .peers
+                .iter()
+                .filter(|p| p.kind == PeerKind::External)
+                .map(|p| p.name.as_str())
+                .collect();
+            let naive_ext: Vec<&str> = taken.iter().map(|p| p.name.as_str()).collect();
+            assert_eq!(fast_ext, naive_ext, "round {round}");
+            let fast_refused: Vec<&str> = fast
+                .refused_external
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect();
+            assert_eq!(fast_refused, naive_refused, "round {round}");
+            accepted += fast_ext.len();
+            refused += fast_refused.len();
+        }
+        assert!(accepted > 200 && refused > 200, "{accepted} {refused}");
     }
 
     /// 1000 records that all pass, and then one that conflicts with the last of them.

@@ -10,8 +10,8 @@
 //!
 //! The registry is a set of typed collections ([`Kind`]): node records and pod CIDR claims (see
 //! [`claims`]: claimed with a compare-and-swap over the whole collection, [`Registry::
-//! put_if_unchanged`]), rotation requests and revocations (written by keyctl); external peers join
-//! them later. [`Registry`] is the raw, object-safe, backend-neutral interface (held as
+//! put_if_unchanged`]), rotation requests, revocations and external standard WireGuard peers
+//! (written by keyctl). [`Registry`] is the raw, object-safe, backend-neutral interface (held as
 //! `Arc<dyn Registry>`); [`Typed`] decodes and validates on top of it, skipping (and logging)
 //! objects that fail to parse so one bad record never ends a watch. Backends: [`dir`] (one JSON file per object, the embedded default)
 //! and [`etcd`] (one key per object, a node's own record bound to a lease, see
@@ -55,6 +55,9 @@ pub enum Kind {
     /// Link health reports ([`weft_core::health::HealthReport`]), one per node, named after the
     /// node, written by that node.
     Health,
+    /// External standard WireGuard peers ([`weft_core::external::ExternalPeer`]), written by
+    /// `keyctl peer` (admin only), named after the peer.
+    Peers,
 }
 
 impl Kind {
@@ -66,6 +69,7 @@ impl Kind {
         Kind::Revocations,
         Kind::Psk,
         Kind::Health,
+        Kind::Peers,
     ];
 
     /// The stable collection name ("nodes").
@@ -77,6 +81,7 @@ impl Kind {
             Kind::Revocations => "revocations",
             Kind::Psk => "psk",
             Kind::Health => "health",
+            Kind::Peers => "peers",
         }
     }
 }
@@ -462,6 +467,7 @@ mod tests {
         assert_eq!(Kind::Revocations.as_str(), "revocations");
         assert_eq!(Kind::Psk.as_str(), "psk");
         assert_eq!(Kind::Health.as_str(), "health");
-        assert_eq!(Kind::ALL.len(), 6);
+        assert_eq!(Kind::ALL.len(), 7);
+        assert_eq!(Kind::Peers.as_str(), "peers");
     }
 }

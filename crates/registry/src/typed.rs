@@ -90,6 +90,24 @@ impl Object for weft_core::health::HealthReport {
     }
 }
 
+impl Object for weft_core::external::ExternalPeer {
+    const KIND: Kind = Kind::Peers;
+    type Error = weft_core::external::ExternalError;
+
+    fn decode(bytes: &[u8]) -> Result<Self, Self::Error> {
+        Self::from_json(bytes)
+    }
+    fn encode(&self) -> Vec<u8> {
+        self.to_json()
+    }
+    fn object_name(&self) -> &str {
+        &self.name
+    }
+    fn validate(&self) -> Result<(), Self::Error> {
+        self.check()
+    }
+}
+
 impl Object for weft_core::control::PskGeneration {
     const KIND: Kind = Kind::Psk;
     type Error = weft_core::control::ControlError;

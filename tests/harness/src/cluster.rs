@@ -1540,42 +1540,7 @@ impl Node {
         if guard.is_some() {
             bail!("a WireGuard device already runs on {}", self.name);
         }
-        let (letter, log) = match kind {
-            WgImpl::WireguardGo => ('g', self.dir.join("wireguard-go.log")),
-            WgImpl::Boringtun => ('b', self.dir.join("boringtun.log")),
-        };
-        let ifname = format!("{}{letter}{}", self.short, self.index);
-        let sock = PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"));
-        let _ = std::fs::remove_file(&sock);
-        let mut cmd = match kind {
-            WgImpl::WireguardGo => {
-                let mut c = crate::util::ns_cmd(&self.ns, "wireguard-go");
-                c.args(["-f", &ifname]).env("WG_PROCESS_FOREGROUND", "1");
-                c
-            }
-            WgImpl::Boringtun => {
-                let bin = find_program("boringtun-cli").ok_or_else(|| {
-                    anyhow!("boringtun-cli not found (scripts/install-test-deps.sh installs it)")
-                })?;
-                let mut c = crate::util::ns_cmd(&self.ns, bin);
-                c.args(["-f", "--disable-drop-privileges", "-l"])
-                    .arg(self.dir.join("boringtun-internal.log"))
-                    .arg(&ifname)
-                    .env("WG_SUDO", "1");
-                c
-            }
-        };
-        let mut proc =
-            Proc::spawn_logged(&format!("{kind:?} {}", self.name), &mut cmd, Some(&log))?;
-        let up = wait_until(Duration::from_secs(10), || sock.exists() || !proc.running());
-        if !up || !proc.running() {
-            bail!(
-                "{kind:?} on {} did not create {} ; log:\n{}",
-                self.name,
-                sock.display(),
-                tail(&log, 20)
-            );
-        }
+        let (ifname, proc) = self.spawn_wg(kind)?;
         let public_key = wg_pubkey(private_key)?;
         let keyfile = self.dir.join(format!("{ifname}.key"));
         write_secret(&keyfile, private_key)?;
@@ -1613,6 +1578,120 @@ impl Node {
             self.wg_set_peer(p)?;
         }
         Ok(ifname)
+    }
+
+    /// Runs a standard WireGuard device configured like `wg-quick up` would from a wg-quick
+    /// config (such as the one `keyctl peer add` prints, with its private key filled in): see
+    /// [`Node::wg_quick_apply`]. Returns the interface name.
+    pub fn start_wg_quick(&self, kind: WgImpl, conf: &str) -> Result<String> {
+        let private_key = wg_quick_values(conf, "PrivateKey")
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow!("the config has no PrivateKey"))?;
+        let public_key = wg_pubkey(&private_key)?;
+        let listen_port = wg_quick_values(conf, "ListenPort")
+            .first()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        {
+            let mut guard = self.wg.lock().map_err(|_| anyhow!("poisoned"))?;
+            if guard.is_some() {
+                bail!("a WireGuard device already runs on {}", self.name);
+            }
+            let (ifname, proc) = self.spawn_wg(kind)?;
+            *guard = Some(WgDevice {
+                kind,
+                ifname,
+                public_key,
+                listen_port,
+                proc,
+            });
+        }
+        let ifname = self
+            .wg_ifname()
+            .ok_or_else(|| anyhow!("no WireGuard device"))?;
+        self.ip(&[
+            "link",
+            "set",
+            &ifname,
+            "mtu",
+            &self.pod_mtu.to_string(),
+            "up",
+        ])?;
+        self.wg_quick_apply(conf)?;
+        Ok(ifname)
+    }
+
+    /// Applies a wg-quick config to the running device as `wg-quick` would: `wg-quick strip`
+    /// (drops `Address` and the other wg-quick-only fields), `wg setconf` with the result
+    /// (replacing every peer), then the `Address`es on the interface and a route per peer
+    /// `AllowedIPs` entry through it (both replacing what was there).
+    pub fn wg_quick_apply(&self, conf: &str) -> Result<()> {
+        let ifname = self
+            .wg_ifname()
+            .ok_or_else(|| anyhow!("no WireGuard device on {}", self.name))?;
+        // wg-quick names the interface after the file.
+        let path = self.dir.join(format!("{ifname}.conf"));
+        write_secret(&path, conf)?;
+        let stripped = run_args("wg-quick", &["strip", &path.display().to_string()])
+            .context("wg-quick strip (wireguard-tools)")?;
+        let stripped_path = self.dir.join(format!("{ifname}.stripped.conf"));
+        write_secret(&stripped_path, &stripped)?;
+        self.exec(
+            "wg",
+            &["setconf", &ifname, &stripped_path.display().to_string()],
+        )?;
+        self.ip(&["addr", "flush", "dev", &ifname])?;
+        for a in wg_quick_values(conf, "Address") {
+            self.ip(&["addr", "add", &a, "dev", &ifname])?;
+        }
+        self.ip(&["route", "flush", "dev", &ifname])?;
+        for a in wg_quick_values(conf, "AllowedIPs") {
+            self.ip(&["route", "replace", &a, "dev", &ifname])?;
+        }
+        Ok(())
+    }
+
+    /// Starts the wireguard-go / boringtun process of a standard device and waits for its UAPI
+    /// socket. The caller configures it.
+    fn spawn_wg(&self, kind: WgImpl) -> Result<(String, Proc)> {
+        let (letter, log) = match kind {
+            WgImpl::WireguardGo => ('g', self.dir.join("wireguard-go.log")),
+            WgImpl::Boringtun => ('b', self.dir.join("boringtun.log")),
+        };
+        let ifname = format!("{}{letter}{}", self.short, self.index);
+        let sock = PathBuf::from(format!("/var/run/wireguard/{ifname}.sock"));
+        let _ = std::fs::remove_file(&sock);
+        let mut cmd = match kind {
+            WgImpl::WireguardGo => {
+                let mut c = crate::util::ns_cmd(&self.ns, "wireguard-go");
+                c.args(["-f", &ifname]).env("WG_PROCESS_FOREGROUND", "1");
+                c
+            }
+            WgImpl::Boringtun => {
+                let bin = find_program("boringtun-cli").ok_or_else(|| {
+                    anyhow!("boringtun-cli not found (scripts/install-test-deps.sh installs it)")
+                })?;
+                let mut c = crate::util::ns_cmd(&self.ns, bin);
+                c.args(["-f", "--disable-drop-privileges", "-l"])
+                    .arg(self.dir.join("boringtun-internal.log"))
+                    .arg(&ifname)
+                    .env("WG_SUDO", "1");
+                c
+            }
+        };
+        let mut proc =
+            Proc::spawn_logged(&format!("{kind:?} {}", self.name), &mut cmd, Some(&log))?;
+        let up = wait_until(Duration::from_secs(10), || sock.exists() || !proc.running());
+        if !up || !proc.running() {
+            bail!(
+                "{kind:?} on {} did not create {} ; log:\n{}",
+                self.name,
+                sock.display(),
+                tail(&log, 20)
+            );
+        }
+        Ok((ifname, proc))
     }
 
     /// Adds or updates a peer on the node's standard WireGuard device and routes its allowed IPs
@@ -1698,6 +1777,22 @@ impl Node {
             )
         })
     }
+}
+
+/// Every value of `KEY = VALUE` lines named `key` in a wg-quick config (comma-separated values
+/// split, comments ignored), in order.
+pub fn wg_quick_values(conf: &str, key: &str) -> Vec<String> {
+    conf.lines()
+        .map(|l| l.split('#').next().unwrap_or_default().trim())
+        .filter_map(|l| l.split_once('='))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case(key))
+        .flat_map(|(_, v)| {
+            v.split(',')
+                .map(|x| x.trim().to_string())
+                .filter(|x| !x.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 fn write_secret(path: &Path, s: &str) -> Result<()> {

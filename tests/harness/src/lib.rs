@@ -31,8 +31,9 @@ pub mod util;
 
 pub use capture::{parse_pcap, Capture, Marker, Packet, Packets};
 pub use cluster::{
-    drops_of, harness_namespaces, peer_of, wg_genkey, wg_pubkey, Cluster, ClusterOpts, Node, Pod,
-    RecordSpec, Registry, WgImpl, WgKeys, WgPeer, CLUSTER_CIDR, LOW_ORDER_KEY, MESH_PORT,
+    drops_of, harness_namespaces, peer_of, wg_genkey, wg_pubkey, wg_quick_values, Cluster,
+    ClusterOpts, Node, Pod, RecordSpec, Registry, WgImpl, WgKeys, WgPeer, CLUSTER_CIDR,
+    LOW_ORDER_KEY, MESH_PORT,
 };
 pub use cni::{
     cnitool_bin, cnitool_container_id, expected_host_veth, netns_path, ns_snapshot, result_host_if,

@@ -5,7 +5,7 @@ use mock_instant::MockClock;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use weft_core::node::{Node, Output};
-use weft_core::peer::{DropReason, PeerConfig};
+use weft_core::peer::{DropReason, PeerConfig, PeerKind};
 use weft_core::PrivateKey;
 
 fn ipv4_packet(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
@@ -36,6 +36,7 @@ impl Sim {
             let addr: SocketAddr = format!("198.18.0.{}:51820", 10 + i).parse().expect("addr");
             cfgs.push(PeerConfig {
                 name: format!("n{i}"),
+                kind: PeerKind::Node,
                 public_key: k.public_key(),
                 next_public_key: None,
                 endpoints: vec![addr],

@@ -679,6 +679,27 @@ async fn watch_rotation_requests(registry: Arc<dyn Registry>, name: String, tx: 
     }
 }
 
+/// Refusals by name, with their reasons as text (a revocation's reason after any other).
+fn reasons<A: std::fmt::Display, B: std::fmt::Display>(
+    refused: Vec<(String, A)>,
+    revoked: Vec<(String, B)>,
+) -> BTreeMap<String, String> {
+    refused
+        .into_iter()
+        .map(|(n, e)| (n, e.to_string()))
+        .chain(revoked.into_iter().map(|(n, e)| (n, e.to_string())))
+        .collect()
+}
+
+/// Logs each refusal whose reason is new since `before`.
+fn log_new_refusals(before: &BTreeMap<String, String>, now: &BTreeMap<String, String>, what: &str) {
+    for (name, why) in now {
+        if before.get(name) != Some(why) {
+            tracing::warn!(name = %name, reason = %why, "{what}");
+        }
+    }
+}
+
 /// Forwards the cluster PSK generation (`psk/cluster`, bumped by `keyctl psk rotate`) to the
 /// loop.
 async fn watch_psk_generation(registry: Arc<dyn Registry>, tx: mpsc::Sender<u64>) {
@@ -1114,29 +1135,15 @@ impl Daemon {
         // Node records take precedence: externals are checked against the accepted nodes.
         let set = desired_peer_set(&self.own, admitted, externals);
         let desired = set.peers;
-        let refused: BTreeMap<String, String> = set
-            .refused_nodes
-            .into_iter()
-            .map(|(n, e)| (n, e.to_string()))
-            .chain(revoked.into_iter().map(|(n, e)| (n, e.to_string())))
-            .collect();
-        for (name, why) in &refused {
-            if self.refused.get(name) != Some(why) {
-                tracing::warn!(record = %name, reason = %why, "refusing node record");
-            }
-        }
+        let refused = reasons(set.refused_nodes, revoked);
+        log_new_refusals(&self.refused, &refused, "refusing node record");
         self.refused = refused;
-        let refused_external: BTreeMap<String, String> = set
-            .refused_external
-            .into_iter()
-            .map(|(n, e)| (n, e.to_string()))
-            .chain(ext_revoked.into_iter().map(|(n, e)| (n, e.to_string())))
-            .collect();
-        for (name, why) in &refused_external {
-            if self.refused_external.get(name) != Some(why) {
-                tracing::warn!(peer = %name, reason = %why, "refusing external peer record");
-            }
-        }
+        let refused_external = reasons(set.refused_external, ext_revoked);
+        log_new_refusals(
+            &self.refused_external,
+            &refused_external,
+            "refusing external peer record",
+        );
         self.refused_external = refused_external;
         let cmds = plan(&desired, self.node.peer_configs());
         for cmd in cmds {

@@ -47,11 +47,13 @@ impl Object for NodeRecord {
     }
 }
 
-macro_rules! control_object {
-    ($t:ty, $kind:expr) => {
+/// `Object` for a JSON object type with `from_json`, `to_json` and `check`, stored under the name
+/// `$name` gives for it.
+macro_rules! json_object {
+    ($t:ty, $kind:expr, $err:ty, |$s:ident| $name:expr) => {
         impl Object for $t {
             const KIND: Kind = $kind;
-            type Error = weft_core::control::ControlError;
+            type Error = $err;
 
             fn decode(bytes: &[u8]) -> Result<Self, Self::Error> {
                 <$t>::from_json(bytes)
@@ -60,7 +62,8 @@ macro_rules! control_object {
                 self.to_json()
             }
             fn object_name(&self) -> &str {
-                &self.node
+                let $s = self;
+                $name
             }
             fn validate(&self) -> Result<(), Self::Error> {
                 self.check()
@@ -69,62 +72,37 @@ macro_rules! control_object {
     };
 }
 
-control_object!(weft_core::control::RotationRequest, Kind::Rotations);
-control_object!(weft_core::control::Revocation, Kind::Revocations);
-
-impl Object for weft_core::health::HealthReport {
-    const KIND: Kind = Kind::Health;
-    type Error = weft_core::health::HealthError;
-
-    fn decode(bytes: &[u8]) -> Result<Self, Self::Error> {
-        Self::from_json(bytes)
-    }
-    fn encode(&self) -> Vec<u8> {
-        self.to_json()
-    }
-    fn object_name(&self) -> &str {
-        &self.node
-    }
-    fn validate(&self) -> Result<(), Self::Error> {
-        self.check()
-    }
-}
-
-impl Object for weft_core::external::ExternalPeer {
-    const KIND: Kind = Kind::Peers;
-    type Error = weft_core::external::ExternalError;
-
-    fn decode(bytes: &[u8]) -> Result<Self, Self::Error> {
-        Self::from_json(bytes)
-    }
-    fn encode(&self) -> Vec<u8> {
-        self.to_json()
-    }
-    fn object_name(&self) -> &str {
-        &self.name
-    }
-    fn validate(&self) -> Result<(), Self::Error> {
-        self.check()
-    }
-}
-
-impl Object for weft_core::control::PskGeneration {
-    const KIND: Kind = Kind::Psk;
-    type Error = weft_core::control::ControlError;
-
-    fn decode(bytes: &[u8]) -> Result<Self, Self::Error> {
-        Self::from_json(bytes)
-    }
-    fn encode(&self) -> Vec<u8> {
-        self.to_json()
-    }
-    fn object_name(&self) -> &str {
-        weft_core::control::PSK_OBJECT
-    }
-    fn validate(&self) -> Result<(), Self::Error> {
-        Ok(())
-    }
-}
+use weft_core::control::ControlError;
+json_object!(
+    weft_core::control::RotationRequest,
+    Kind::Rotations,
+    ControlError,
+    |r| &r.node
+);
+json_object!(
+    weft_core::control::Revocation,
+    Kind::Revocations,
+    ControlError,
+    |r| &r.node
+);
+json_object!(
+    weft_core::control::PskGeneration,
+    Kind::Psk,
+    ControlError,
+    |_r| weft_core::control::PSK_OBJECT
+);
+json_object!(
+    weft_core::health::HealthReport,
+    Kind::Health,
+    weft_core::health::HealthError,
+    |r| &r.node
+);
+json_object!(
+    weft_core::external::ExternalPeer,
+    Kind::Peers,
+    weft_core::external::ExternalError,
+    |r| &r.name
+);
 
 /// One event of a typed watch; see [`RawEvent`] for the meaning of each.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -204,9 +204,7 @@ struct Run {
 fn under_traffic(name: &str, etcd: bool, secret: bool, rotate: impl FnOnce(&Cluster)) -> Run {
     setup();
     let c = Cluster::with_nodes(3).expect("cluster");
-    let etcd = etcd.then(|| c.start_etcd().expect("etcd"));
-    let spec = etcd.as_ref().map(|e| e.spec());
-    ETCD_SPEC.with(|e| *e.borrow_mut() = spec.clone());
+    let (etcd, spec) = registry_for(&c, etcd);
     let pods: Vec<Pod> = (0..3).map(|i| c.node(i).add_pod(0).expect("pod")).collect();
     for n in &c.nodes {
         let mut args: Vec<String> = Vec::new();
@@ -355,16 +353,23 @@ fn sigkill_in_each_rotation_phase_with_etcd_ends_consistent_and_connected() {
     sigkill_in_each_phase(true);
 }
 
-fn sigkill_in_each_phase(with_etcd: bool) {
-    setup();
-    let c = Cluster::with_nodes(3).expect("cluster");
+/// With `with_etcd`, starts etcd in the cluster and makes it keyctl's registry; returns it and
+/// the spec meshd takes as `--registry` (`None`: the cluster's dir registry).
+fn registry_for(c: &Cluster, with_etcd: bool) -> (Option<weft_tests::Etcd>, Option<String>) {
     let etcd = with_etcd.then(|| c.start_etcd().expect("etcd"));
     let spec = etcd.as_ref().map(|e| e.spec());
     ETCD_SPEC.with(|e| *e.borrow_mut() = spec.clone());
-    let args: Vec<&str> = match &spec {
-        Some(s) => vec!["--registry", s.as_str()],
-        None => Vec::new(),
-    };
+    (etcd, spec)
+}
+
+fn sigkill_in_each_phase(with_etcd: bool) {
+    setup();
+    let c = Cluster::with_nodes(3).expect("cluster");
+    let (etcd, spec) = registry_for(&c, with_etcd);
+    let args: Vec<&str> = spec
+        .iter()
+        .flat_map(|s| ["--registry", s.as_str()])
+        .collect();
     let pods: Vec<Pod> = (0..3).map(|i| c.node(i).add_pod(0).expect("pod")).collect();
     // Each phase lasts at least 3 s, so the test can kill meshd inside it. Trace-level logs, so
     // the secrecy check below covers everything meshd (and boringtun) can log.
@@ -516,13 +521,11 @@ fn rotation_under_one_percent_loss_with_etcd_adds_no_loss_beyond_the_control() {
 fn rotation_under_loss(with_etcd: bool) {
     setup();
     let c = Cluster::with_nodes(3).expect("cluster");
-    let etcd = with_etcd.then(|| c.start_etcd().expect("etcd"));
-    let spec = etcd.as_ref().map(|e| e.spec());
-    ETCD_SPEC.with(|e| *e.borrow_mut() = spec.clone());
-    let args: Vec<&str> = match &spec {
-        Some(s) => vec!["--registry", s.as_str()],
-        None => Vec::new(),
-    };
+    let (_etcd, spec) = registry_for(&c, with_etcd);
+    let args: Vec<&str> = spec
+        .iter()
+        .flat_map(|s| ["--registry", s.as_str()])
+        .collect();
     let pods: Vec<Pod> = (0..3).map(|i| c.node(i).add_pod(0).expect("pod")).collect();
     for n in &c.nodes {
         n.start_meshd(&args).expect("meshd");

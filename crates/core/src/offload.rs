@@ -720,6 +720,8 @@ struct Item {
 pub struct Coalescer {
     max_len: usize,
     flows: HashMap<FlowKey, usize>,
+    /// The flow of the previous TCP packet and its item.
+    last: Option<(FlowKey, usize)>,
     items: Vec<Item>,
     next: Vec<u32>,
 }
@@ -740,6 +742,7 @@ impl Coalescer {
         Coalescer {
             max_len: max_len.min(MAX_SUPER_PACKET),
             flows: HashMap::new(),
+            last: None,
             items: Vec::new(),
             next: Vec::new(),
         }
@@ -750,6 +753,7 @@ impl Coalescer {
     /// first packet. Returns the number of frames appended.
     pub fn coalesce<P: AsRef<[u8]>>(&mut self, packets: &[P], out: &mut PacketBuf) -> usize {
         self.flows.clear();
+        self.last = None;
         self.items.clear();
         self.next.clear();
         self.next.resize(packets.len(), NONE);
@@ -780,7 +784,13 @@ impl Coalescer {
             self.items.push(single);
             return;
         };
-        if let Some(&i) = self.flows.get(&seg.key) {
+        // Bulk traffic arrives in runs of one flow: try the last flow before hashing.
+        let found = match self.last {
+            Some((key, i)) if key == seg.key => Some(i),
+            _ => self.flows.get(&seg.key).copied(),
+        };
+        if let Some(i) = found {
+            self.last = Some((seg.key, i));
             let item = &mut self.items[i];
             if item.open
                 && can_join(
@@ -807,6 +817,7 @@ impl Coalescer {
             && seg.payload > 0
             && seg.flags & (TCP_SYN | TCP_RST | TCP_URG | TCP_PSH | TCP_FIN) == 0;
         self.flows.insert(seg.key, self.items.len());
+        self.last = Some((seg.key, self.items.len()));
         self.items.push(Item {
             open: starts,
             mss: seg.payload,

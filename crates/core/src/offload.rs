@@ -707,15 +707,15 @@ struct Item {
 
 /// GRO for TCP over IPv4/IPv6, following Linux `tcp_gro_receive`/`inet_gro_receive`/
 /// `ipv6_gro_receive`. A segment joins the flow's open super-packet when: both have verified
-/// checksums and (IPv4) no IP options; the same TOS/traffic class, TTL/hop limit, DF bit, IPv6
-/// flow label; an IPv4 ID one past the previous segment's (unless DF is set); the same TCP header
-/// length, byte-identical options, ACK number and window; the same flags apart from FIN/PSH and
-/// no CWR on the joining segment; its sequence number continues the super-packet; its payload is
-/// 1..=gso_size bytes; and the result stays within 65535 bytes. A segment shorter than gso_size
-/// or with PSH/FIN ends the super-packet; one with SYN/RST/URG, no payload, IPv4 options or a bad
-/// checksum never starts one. A packet of a flow that cannot join ends that flow's open
-/// super-packet, so the order within a flow is kept. Reuse one `Coalescer`: its tables keep
-/// their memory between batches.
+/// checksums and (IPv4) no IP options; the same TOS/traffic class, TTL/hop limit, IPv4 flags
+/// (DF), IPv6 flow label; an IPv4 ID one past the previous segment's (unless DF is set); the
+/// same TCP header length, byte-identical options, ACK number, window and urgent pointer; the
+/// same flags apart from FIN/PSH and no CWR on the joining segment; its sequence number
+/// continues the super-packet; its payload is 1..=gso_size bytes; and the result stays within
+/// 65535 bytes. A segment shorter than gso_size or with PSH/FIN ends the super-packet; one with
+/// SYN/RST/URG, no payload, IPv4 options or a bad checksum never starts one. A packet of a flow
+/// that cannot join ends that flow's open super-packet, so the order within a flow is kept.
+/// Reuse one `Coalescer`: its tables keep their memory between batches.
 #[derive(Debug)]
 pub struct Coalescer {
     max_len: usize,
@@ -850,7 +850,8 @@ fn can_join(item: &Item, head: &[u8], p: &[u8], seg: &TcpSeg, max_len: usize) ->
         }
     } else {
         let df = be16(p, 6) & 0x4000 != 0;
-        if head[1] != p[1] || head[8] != p[8] || (head[6] ^ p[6]) & 0x40 != 0 {
+        // TOS, flags (DF, reserved; MF and the offset are zero), TTL.
+        if head[1] != p[1] || head[6] != p[6] || head[8] != p[8] {
             return false;
         }
         if !df && be16(p, 4) != be16(head, 4).wrapping_add(item.count as u16) {
@@ -863,6 +864,7 @@ fn can_join(item: &Item, head: &[u8], p: &[u8], seg: &TcpSeg, max_len: usize) ->
         && flag_diff & !(TCP_CWR | TCP_FIN | TCP_PSH) == 0
         && t[13] & TCP_CWR == 0
         && h[14..16] == t[14..16] // window
+        && h[18..20] == t[18..20] // urgent pointer (URG itself never merges)
         && h[20..item.thl] == t[20..item.thl]
 }
 

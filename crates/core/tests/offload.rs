@@ -936,7 +936,7 @@ fn coalescer_refuses_flag_changes() {
 fn coalescer_refuses_header_differences() {
     let base = Spec::tcp4(0);
     type Tweak = fn(&mut Vec<u8>);
-    let tweaks: [(&str, Tweak); 7] = [
+    let tweaks: [(&str, Tweak); 9] = [
         ("ttl", |p| p[8] = 63),
         ("tos", |p| p[1] = 0x11),
         ("df", |p| p[6] = 0),
@@ -944,6 +944,8 @@ fn coalescer_refuses_header_differences() {
         ("window", |p| p[35] ^= 1),
         ("options", |p| p[41] ^= 1),
         ("ip id", |p| p[5] ^= 0x10),
+        ("reserved ip flag", |p| p[6] |= 0x80),
+        ("urgent pointer", |p| p[39] = 1),
     ];
     for (what, tweak) in tweaks {
         let mut b = base.clone();

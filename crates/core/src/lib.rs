@@ -13,6 +13,7 @@ pub mod external;
 pub mod health;
 pub mod keys;
 pub mod node;
+pub mod offload;
 pub mod packet;
 pub mod peer;
 pub mod psk;

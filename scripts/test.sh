@@ -2,7 +2,8 @@
 # The one command that installs what the tests need and runs them all (as root):
 #   sudo scripts/test.sh
 # Steps: test dependencies (apt + boringtun-cli), fmt, clippy, the sans-IO dependency rule,
-# unit tests, virtual-clock tests, then the netns end-to-end tests (serial, one thread).
+# unit tests, a short fuzz run, virtual-clock tests, then the netns end-to-end tests (serial,
+# one thread).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
@@ -39,6 +40,9 @@ cargo build -p weft-cni --features failpoints --target-dir target/failpoints
 
 step "unit and integration tests (no namespaces)"
 cargo test --workspace --exclude weft-tests
+
+step "fuzz the offload parsing code (fuzz/: cargo-fuzz, nightly), 30 s per target"
+scripts/fuzz.sh 30
 
 step "virtual-clock tests (separate workspace: boringtun mock-instant)"
 CARGO_TARGET_DIR="$PWD/target" cargo test --manifest-path tests/vclock/Cargo.toml

@@ -1023,6 +1023,7 @@ struct Column {
 }
 
 const UDP_HEADER: &str = "UDP kpps";
+const PEERS_HEADER: &str = "RSS MiB, N peers";
 
 fn columns() -> Vec<Column> {
     vec![
@@ -1083,7 +1084,7 @@ fn columns() -> Vec<Column> {
             ratio: true,
         },
         Column {
-            header: "RSS MiB, N peers",
+            header: PEERS_HEADER,
             get: |f| f.rss_peers_mib,
             digits: 1,
             per_process: true,
@@ -1245,7 +1246,9 @@ fn render(
         }
         let f = r.figures();
         for c in &cols {
-            let cell = if c.per_process && !r.has_process() {
+            let cell = if (c.per_process && !r.has_process())
+                || (c.header == PEERS_HEADER && args.peers == 0)
+            {
                 "-".to_string()
             } else if c.header == UDP_HEADER && f.udp_sender_bound {
                 format!("{}*", fmt_opt((c.get)(&f), c.digits))
@@ -1272,7 +1275,12 @@ fn render(
              better):\n\n"
         ));
         let Some(a) = anchor(results, anchor_name) else {
-            s.push_str(&format!("{anchor_label} unavailable: no ratios.\n"));
+            let why = if results.iter().any(|r| r.name == anchor_name) {
+                "unavailable"
+            } else {
+                "not in this run (--only)"
+            };
+            s.push_str(&format!("{anchor_label} {why}: no ratios.\n"));
             continue;
         };
         let af = a.figures();
@@ -1288,7 +1296,9 @@ fn render(
             let f = r.figures();
             s.push_str(&format!("| {} |", r.label()));
             for c in &rcols {
-                let cell = if c.per_process && !r.has_process() {
+                let cell = if (c.per_process && !r.has_process())
+                    || (c.header == PEERS_HEADER && args.peers == 0)
+                {
                     "-".to_string()
                 } else {
                     match ((c.get)(&f), (c.get)(&af)) {

@@ -14,14 +14,15 @@
 //!          that came out of the tunnel at the receiver (the rx counter of node 1's tunnel
 //!          interface, so a receiving iperf3 that cannot keep up does not count) and loss %
 //!          against what iperf3 sent. The offered rate (`--udp-rate`): `auto` (default) sweeps
-//!          first, 2 s per step: -b 0, then 0.9, 1.1, 1.3, 1.5 and 1.8 times what -b 0 got
-//!          through; the run proper offers the rate that got the most through. On two cores an
-//!          unlimited sender takes a core from the tunnel's processes and gets less through
-//!          than a sender just above the tunnel's capacity, so -b 0 alone measures the sender as
-//!          much as the path. `max` is -b 0 only, a number fixes the packets/s. A run with no
-//!          loss in which iperf3 could not send as fast as asked is marked sender-bound (veth).
-//!          iperf3's own count, the sending tunnel's queue drops and the receiving socket's
-//!          buffer overflows are in the JSON.
+//!          first, 2 s per step: -b 0, then 0.9 times what -b 0 got through, 1.25 times more
+//!          each step until two steps in a row get less through than the best, the offer passes
+//!          what iperf3 sent at -b 0, or 10 steps; the run proper offers the rate that got the
+//!          most through. On two cores an unlimited sender takes a core from the tunnel's
+//!          processes and gets less through than a sender just above the tunnel's capacity, so
+//!          -b 0 alone measures the sender as much as the path. `max` is -b 0 only, a number
+//!          fixes the packets/s. A run with no loss in which iperf3 could not send as fast as
+//!          asked is marked sender-bound (veth). iperf3's own count, the sending tunnel's queue
+//!          drops and the receiving socket's buffer overflows are in the JSON.
 //! The table gives the median of the runs per column and p50/p99 over all pings.
 //!
 //! CPU: utime + stime (all threads) of the WireGuard process of both nodes from /proc/PID/stat,
@@ -84,8 +85,12 @@ enum UdpRate {
     Fixed(u64),
 }
 
-/// Offered rates of the sweep, as multiples of what the tunnel delivered at -b 0.
-const SWEEP_FACTORS: &[f64] = &[0.9, 1.1, 1.3, 1.5, 1.8];
+/// The sweep's first offered rate, as a multiple of what the tunnel delivered at -b 0; each step
+/// offers SWEEP_GROWTH times the previous one, until two steps in a row get less through than
+/// the best so far, the offer is beyond what iperf3 managed to send at -b 0, or SWEEP_MAX_STEPS.
+const SWEEP_START: f64 = 0.9;
+const SWEEP_GROWTH: f64 = 1.25;
+const SWEEP_MAX_STEPS: usize = 10;
 /// Seconds of each sweep step.
 const SWEEP_SECS: u32 = 2;
 
@@ -818,20 +823,33 @@ fn udp_measure(
             if d0 < 1.0 {
                 bail!("the tunnel delivered nothing at -b 0");
             }
+            let sender_max = probe.sent_pps();
             let mut best = (None, d0);
             let mut sweep = vec![probe];
-            for f in SWEEP_FACTORS {
-                let rate = (d0 * f).round() as u64;
-                // A failed step only narrows the sweep.
-                match once(Some(rate), step) {
+            let mut rate = d0 * SWEEP_START;
+            let mut worse = 0;
+            for _ in 0..SWEEP_MAX_STEPS {
+                if rate > sender_max || worse >= 2 {
+                    break;
+                }
+                let r = rate.round() as u64;
+                // A failed step counts as a worse one.
+                match once(Some(r), step) {
                     Ok(u) => {
                         if u.pps() > best.1 {
-                            best = (Some(rate), u.pps());
+                            best = (Some(r), u.pps());
+                            worse = 0;
+                        } else {
+                            worse += 1;
                         }
                         sweep.push(u);
                     }
-                    Err(e) => eprintln!("weft-bench: UDP sweep step at {rate}/s failed: {e:#}"),
+                    Err(e) => {
+                        eprintln!("weft-bench: UDP sweep step at {r}/s failed: {e:#}");
+                        worse += 1;
+                    }
                 }
+                rate *= SWEEP_GROWTH;
             }
             let mut u = once(best.0, args.seconds)?;
             u.sweep = sweep;
@@ -1213,12 +1231,8 @@ fn render(
         match args.udp_rate {
             UdpRate::Auto => format!(
                 "offered at the rate that got the most through in a sweep of {SWEEP_SECS} s steps: \
-                 -b 0, then {} times what -b 0 got through",
-                SWEEP_FACTORS
-                    .iter()
-                    .map(|f| f.to_string())
-                    .collect::<Vec<_>>()
-                    .join("/")
+                 -b 0, then from {SWEEP_START} times what -b 0 got through up by {SWEEP_GROWTH}x \
+                 per step while it helps"
             ),
             UdpRate::Max => "-b 0".to_string(),
             UdpRate::Fixed(pps) => format!("offered at {pps} packets/s"),

@@ -178,6 +178,8 @@ fn parse_args() -> Result<Args> {
 /// One iperf3 TCP run.
 #[derive(Debug, Clone)]
 struct TcpRun {
+    /// 1-based.
+    run: usize,
     streams: u32,
     gbits: f64,
     /// Bytes received by the iperf3 server.
@@ -190,6 +192,8 @@ struct TcpRun {
 /// One iperf3 UDP run.
 #[derive(Debug, Clone, Default)]
 struct UdpRun {
+    /// 1-based (0 in sweep steps).
+    run: usize,
     /// Offered packets/s (None: unlimited, -b 0).
     offered_pps: Option<u64>,
     /// Duration as the iperf3 receiver measured it.
@@ -616,7 +620,7 @@ fn bench_path(p: &str, args: &Args, r: &mut PathResult) -> Result<()> {
                     if let Some(e) = cpu_err {
                         r.fail(&format!("run {run} TCP {streams} CPU"), &e);
                     }
-                    r.tcp.push(t);
+                    r.tcp.push(TcpRun { run, ..t });
                 }
                 Err(e) => r.fail(&format!("run {run} iperf3 TCP -P {streams}"), &e),
             }
@@ -637,7 +641,7 @@ fn bench_path(p: &str, args: &Args, r: &mut PathResult) -> Result<()> {
                     args.udp_size,
                     u.summary()
                 );
-                r.udp.push(u);
+                r.udp.push(UdpRun { run, ..u });
             }
             Err(e) => r.fail(&format!("run {run} iperf3 UDP"), &e),
         }
@@ -749,6 +753,7 @@ fn tcp_run(
     };
     Ok((
         TcpRun {
+            run: 0,
             streams,
             gbits: bps / 1e9,
             bytes,
@@ -891,6 +896,7 @@ fn udp_run(
         bail!("iperf3 UDP sent {sent} datagrams in {seconds} s");
     }
     Ok(UdpRun {
+        run: 0,
         offered_pps: rate,
         seconds,
         sent,
@@ -1337,39 +1343,65 @@ fn render(
     // Per-run figures and anything that went wrong.
     s.push_str("\nPer run:\n\n```\n");
     for r in results.iter().filter(|r| r.unavailable.is_none()) {
-        for t in &r.tcp {
-            s.push_str(&format!(
-                "{} TCP {} stream(s): {:.3} Gbit/s{}\n",
-                r.name,
-                t.streams,
-                t.gbits,
-                if t.cpu_secs.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        ", CPU s {}",
-                        t.cpu_secs
-                            .iter()
-                            .map(|c| format!("{c:.2}"))
-                            .collect::<Vec<_>>()
-                            .join(" + ")
-                    )
-                }
-            ));
-        }
-        for u in &r.udp {
-            if !u.sweep.is_empty() {
+        for run in 1..=args.runs {
+            for t in r.tcp.iter().filter(|t| t.run == run) {
                 s.push_str(&format!(
-                    "{} UDP sweep (offered -> out of the tunnel, kpps): {}\n",
+                    "{} run {run}: TCP {} {:.3} Gbit/s{}\n",
                     r.name,
-                    u.sweep_summary()
+                    if t.streams == 1 {
+                        "1 stream ".to_string()
+                    } else {
+                        format!("{} streams", t.streams)
+                    },
+                    t.gbits,
+                    if t.cpu_secs.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            " (CPU s {})",
+                            t.cpu_secs
+                                .iter()
+                                .map(|c| format!("{c:.2}"))
+                                .collect::<Vec<_>>()
+                                .join(" + ")
+                        )
+                    }
                 ));
             }
-            s.push_str(&format!("{} UDP: {}\n", r.name, u.summary()));
+            for u in r.udp.iter().filter(|u| u.run == run) {
+                if !u.sweep.is_empty() {
+                    s.push_str(&format!(
+                        "{} run {run}: UDP sweep (offered -> out of the tunnel, kpps): {}\n",
+                        r.name,
+                        u.sweep_summary()
+                    ));
+                }
+                s.push_str(&format!(
+                    "{} run {run}: UDP {} B: {}\n",
+                    r.name,
+                    args.udp_size,
+                    u.summary()
+                ));
+            }
+        }
+        if !r.mem_after_runs.is_empty() {
+            s.push_str(&format!(
+                "{}: after the runs VmRSS {}\n",
+                r.name,
+                r.mem_after_runs
+                    .iter()
+                    .map(|(n, rss, hwm)| format!(
+                        "{n} {:.1} MiB (VmHWM {:.1})",
+                        mib(*rss),
+                        mib(*hwm)
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
         }
         if let Some(m) = &r.many_peers {
             s.push_str(&format!(
-                "{} {} peers: VmRSS {:.1} MiB, VmHWM {:.1} MiB{}\n",
+                "{}: node-0 with {} peers VmRSS {:.1} MiB (VmHWM {:.1}){}\n",
                 r.name,
                 m.peers,
                 mib(m.rss_kib),
@@ -1471,12 +1503,14 @@ fn to_json(
                 "ratioToBoringtun": ratios_json(&f, b),
                 "ratioToWireguardGo": ratios_json(&f, w),
                 "tcpRuns": r.tcp.iter().map(|t| json!({
+                    "run": t.run,
                     "streams": t.streams,
                     "gbits": t.gbits,
                     "bytes": t.bytes,
                     "cpuSecs": t.cpu_secs,
                 })).collect::<Vec<_>>(),
                 "udpRuns": r.udp.iter().map(|u| json!({
+                    "run": u.run,
                     "offeredPps": u.offered_pps,
                     "senderBound": u.sender_bound(),
                     "sweep": u.sweep.iter().map(|w| json!({

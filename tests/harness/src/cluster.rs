@@ -1729,6 +1729,15 @@ impl Node {
             .and_then(|g| g.as_ref().map(|d| d.ifname.clone()))
     }
 
+    /// Pid of the process behind the node's standard WireGuard device (wireguard-go or
+    /// boringtun-cli; `ip netns exec` execs it, so the pid is the implementation's own).
+    pub fn wg_pid(&self) -> Option<u32> {
+        self.wg
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().map(|d| d.proc.pid()))
+    }
+
     /// `wg show IF latest-handshakes` as (public key, unix time; 0 = never).
     pub fn wg_latest_handshakes(&self) -> Result<Vec<(String, u64)>> {
         let ifname = self

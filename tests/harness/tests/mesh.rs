@@ -465,6 +465,21 @@ fn f_soak_200s_with_rekeys() {
         .unwrap_or(200u32);
     let opts = PingOpts::count(secs * 5).interval(0.2).wait(2);
     let pairs = [(0usize, 1usize), (1, 0), (0, 2), (2, 1)];
+    // The soak measures rekeys, not bring-up (e_interop covers that): every pair answers first.
+    // wireguard-go started after meshd can take one 5 s handshake retry to reach a meshd node.
+    for (a, b) in pairs {
+        let once = PingOpts::count(1).wait(1);
+        let up = weft_tests::wait_until(Duration::from_secs(30), || {
+            pods[a]
+                .ping(pods[b].ip, &once)
+                .is_ok_and(|r| r.all_received())
+        });
+        assert!(
+            up,
+            "pod{a} -> pod{b} never answered before the soak\n{}",
+            c.debug_report()
+        );
+    }
     let pings: Vec<_> = pairs
         .iter()
         .map(|(a, b)| {

@@ -142,10 +142,8 @@ fn decode_object<T: Object>(
     Ok(item)
 }
 
-async fn put_object<T: Object>(
-    registry: &dyn Registry,
-    item: &T,
-) -> Result<Revision, RegistryError> {
+/// The name `item` is stored under, once the name and the object are checked.
+fn checked_name<T: Object>(item: &T) -> Result<&str, RegistryError> {
     let name = item.object_name();
     crate::check_object_name(T::KIND, name)?;
     item.validate().map_err(|e| RegistryError::Invalid {
@@ -153,6 +151,14 @@ async fn put_object<T: Object>(
         name: name.to_string(),
         source: Box::new(e) as BoxError,
     })?;
+    Ok(name)
+}
+
+async fn put_object<T: Object>(
+    registry: &dyn Registry,
+    item: &T,
+) -> Result<Revision, RegistryError> {
+    let name = checked_name(item)?;
     registry.put(T::KIND, name, &item.encode()).await
 }
 
@@ -386,13 +392,7 @@ pub async fn put_owned_object<T: Object>(
     registry: &dyn Registry,
     item: &T,
 ) -> Result<Revision, RegistryError> {
-    let name = item.object_name();
-    crate::check_object_name(T::KIND, name)?;
-    item.validate().map_err(|e| RegistryError::Invalid {
-        kind: T::KIND,
-        name: name.to_string(),
-        source: Box::new(e) as BoxError,
-    })?;
+    let name = checked_name(item)?;
     registry.put_owned(T::KIND, name, &item.encode()).await
 }
 

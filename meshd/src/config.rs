@@ -75,6 +75,11 @@ pub struct RunArgs {
     /// must not be readable by group or others. It never enters the registry.
     #[arg(long, env = "WEFT_CLUSTER_SECRET_FILE")]
     pub cluster_secret_file: Option<PathBuf>,
+    /// TUN offloads: `on` (TSO/USO super-packets from the kernel, segmented by meshd, and
+    /// received TCP segments coalesced before they go to the kernel; each falls back when the
+    /// kernel lacks it) or `off` (one plain packet per read and write).
+    #[arg(long, env = "WEFT_OFFLOAD", default_value = "on")]
+    pub offload: String,
     /// Log format: text or json.
     #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -145,6 +150,8 @@ pub struct Config {
     pub key_max_age: Option<std::time::Duration>,
     /// `--cluster-secret-file`, read and checked.
     pub cluster_secret: Option<SecretFile>,
+    /// `--offload on`.
+    pub offload: bool,
 }
 
 /// The cluster secret and the file it came from. Configs compare equal by path only, and
@@ -502,9 +509,15 @@ impl RunArgs {
             .as_deref()
             .map(read_secret_file)
             .transpose()?;
+        let offload = match self.offload.trim() {
+            "on" => true,
+            "off" => false,
+            other => return Err(bad("offload", format!("{other:?}: use on or off"))),
+        };
         Ok(Config {
             key_max_age,
             cluster_secret,
+            offload,
             node_name,
             registry,
             interface: iface.clone(),
@@ -631,6 +644,7 @@ mod tests {
                 "cluster-secret-file",
             ),
             (&["--cluster-secret-file", "/tmp"], "cluster-secret-file"),
+            (&["--offload", "maybe"], "offload"),
         ];
         for (args, flag) in cases {
             let e = parse(args).expect_err("should fail");

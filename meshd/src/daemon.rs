@@ -22,6 +22,7 @@ use weft_core::control::{
 };
 use weft_core::external::ExternalPeer;
 use weft_core::node::{Node, Output};
+use weft_core::offload;
 use weft_core::reconcile::{desired_peer_set, plan};
 use weft_core::record::{mesh_address, NodeRecord, SCHEMA_VERSION};
 use weft_registry::{Connectivity, Event, Object, Registry};
@@ -82,6 +83,22 @@ struct Daemon {
     self_revoked: Option<String>,
     /// This node's link health report (`health/NAME`) and its writer.
     health: Health,
+    /// Buffers of the offload path (TSO segmentation, GRO coalescing).
+    offload: OffloadBufs,
+}
+
+/// The offload path's reusable buffers and its counter.
+#[derive(Default)]
+struct OffloadBufs {
+    /// The packets one TUN read was cut into.
+    segments: offload::PacketBuf,
+    /// Decrypted packets of one flush, before coalescing.
+    delivers: Vec<Vec<u8>>,
+    /// Coalesced frames to write.
+    frames: offload::PacketBuf,
+    coalescer: offload::Coalescer,
+    /// TUN reads segmentation refused (malformed or unsupported).
+    refused: u64,
 }
 
 /// The link health report last written, when, and the task writing one.
@@ -296,7 +313,13 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         }
     };
 
-    let tun = Tun::create(&cfg.interface).context("creating the TUN device")?;
+    let tun = if cfg.offload {
+        Tun::create_offload(&cfg.interface)
+    } else {
+        Tun::create(&cfg.interface)
+    }
+    .context("creating the TUN device")?;
+    tracing::info!(offloads = ?tun.offloads(), "TUN offloads (TUN_F_* flags; none: --offload off)");
     let ifname = tun.name().to_string();
     nl.set_mtu(&ifname, mtu)
         .await
@@ -396,6 +419,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         revocations_cached: String::new(),
         self_revoked: None,
         health: Health::default(),
+        offload: OffloadBufs::default(),
     };
     d.check_self_revoked();
     if !cached.is_empty() {
@@ -434,7 +458,8 @@ pub async fn run(mut cfg: Config) -> Result<()> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let tun = d.tun.clone();
     let udp = d.udp.clone();
-    let mut tun_buf = vec![0u8; 65_536];
+    // A TSO super-packet (64 KiB) plus its virtio_net_hdr.
+    let mut tun_buf = vec![0u8; 65_536 + weft_sys::tun::VNET_HDR_LEN];
     let mut udp_buf = vec![0u8; 65_600];
 
     let exit = loop {
@@ -442,11 +467,11 @@ pub async fn run(mut cfg: Config) -> Result<()> {
             r = tun.recv(&mut tun_buf) => match r {
                 Ok(n) => {
                     let now = Instant::now();
-                    d.node.handle_tun(&tun_buf[..n], now);
+                    d.handle_tun_read(&tun_buf[..n], now);
                     // Drain the burst that is already waiting before going back to select.
                     for _ in 1..BURST {
                         match tun.try_recv(&mut tun_buf) {
-                            Ok(n) => d.node.handle_tun(&tun_buf[..n], now),
+                            Ok(n) => d.handle_tun_read(&tun_buf[..n], now),
                             Err(_) => break,
                         }
                     }
@@ -760,6 +785,24 @@ async fn watch_collection<T: Object>(registry: Arc<dyn Registry>, tx: mpsc::Send
 }
 
 impl Daemon {
+    /// One read from the TUN: a plain packet, or (with offloads) a `virtio_net_hdr` and a packet
+    /// that may be a TSO/USO super-packet, cut into MTU-sized packets first.
+    fn handle_tun_read(&mut self, frame: &[u8], now: Instant) {
+        if self.tun.offloads().is_none() {
+            self.node.handle_tun(frame, now);
+            return;
+        }
+        self.offload.segments.clear();
+        if let Err(e) = offload::segment(frame, self.mtu as usize, &mut self.offload.segments) {
+            self.offload.refused += 1;
+            tracing::debug!(error = %e, "TUN packet refused by segmentation");
+            return;
+        }
+        for p in self.offload.segments.iter() {
+            self.node.handle_tun(p, now);
+        }
+    }
+
     /// Every [`HEALTH_CHECK`]: builds the link health report and writes it (in the background,
     /// bound to this node's lease) when a link changed state or [`HEALTH_INTERVAL`] passed.
     fn report_health(&mut self) {
@@ -1238,6 +1281,9 @@ impl Daemon {
                         tracing::debug!(error = %e, %dst, "UDP send");
                     }
                 }
+                Output::Deliver(p) if self.tun.offloads().is_some() => {
+                    self.offload.delivers.push(p);
+                }
                 Output::Deliver(p) => {
                     let r = match self.tun.try_send(&p) {
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -1251,6 +1297,31 @@ impl Daemon {
                 }
             }
         }
+        if !self.offload.delivers.is_empty() {
+            self.write_coalesced().await;
+        }
+    }
+
+    /// Writes the decrypted packets of this pass to the TUN, TCP segments of one flow coalesced
+    /// into super-packets (GRO), each behind its `virtio_net_hdr`.
+    async fn write_coalesced(&mut self) {
+        let delivers = std::mem::take(&mut self.offload.delivers);
+        self.offload.frames.clear();
+        self.offload
+            .coalescer
+            .coalesce(&delivers, &mut self.offload.frames);
+        for f in self.offload.frames.iter() {
+            let r = match self.tun.try_send(f) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.tun.send(f).await,
+                r => r,
+            };
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "TUN write");
+            }
+        }
+        // Keep the allocation for the next pass.
+        self.offload.delivers = delivers;
+        self.offload.delivers.clear();
     }
 
     fn status_json(&self) -> String {

@@ -1,4 +1,7 @@
-//! A layer-3 TUN device (`IFF_TUN | IFF_NO_PI`) driven by tokio.
+//! A layer-3 TUN device (`IFF_TUN | IFF_NO_PI`) driven by tokio, optionally with the kernel's
+//! offloads (`IFF_VNET_HDR` + `TUNSETOFFLOAD`): then every packet read or written starts with a
+//! 10-byte `virtio_net_hdr`, reads may be TSO/USO super-packets of up to 64 KiB, and writes may be
+//! GRO-coalesced super-packets (see `weft_core::offload` for both).
 
 use std::fs::OpenOptions;
 use std::io;
@@ -12,6 +15,21 @@ use crate::SysError;
 
 const TUN_PATH: &str = "/dev/net/tun";
 
+/// `IFF_VNET_HDR`: packets carry a `virtio_net_hdr`.
+const IFF_VNET_HDR: libc::c_int = 0x4000;
+/// `TUNSETOFFLOAD` = `_IOW('T', 208, unsigned int)`.
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+/// `TUNSETVNETHDRSZ` = `_IOW('T', 216, int)`.
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+/// Offload flags of `TUNSETOFFLOAD` (linux/if_tun.h).
+pub const TUN_F_CSUM: u32 = 0x01;
+pub const TUN_F_TSO4: u32 = 0x02;
+pub const TUN_F_TSO6: u32 = 0x04;
+pub const TUN_F_USO4: u32 = 0x20;
+pub const TUN_F_USO6: u32 = 0x40;
+/// Length of the `virtio_net_hdr` (without `num_buffers`).
+pub const VNET_HDR_LEN: usize = 10;
+
 /// A TUN device. Packets are raw IP packets (no packet-info header).
 ///
 /// `recv` and `send` take `&self`, so one task can read while another writes
@@ -21,6 +39,8 @@ const TUN_PATH: &str = "/dev/net/tun";
 pub struct Tun {
     fd: AsyncFd<OwnedFd>,
     name: String,
+    /// The `TUN_F_*` offloads the kernel accepted; `None`: opened without `IFF_VNET_HDR`.
+    offloads: Option<u32>,
 }
 
 /// Checks an interface name the way the kernel will (length < IFNAMSIZ, no NUL),
@@ -54,6 +74,18 @@ impl Tun {
     /// Must be called from within a tokio runtime (the fd is registered with it).
     /// The interface is created down; bring it up with [`crate::Netlink::link_up`].
     pub fn create(name: &str) -> Result<Tun, SysError> {
+        Self::open(name, false)
+    }
+
+    /// Like [`Tun::create`], with `IFF_VNET_HDR` and the TSO/USO/checksum offloads the kernel
+    /// accepts (USO needs Linux 6.2; without it TSO and checksum offload are asked for alone).
+    /// Every packet read and written then starts with a [`VNET_HDR_LEN`]-byte header. If the
+    /// kernel refuses every offload the device still carries the header (with no GSO).
+    pub fn create_offload(name: &str) -> Result<Tun, SysError> {
+        Self::open(name, true)
+    }
+
+    fn open(name: &str, vnet_hdr: bool) -> Result<Tun, SysError> {
         let mut ifr_name = ifname_to_c(name)?;
         SysError::require_runtime("Tun::create")?;
         let file = OpenOptions::new()
@@ -68,7 +100,11 @@ impl Tun {
         // all-zero bit pattern is a valid value for it.
         let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
         ifr.ifr_name = ifr_name;
-        ifr.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
+        let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
+        if vnet_hdr {
+            flags |= IFF_VNET_HDR;
+        }
+        ifr.ifr_ifru.ifru_flags = flags as libc::c_short;
 
         // SAFETY: `fd` is an open /dev/net/tun descriptor we own, and `ifr` is a
         // valid, properly initialised `struct ifreq` that outlives the call; TUNSETIFF
@@ -86,14 +122,55 @@ impl Tun {
         }
         ifr_name = ifr.ifr_name;
         let actual = ifname_from_c(&ifr_name);
+        let offloads = if vnet_hdr {
+            let len = VNET_HDR_LEN as libc::c_int;
+            // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer, which outlives the call.
+            let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETVNETHDRSZ, &len) };
+            if rc < 0 {
+                let err = io::Error::last_os_error();
+                return Err(SysError::io("TUNSETVNETHDRSZ", err));
+            }
+            let wanted = [
+                TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6,
+                TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6,
+                TUN_F_CSUM,
+                0,
+            ];
+            let mut got = 0;
+            for w in wanted {
+                // SAFETY: TUNSETOFFLOAD takes the flags as the ioctl argument itself.
+                let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, w as libc::c_ulong) };
+                if rc == 0 {
+                    got = w;
+                    break;
+                }
+                tracing::debug!(
+                    flags = w,
+                    error = %io::Error::last_os_error(),
+                    "TUNSETOFFLOAD refused; trying fewer offloads"
+                );
+            }
+            Some(got)
+        } else {
+            None
+        };
 
         // SAFETY: `OwnedFd::as_raw_fd` always returns the same descriptor, which stays
         // open until the `OwnedFd` (owned by the `AsyncFd`) is dropped.
         let fd =
             unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }
                 .map_err(|e| SysError::io("register TUN fd with tokio", e.into()))?;
-        tracing::debug!(requested = name, name = %actual, "created TUN device");
-        Ok(Tun { fd, name: actual })
+        tracing::debug!(requested = name, name = %actual, ?offloads, "created TUN device");
+        Ok(Tun {
+            fd,
+            name: actual,
+            offloads,
+        })
+    }
+
+    /// The `TUN_F_*` offloads in force; `None` when packets carry no `virtio_net_hdr`.
+    pub fn offloads(&self) -> Option<u32> {
+        self.offloads
     }
 
     /// The interface name the kernel assigned.

@@ -3,7 +3,7 @@
 #   sudo scripts/test.sh
 # Steps: test dependencies (apt + boringtun-cli), fmt, clippy, the sans-IO dependency rule,
 # unit tests, a short fuzz run, virtual-clock tests, then the netns end-to-end tests (serial,
-# one thread).
+# one thread), and the data-path ones of those again with offloads off.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
@@ -47,7 +47,14 @@ scripts/fuzz.sh 30
 step "virtual-clock tests (separate workspace: boringtun mock-instant)"
 CARGO_TARGET_DIR="$PWD/target" cargo test --manifest-path tests/vclock/Cargo.toml
 
-step "netns end-to-end tests (serial)"
+step "netns end-to-end tests (serial; meshd with its default --offload on)"
 cargo test -p weft-tests -- --test-threads=1
+
+# The data-path tests again on the plain path (one packet per system call, no virtio_net_hdr):
+# meshd reads WEFT_OFFLOAD from the environment the harness passes on. The control-plane files
+# (rotation, etcd*) do not depend on the data path and are not repeated, to keep CI short.
+step "netns data-path tests again with WEFT_OFFLOAD=off (serial)"
+WEFT_OFFLOAD=off cargo test -p weft-tests --test mesh --test cni --test external --test revoke \
+    -- --test-threads=1
 
 step "all tests passed in $(( $(date +%s) - start ))s"

@@ -45,6 +45,8 @@ pub struct Status {
     /// External peer records (`peers/NAME`) refused, with the reason.
     pub refused_external_peers: BTreeMap<String, String>,
     pub drops: BTreeMap<&'static str, u64>,
+    /// The data path's offloads and what they did.
+    pub offload: crate::datapath::OffloadStatus,
 }
 
 /// Sends one request and returns the reply text.

@@ -5,6 +5,7 @@
 
 use crate::api::{NodeInfo, Status};
 use crate::config::Config;
+use crate::datapath::DataPath;
 use crate::keyfile;
 use crate::revocations::{self, Revocations};
 use anyhow::{Context, Result};
@@ -22,7 +23,6 @@ use weft_core::control::{
 };
 use weft_core::external::ExternalPeer;
 use weft_core::node::{Node, Output};
-use weft_core::offload;
 use weft_core::reconcile::{desired_peer_set, plan};
 use weft_core::record::{mesh_address, NodeRecord, SCHEMA_VERSION};
 use weft_registry::{Connectivity, Event, Object, Registry};
@@ -83,22 +83,8 @@ struct Daemon {
     self_revoked: Option<String>,
     /// This node's link health report (`health/NAME`) and its writer.
     health: Health,
-    /// Buffers of the offload path (TSO segmentation, GRO coalescing).
-    offload: OffloadBufs,
-}
-
-/// The offload path's reusable buffers and its counter.
-#[derive(Default)]
-struct OffloadBufs {
-    /// The packets one TUN read was cut into.
-    segments: offload::PacketBuf,
-    /// Decrypted packets of one flush, before coalescing.
-    delivers: Vec<Vec<u8>>,
-    /// Coalesced frames to write.
-    frames: offload::PacketBuf,
-    coalescer: offload::Coalescer,
-    /// TUN reads segmentation refused (malformed or unsupported).
-    refused: u64,
+    /// Packet I/O with the kernel's offloads (TSO/USO, GRO, UDP GSO/GRO) and its counters.
+    datapath: DataPath,
 }
 
 /// The link health report last written, when, and the task writing one.
@@ -319,7 +305,6 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         Tun::create(&cfg.interface)
     }
     .context("creating the TUN device")?;
-    tracing::info!(offloads = ?tun.offloads(), "TUN offloads (TUN_F_* flags; none: --offload off)");
     let ifname = tun.name().to_string();
     nl.set_mtu(&ifname, mtu)
         .await
@@ -336,6 +321,8 @@ pub async fn run(mut cfg: Config) -> Result<()> {
     let udp = weft_sys::bind_udp(cfg.listen_port)
         .with_context(|| format!("binding UDP port {}", cfg.listen_port))?;
     let udp_v6 = weft_sys::udp::socket_is_v6(&udp).unwrap_or(false);
+    let datapath = DataPath::new(&tun, &udp, cfg.offload);
+    tracing::info!(offload = ?datapath.status, "data path offloads");
 
     write_node_file(&cfg, mtu)?;
     let listener = bind_api(&cfg.api_socket)?;
@@ -419,7 +406,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         revocations_cached: String::new(),
         self_revoked: None,
         health: Health::default(),
-        offload: OffloadBufs::default(),
+        datapath,
     };
     d.check_self_revoked();
     if !cached.is_empty() {
@@ -461,17 +448,18 @@ pub async fn run(mut cfg: Config) -> Result<()> {
     // A TSO super-packet (64 KiB) plus its virtio_net_hdr.
     let mut tun_buf = vec![0u8; 65_536 + weft_sys::tun::VNET_HDR_LEN];
     let mut udp_buf = vec![0u8; 65_600];
+    let gro = d.datapath.gro();
 
     let exit = loop {
         tokio::select! {
             r = tun.recv(&mut tun_buf) => match r {
                 Ok(n) => {
                     let now = Instant::now();
-                    d.handle_tun_read(&tun_buf[..n], now);
+                    d.tun_read(&tun_buf[..n], now);
                     // Drain the burst that is already waiting before going back to select.
                     for _ in 1..BURST {
                         match tun.try_recv(&mut tun_buf) {
-                            Ok(n) => d.handle_tun_read(&tun_buf[..n], now),
+                            Ok(n) => d.tun_read(&tun_buf[..n], now),
                             Err(_) => break,
                         }
                     }
@@ -479,14 +467,14 @@ pub async fn run(mut cfg: Config) -> Result<()> {
                 }
                 Err(e) => tracing::warn!(error = %e, "reading the TUN"),
             },
-            r = udp.recv_from(&mut udp_buf) => match r {
-                Ok((n, from)) => {
+            r = udp_recv(&udp, &mut udp_buf, gro) => match r {
+                Ok((n, from, seg)) => {
                     let now = Instant::now();
-                    d.node.handle_udp(weft_sys::canonical(from), &udp_buf[..n], now);
+                    d.datapath.handle_udp_read(&mut d.node, &udp_buf[..n], from, seg, now);
                     for _ in 1..BURST {
-                        match udp.try_recv_from(&mut udp_buf) {
-                            Ok((n, from)) => {
-                                d.node.handle_udp(weft_sys::canonical(from), &udp_buf[..n], now)
+                        match udp_try_recv(&udp, &mut udp_buf, gro) {
+                            Ok((n, from, seg)) => {
+                                d.datapath.handle_udp_read(&mut d.node, &udp_buf[..n], from, seg, now)
                             }
                             Err(_) => break,
                         }
@@ -785,24 +773,6 @@ async fn watch_collection<T: Object>(registry: Arc<dyn Registry>, tx: mpsc::Send
 }
 
 impl Daemon {
-    /// One read from the TUN: a plain packet, or (with offloads) a `virtio_net_hdr` and a packet
-    /// that may be a TSO/USO super-packet, cut into MTU-sized packets first.
-    fn handle_tun_read(&mut self, frame: &[u8], now: Instant) {
-        if self.tun.offloads().is_none() {
-            self.node.handle_tun(frame, now);
-            return;
-        }
-        self.offload.segments.clear();
-        if let Err(e) = offload::segment(frame, self.mtu as usize, &mut self.offload.segments) {
-            self.offload.refused += 1;
-            tracing::debug!(error = %e, "TUN packet refused by segmentation");
-            return;
-        }
-        for p in self.offload.segments.iter() {
-            self.node.handle_tun(p, now);
-        }
-    }
-
     /// Every [`HEALTH_CHECK`]: builds the link health report and writes it (in the background,
     /// bound to this node's lease) when a link changed state or [`HEALTH_INTERVAL`] passed.
     fn report_health(&mut self) {
@@ -1265,63 +1235,33 @@ impl Daemon {
         }
     }
 
-    /// Carries out everything the node asked for.
+    /// One read from the TUN (a packet, or a super-packet behind its `virtio_net_hdr`).
+    fn tun_read(&mut self, frame: &[u8], now: Instant) {
+        self.datapath
+            .handle_tun_read(&mut self.node, frame, self.mtu as usize, now);
+    }
+
+    /// Carries out everything the node asked for: datagrams to one peer go out in GSO
+    /// batches, decrypted packets are coalesced before they are written to the TUN.
     async fn flush(&mut self) {
         while let Some(o) = self.node.poll_output() {
             match o {
                 Output::Transmit { dst, payload } => {
                     let to = weft_sys::to_socket_family(dst, self.udp_v6);
-                    let r = match self.udp.try_send_to(&payload, to) {
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            self.udp.send_to(&payload, to).await
-                        }
-                        r => r,
-                    };
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, %dst, "UDP send");
-                    }
-                }
-                Output::Deliver(p) if self.tun.offloads().is_some() => {
-                    self.offload.delivers.push(p);
+                    self.datapath.transmit(&self.udp, to, &payload).await;
+                    self.node.recycle(payload);
                 }
                 Output::Deliver(p) => {
-                    let r = match self.tun.try_send(&p) {
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            self.tun.send(&p).await
-                        }
-                        r => r,
-                    };
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "TUN write");
+                    if let Some(p) = self.datapath.deliver(&self.tun, p).await {
+                        self.node.recycle(p);
                     }
                 }
             }
         }
-        if !self.offload.delivers.is_empty() {
-            self.write_coalesced().await;
-        }
-    }
-
-    /// Writes the decrypted packets of this pass to the TUN, TCP segments of one flow coalesced
-    /// into super-packets (GRO), each behind its `virtio_net_hdr`.
-    async fn write_coalesced(&mut self) {
-        let delivers = std::mem::take(&mut self.offload.delivers);
-        self.offload.frames.clear();
-        self.offload
-            .coalescer
-            .coalesce(&delivers, &mut self.offload.frames);
-        for f in self.offload.frames.iter() {
-            let r = match self.tun.try_send(f) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => self.tun.send(f).await,
-                r => r,
-            };
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "TUN write");
-            }
-        }
-        // Keep the allocation for the next pass.
-        self.offload.delivers = delivers;
-        self.offload.delivers.clear();
+        let node = &mut self.node;
+        self.datapath
+            .finish(&self.tun, &self.udp, |b| node.recycle(b))
+            .await;
     }
 
     fn status_json(&self) -> String {
@@ -1364,6 +1304,7 @@ impl Daemon {
             refused_records: self.refused.clone(),
             refused_external_peers: self.refused_external.clone(),
             drops: self.node.drops().by_name(),
+            offload: self.datapath.status.clone(),
         };
         serde_json::to_string(&st).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }
@@ -1430,5 +1371,31 @@ impl Daemon {
         }
         // Dropping the TUN deletes the interface (and with it any route through it).
         drop(self.tun);
+    }
+}
+
+/// A UDP read: through `recvmsg` with `UDP_GRO` (bytes, sender, segment size) or a plain
+/// `recv_from` (segment size = length).
+async fn udp_recv(
+    udp: &UdpSocket,
+    buf: &mut [u8],
+    gro: bool,
+) -> std::io::Result<(usize, std::net::SocketAddr, usize)> {
+    if gro {
+        weft_sys::udp_gso::recv_gro(udp, buf).await
+    } else {
+        udp.recv_from(buf).await.map(|(n, from)| (n, from, n))
+    }
+}
+
+fn udp_try_recv(
+    udp: &UdpSocket,
+    buf: &mut [u8],
+    gro: bool,
+) -> std::io::Result<(usize, std::net::SocketAddr, usize)> {
+    if gro {
+        weft_sys::udp_gso::try_recv_gro(udp, buf)
+    } else {
+        udp.try_recv_from(buf).map(|(n, from)| (n, from, n))
     }
 }

@@ -10,6 +10,7 @@
 mod api;
 mod config;
 mod daemon;
+mod datapath;
 mod install;
 mod keyfile;
 mod podcidr;

@@ -28,6 +28,22 @@ pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// The largest datagram that can be a WireGuard message: a 64 KiB IP packet plus overhead.
 pub const MAX_DATAGRAM: usize = 65_536 + 32;
 const MIN_BUF: usize = 148;
+/// Most buffers [`Node::recycle`] keeps, and the largest capacity it keeps (an MTU-sized
+/// packet with WireGuard's overhead; larger buffers are rare and go back to the allocator).
+const FREE_BUFFERS: usize = 1024;
+const FREE_BUFFER_CAPACITY: usize = 2048;
+
+/// A buffer of `len` zero bytes, from `free` when it has one.
+fn take_buf(free: &mut Vec<Vec<u8>>, len: usize) -> Vec<u8> {
+    match free.pop() {
+        Some(mut b) => {
+            b.clear();
+            b.resize(len, 0);
+            b
+        }
+        None => vec![0u8; len],
+    }
+}
 /// A packet waits at most this long for a handshake (three handshake attempts).
 pub const QUEUE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(15);
 
@@ -124,6 +140,9 @@ pub struct Node {
     outputs: VecDeque<Output>,
     drops: Drops,
     scratch: Vec<u8>,
+    /// Packet buffers the driver handed back ([`Node::recycle`]), used again for the next
+    /// outputs so that steady traffic allocates nothing per packet.
+    free: Vec<Vec<u8>>,
     /// Endpoints learnt from external peers (which may have none configured) that were removed,
     /// by key: used again if the same peer is added back (a revocation lifted, a conflict
     /// resolved), so this node can handshake with it at once instead of waiting for it.
@@ -184,6 +203,7 @@ impl Node {
             outputs: VecDeque::new(),
             drops: Drops::default(),
             scratch: vec![0u8; MAX_DATAGRAM + MIN_BUF],
+            free: Vec::new(),
             learnt_endpoints: HashMap::new(),
         }
     }
@@ -213,6 +233,14 @@ impl Node {
     /// The next thing the caller must do, if any.
     pub fn poll_output(&mut self) -> Option<Output> {
         self.outputs.pop_front()
+    }
+
+    /// Hands back the buffer of an output the caller is done with (a `Transmit` payload or a
+    /// `Deliver` packet), to be used for a later output instead of a new allocation.
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        if self.free.len() < FREE_BUFFERS && buf.capacity() <= FREE_BUFFER_CAPACITY {
+            self.free.push(buf);
+        }
     }
 
     fn drop_packet(&mut self, peer: Option<PeerId>, reason: DropReason, n: u64) {
@@ -786,7 +814,7 @@ impl Node {
             return;
         };
         if let Some(i) = self.best_session(peer) {
-            let mut out = vec![0u8; (pkt.len() + 32).max(MIN_BUF)];
+            let mut out = take_buf(&mut self.free, (pkt.len() + 32).max(MIN_BUF));
             let Some(peer) = self.peers.get_mut(&id) else {
                 return;
             };
@@ -998,7 +1026,9 @@ impl Node {
             // peer that sent it.
             if self.allowed.source_allowed(src, &id) {
                 peer.rx_bytes += p.len() as u64;
-                self.outputs.push_back(Output::Deliver(p.to_vec()));
+                let mut out = take_buf(&mut self.free, 0);
+                out.extend_from_slice(p);
+                self.outputs.push_back(Output::Deliver(out));
             } else {
                 drop = Some(DropReason::SourceNotAllowed);
             }
@@ -1050,7 +1080,7 @@ impl Node {
         };
         let mut sent = Vec::new();
         while let Some((_, pkt)) = peer.queue.pop_front() {
-            let mut out = vec![0u8; (pkt.len() + 32).max(MIN_BUF)];
+            let mut out = take_buf(&mut self.free, (pkt.len() + 32).max(MIN_BUF));
             if let TunnResult::WriteToNetwork(p) = peer.slots[i].tunn.encapsulate(&pkt, &mut out) {
                 let n = p.len();
                 out.truncate(n);

@@ -4,7 +4,9 @@
 //!
 //! * [`Tun`]: in: an interface name (`"weft0"`, or `""`/`"tun%d"` for a kernel-chosen
 //!   name); out: a non-blocking `IFF_TUN | IFF_NO_PI` device registered with tokio, with
-//!   `recv`/`send` on `&self` (raw IP packets, no packet-info header) and the actual name.
+//!   `recv`/`send` on `&self` (raw IP packets, no packet-info header) and the actual name;
+//!   [`Tun::create_offload`] adds `IFF_VNET_HDR` and the TSO/USO/checksum offloads the kernel
+//!   accepts (packets then carry a `virtio_net_hdr` and may be 64 KiB super-packets).
 //! * [`Netlink`]: in: interface names, addresses, [`Route`]s; out: links brought up,
 //!   MTUs set/read, addresses added (idempotent), routes replaced/deleted (idempotent,
 //!   IPv4 and IPv6, device routes and `RTN_UNREACHABLE` fail-closed routes), the list of
@@ -13,6 +15,9 @@
 //! * [`udp`]: in: a port; out: a dual-stack tokio `UdpSocket` (`[::]:port`, falling back
 //!   to `0.0.0.0:port`) with 4 MiB buffers, plus address canonicalisation helpers
 //!   (`::ffff:a.b.c.d` <-> `a.b.c.d`).
+//! * [`udp_gso`]: in: that socket, a buffer, a segment size and a destination; out: one
+//!   `sendmsg` with `UDP_SEGMENT` (GSO) for many datagrams, and `recvmsg` with `UDP_GRO` that
+//!   returns many datagrams of one flow and their segment size.
 //! * [`sysctl`]: in: a sysctl path and value; out: the value written to `/proc/sys`
 //!   (and [`sysctl::enable_forwarding`]).
 //! * [`netns`]: in: a netns name (`/run/netns/NAME`) or path and a closure; out: the
@@ -27,6 +32,7 @@ pub mod netns;
 pub mod sysctl;
 pub mod tun;
 pub mod udp;
+pub mod udp_gso;
 
 pub use error::SysError;
 pub use netlink::{Netlink, Route, RouteKind, DEV_ROUTE_METRIC, UNREACHABLE_ROUTE_METRIC};

@@ -1,0 +1,360 @@
+//! The packet I/O between the node state machine and the kernel: TUN reads (TSO/USO
+//! super-packets cut into MTU-sized packets), TUN writes (TCP segments coalesced back into
+//! super-packets, GRO), UDP sends (datagrams to one peer batched into one `UDP_SEGMENT` send,
+//! GSO) and UDP reads (`UDP_GRO` batches cut back into datagrams). With `--offload off`, or where
+//! the kernel lacks an offload, each falls back to one packet per system call.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use serde::Serialize;
+use tokio::net::UdpSocket;
+use weft_core::node::Node;
+use weft_core::offload;
+use weft_sys::udp_gso;
+use weft_sys::Tun;
+
+/// What the offload path did since meshd started (in `meshd status`, `offload`).
+#[derive(Debug, Default, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OffloadStatus {
+    /// TUN offloads in force (`csum`, `tso4`, `tso6`, `uso4`, `uso6`); `off` without
+    /// `IFF_VNET_HDR`; `none` when the kernel took the header but no offload.
+    pub tun: String,
+    /// `UDP_SEGMENT` in use on the WireGuard socket.
+    pub udp_gso: bool,
+    /// `UDP_GRO` in use on the WireGuard socket.
+    pub udp_gro: bool,
+    /// TUN reads that were super-packets (longer than the MTU), and the packets they became.
+    pub tun_super_packets: u64,
+    pub tun_super_segments: u64,
+    /// TUN reads the segmentation refused (malformed or unsupported GSO).
+    pub tun_refused: u64,
+    /// TUN writes that carried more than one packet, and the packets in them.
+    pub tun_coalesced_writes: u64,
+    pub tun_coalesced_packets: u64,
+    /// UDP sends that carried more than one datagram, and the datagrams in them.
+    pub udp_gso_sends: u64,
+    pub udp_gso_datagrams: u64,
+    /// UDP reads that returned more than one datagram, and the datagrams in them.
+    pub udp_gro_reads: u64,
+    pub udp_gro_datagrams: u64,
+}
+
+fn tun_flags(flags: Option<u32>) -> String {
+    use weft_sys::tun::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_USO4, TUN_F_USO6};
+    let Some(flags) = flags else {
+        return "off".into();
+    };
+    let names: Vec<&str> = [
+        (TUN_F_CSUM, "csum"),
+        (TUN_F_TSO4, "tso4"),
+        (TUN_F_TSO6, "tso6"),
+        (TUN_F_USO4, "uso4"),
+        (TUN_F_USO6, "uso6"),
+    ]
+    .iter()
+    .filter(|(f, _)| flags & f != 0)
+    .map(|(_, n)| *n)
+    .collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(",")
+    }
+}
+
+/// Datagrams to one destination waiting to go out in one GSO send: all `segment` bytes long
+/// except perhaps the last, which closes the batch.
+#[derive(Default)]
+struct GsoBatch {
+    dst: Option<SocketAddr>,
+    buf: Vec<u8>,
+    segment: usize,
+    count: usize,
+    closed: bool,
+}
+
+impl GsoBatch {
+    fn fits(&self, dst: SocketAddr, len: usize) -> bool {
+        self.dst == Some(dst)
+            && !self.closed
+            && len <= self.segment
+            && self.count < udp_gso::GSO_MAX_SEGMENTS
+            && self.buf.len() + len <= udp_gso::GSO_MAX_BYTES
+    }
+
+    fn push(&mut self, dst: SocketAddr, payload: &[u8]) {
+        if self.dst.is_none() {
+            self.dst = Some(dst);
+            self.segment = payload.len();
+        }
+        self.buf.extend_from_slice(payload);
+        self.count += 1;
+        if payload.len() < self.segment {
+            self.closed = true;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.dst = None;
+        self.buf.clear();
+        self.segment = 0;
+        self.count = 0;
+        self.closed = false;
+    }
+}
+
+/// The offload state of the data path and its reusable buffers (no allocation per packet once
+/// they have grown).
+pub struct DataPath {
+    /// Packets carry a `virtio_net_hdr` on the TUN.
+    vnet_hdr: bool,
+    gso: bool,
+    gro: bool,
+    /// The packets one TUN read was cut into.
+    segments: offload::PacketBuf,
+    /// Decrypted packets of one flush, before coalescing (only with `vnet_hdr`).
+    delivers: Vec<Vec<u8>>,
+    /// Coalesced frames to write.
+    frames: offload::PacketBuf,
+    coalescer: offload::Coalescer,
+    batch: GsoBatch,
+    pub status: OffloadStatus,
+}
+
+impl DataPath {
+    /// The data path for `tun` and `udp`; with `offload`, turns on `UDP_GRO` and uses
+    /// `UDP_SEGMENT` where the kernel has them.
+    pub fn new(tun: &Tun, udp: &UdpSocket, offload: bool) -> Self {
+        let gso = offload && udp_gso::gso_supported(udp);
+        let gro = offload && udp_gso::enable_gro(udp);
+        DataPath {
+            vnet_hdr: tun.offloads().is_some(),
+            gso,
+            gro,
+            segments: offload::PacketBuf::new(),
+            delivers: Vec::new(),
+            frames: offload::PacketBuf::new(),
+            coalescer: offload::Coalescer::new(),
+            batch: GsoBatch::default(),
+            status: OffloadStatus {
+                tun: tun_flags(tun.offloads()),
+                udp_gso: gso,
+                udp_gro: gro,
+                ..OffloadStatus::default()
+            },
+        }
+    }
+
+    /// Whether UDP reads go through `recvmsg` with `UDP_GRO`.
+    pub fn gro(&self) -> bool {
+        self.gro
+    }
+
+    /// One read from the TUN: a plain packet, or (with offloads) a `virtio_net_hdr` and a packet
+    /// that may be a TSO/USO super-packet, cut into packets of at most `mtu` bytes first.
+    pub fn handle_tun_read(&mut self, node: &mut Node, frame: &[u8], mtu: usize, now: Instant) {
+        if !self.vnet_hdr {
+            node.handle_tun(frame, now);
+            return;
+        }
+        self.segments.clear();
+        if let Err(e) = offload::segment(frame, mtu, &mut self.segments) {
+            self.status.tun_refused += 1;
+            tracing::debug!(error = %e, "TUN packet refused by segmentation");
+            return;
+        }
+        if self.segments.len() > 1 {
+            self.status.tun_super_packets += 1;
+            self.status.tun_super_segments += self.segments.len() as u64;
+        }
+        for p in self.segments.iter() {
+            node.handle_tun(p, now);
+        }
+    }
+
+    /// One UDP read of `n` bytes from `from`: `segment`-byte datagrams (the last may be
+    /// shorter) when `UDP_GRO` coalesced them.
+    pub fn handle_udp_read(
+        &mut self,
+        node: &mut Node,
+        buf: &[u8],
+        from: SocketAddr,
+        segment: usize,
+        now: Instant,
+    ) {
+        let from = weft_sys::canonical(from);
+        if segment == 0 || segment >= buf.len() {
+            node.handle_udp(from, buf, now);
+            return;
+        }
+        let mut count = 0u64;
+        for d in buf.chunks(segment) {
+            node.handle_udp(from, d, now);
+            count += 1;
+        }
+        self.status.udp_gro_reads += 1;
+        self.status.udp_gro_datagrams += count;
+    }
+
+    /// A datagram the node wants sent: joins the batch for `dst` (sent at [`DataPath::finish`]
+    /// or when the next datagram cannot join), or goes out at once without GSO.
+    pub async fn transmit(&mut self, udp: &UdpSocket, dst: SocketAddr, payload: &[u8]) {
+        if !self.gso {
+            send_one(udp, dst, payload).await;
+            return;
+        }
+        if !self.batch.fits(dst, payload.len()) {
+            self.send_batch(udp).await;
+        }
+        self.batch.push(dst, payload);
+    }
+
+    /// A decrypted packet for the TUN: written at once, or (with offloads) kept for
+    /// coalescing at [`DataPath::finish`].
+    pub async fn deliver(&mut self, tun: &Tun, packet: Vec<u8>) -> Option<Vec<u8>> {
+        if self.vnet_hdr {
+            self.delivers.push(packet);
+            return None;
+        }
+        write_tun(tun, &packet).await;
+        Some(packet)
+    }
+
+    /// Sends what is batched and writes what is waiting for the TUN. `recycle` gets every
+    /// packet buffer back once its bytes are written.
+    pub async fn finish(&mut self, tun: &Tun, udp: &UdpSocket, mut recycle: impl FnMut(Vec<u8>)) {
+        self.send_batch(udp).await;
+        if self.delivers.is_empty() {
+            return;
+        }
+        self.frames.clear();
+        self.coalescer.coalesce(&self.delivers, &mut self.frames);
+        let hdr = offload::VIRTIO_NET_HDR_LEN;
+        for f in self.frames.iter() {
+            write_tun(tun, f).await;
+            if let Ok((h, _)) = offload::VirtioNetHdr::split(f) {
+                if h.gso_size > 0 && f.len() > hdr {
+                    self.status.tun_coalesced_writes += 1;
+                    let payload = (f.len() - hdr).saturating_sub(h.hdr_len as usize);
+                    self.status.tun_coalesced_packets +=
+                        payload.div_ceil(usize::from(h.gso_size).max(1)) as u64;
+                }
+            }
+        }
+        for p in self.delivers.drain(..) {
+            recycle(p);
+        }
+    }
+
+    async fn send_batch(&mut self, udp: &UdpSocket) {
+        let Some(dst) = self.batch.dst else {
+            return;
+        };
+        if self.batch.count == 1 {
+            send_one(udp, dst, &self.batch.buf).await;
+            self.batch.clear();
+            return;
+        }
+        let segment = self.batch.segment;
+        let r = match udp_gso::try_send_gso(udp, &self.batch.buf, segment, dst) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                udp_gso::send_gso(udp, &self.batch.buf, segment, dst).await
+            }
+            r => r,
+        };
+        match r {
+            Ok(_) => {
+                self.status.udp_gso_sends += 1;
+                self.status.udp_gso_datagrams += self.batch.count as u64;
+            }
+            Err(e) if udp_gso::is_gso_unsupported(&e) => {
+                tracing::info!(error = %e, %dst, "UDP GSO refused on this path; sending datagrams one by one from now on");
+                self.gso = false;
+                self.status.udp_gso = false;
+                for d in self.batch.buf.chunks(segment) {
+                    send_one(udp, dst, d).await;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, %dst, "UDP GSO send"),
+        }
+        self.batch.clear();
+    }
+}
+
+async fn send_one(udp: &UdpSocket, dst: SocketAddr, payload: &[u8]) {
+    let r = match udp.try_send_to(payload, dst) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => udp.send_to(payload, dst).await,
+        r => r,
+    };
+    if let Err(e) = r {
+        tracing::debug!(error = %e, %dst, "UDP send");
+    }
+}
+
+async fn write_tun(tun: &Tun, frame: &[u8]) {
+    let r = match tun.try_send(frame) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => tun.send(frame).await,
+        r => r,
+    };
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "TUN write");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn dst(port: u16) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, 1], port))
+    }
+
+    #[test]
+    fn batch_takes_equal_datagrams_and_one_shorter_tail() {
+        let mut b = GsoBatch::default();
+        b.push(dst(1), &[1; 100]);
+        assert!(b.fits(dst(1), 100));
+        assert!(!b.fits(dst(2), 100), "another destination");
+        assert!(!b.fits(dst(1), 101), "longer than the segment");
+        b.push(dst(1), &[2; 100]);
+        assert!(b.fits(dst(1), 40));
+        b.push(dst(1), &[3; 40]);
+        assert!(!b.fits(dst(1), 40), "a short datagram closes the batch");
+        assert_eq!(b.count, 3);
+        assert_eq!(b.buf.len(), 240);
+        b.clear();
+        assert!(!b.fits(dst(1), 100));
+        b.push(dst(1), &[1; 100]);
+        assert_eq!(b.segment, 100);
+    }
+
+    #[test]
+    fn batch_stays_within_the_kernel_limits() {
+        let mut b = GsoBatch::default();
+        for _ in 0..udp_gso::GSO_MAX_SEGMENTS {
+            assert!(b.dst.is_none() || b.fits(dst(1), 100));
+            b.push(dst(1), &[0; 100]);
+        }
+        assert!(!b.fits(dst(1), 100), "segment count limit");
+        let mut b = GsoBatch::default();
+        while b.buf.len() + 1500 <= udp_gso::GSO_MAX_BYTES {
+            b.push(dst(1), &[0; 1500]);
+        }
+        assert!(!b.fits(dst(1), 1500), "byte limit");
+        assert!(b.buf.len() <= udp_gso::GSO_MAX_BYTES);
+    }
+
+    #[test]
+    fn tun_flag_names() {
+        use weft_sys::tun::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
+        assert_eq!(tun_flags(None), "off");
+        assert_eq!(tun_flags(Some(0)), "none");
+        assert_eq!(
+            tun_flags(Some(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)),
+            "csum,tso4,tso6"
+        );
+    }
+}

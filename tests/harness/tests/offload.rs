@@ -1,0 +1,162 @@
+//! The offloaded data path against the kernel: with `--offload on` the pods' TCP reaches meshd
+//! as TSO super-packets through the real TUN, leaves as UDP GSO batches, arrives as UDP GRO
+//! batches and is written back to the TUN as coalesced super-packets, and every byte arrives
+//! intact with no checksum error in the receiving pod's kernel. With `--offload off` the same
+//! traffic takes the plain path (no counter moves), and an offloading node and a plain one
+//! interoperate. Needs root; run serially:
+//!   cargo build --workspace --bins && cargo test -p weft-tests --test offload -- --test-threads=1
+
+use std::time::Duration;
+use weft_tests::{tcp_transfer, Cluster, Marker, Pod, TcpOpts};
+
+const READY: Duration = Duration::from_secs(20);
+const BYTES: u64 = 40_000_000;
+
+fn setup() {
+    weft_tests::set_nettool(env!("CARGO_BIN_EXE_weft-nettool"));
+}
+
+/// Two nodes with one pod each, meshd on node i started with `--offload modes[i]`.
+fn start(modes: [&str; 2]) -> (Cluster, Vec<Pod>) {
+    setup();
+    let c = Cluster::with_nodes(2).expect("cluster");
+    let pods: Vec<Pod> = (0..2).map(|i| c.node(i).add_pod(0).expect("pod")).collect();
+    for (i, m) in modes.iter().enumerate() {
+        c.node(i)
+            .start_meshd(&["--offload", m])
+            .expect("start meshd");
+    }
+    c.wait_mesh_ready(READY).expect("mesh ready");
+    (c, pods)
+}
+
+fn offload_status(c: &Cluster, i: usize) -> serde_json::Value {
+    let st = c.node(i).status_json().expect("status");
+    st.get("offload")
+        .cloned()
+        .unwrap_or_else(|| panic!("no offload in status of node {i}: {st}"))
+}
+
+fn counter(v: &serde_json::Value, name: &str) -> u64 {
+    v.get(name)
+        .and_then(|x| x.as_u64())
+        .unwrap_or_else(|| panic!("no counter {name} in {v}"))
+}
+
+/// `TcpInCsumErrors` (and `InCsumErrors` of UDP) of a namespace's kernel, from /proc/net/snmp.
+fn csum_errors(ns: &str) -> u64 {
+    let snmp = weft_tests::sh_in(ns, "cat /proc/net/snmp").expect("snmp");
+    let mut total = 0;
+    let lines: Vec<&str> = snmp.lines().collect();
+    for pair in lines.chunks(2) {
+        let [head, vals] = pair else { continue };
+        let names: Vec<&str> = head.split_whitespace().collect();
+        let values: Vec<&str> = vals.split_whitespace().collect();
+        for (n, v) in names.iter().zip(values.iter()) {
+            if *n == "InCsumErrors" {
+                total += v.parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+/// `BYTES` of the marker from `from` to `to`; every byte arrives (sent = received and the
+/// receiver counts every marker).
+fn transfer(c: &Cluster, from: &Pod, to: &Pod, marker: &Marker) {
+    let t = tcp_transfer(
+        &from.ns,
+        &to.ns,
+        &to.ip_str(),
+        &TcpOpts::new(BYTES, marker.hex()).timeout(Duration::from_secs(60)),
+    )
+    .unwrap_or_else(|e| panic!("tcp {} -> {}: {e:#}\n{}", from.ip, to.ip, c.debug_report()));
+    assert!(t.complete(), "tcp {} -> {}: {t:?}", from.ip, to.ip);
+    let want = BYTES / marker.hex().len() as u64;
+    assert!(
+        t.marker_count >= want,
+        "{} markers of {want} arrived intact: {t:?}",
+        t.marker_count
+    );
+    eprintln!(
+        "{} -> {}: {} bytes in {:.2} s ({:.2} Gbit/s)",
+        from.ip,
+        to.ip,
+        t.received,
+        t.secs,
+        t.received as f64 * 8.0 / t.secs / 1e9
+    );
+}
+
+/// With offloads on both nodes, bulk TCP both ways goes through every offload: TSO
+/// super-packets are read from the TUN and segmented, datagrams go out in GSO batches, arrive
+/// in GRO batches and are written to the TUN coalesced; the bytes arrive intact and neither
+/// pod's kernel counts a checksum error.
+#[test]
+fn offloads_on_carry_bulk_tcp_through_every_offload() {
+    let (c, pods) = start(["on", "on"]);
+    let marker = Marker::random();
+    for i in 0..2 {
+        let st = offload_status(&c, i);
+        let tun = st["tun"].as_str().unwrap_or_default();
+        assert!(tun.contains("tso4"), "node {i} TUN offloads: {st}");
+        assert_eq!(st["udpGso"], true, "node {i}: {st}");
+        assert_eq!(st["udpGro"], true, "node {i}: {st}");
+    }
+    let before = [csum_errors(&pods[0].ns), csum_errors(&pods[1].ns)];
+    transfer(&c, &pods[0], &pods[1], &marker);
+    transfer(&c, &pods[1], &pods[0], &marker);
+    for i in 0..2 {
+        let st = offload_status(&c, i);
+        eprintln!("node {i} offload: {st}");
+        for name in [
+            "tunSuperPackets",
+            "udpGsoSends",
+            "udpGroReads",
+            "tunCoalescedWrites",
+        ] {
+            assert!(counter(&st, name) > 0, "node {i}: {name} is 0: {st}");
+        }
+        assert!(
+            counter(&st, "tunSuperSegments") > counter(&st, "tunSuperPackets"),
+            "node {i}: {st}"
+        );
+        assert!(
+            counter(&st, "udpGsoDatagrams") > counter(&st, "udpGsoSends"),
+            "node {i}: {st}"
+        );
+        assert_eq!(counter(&st, "tunRefused"), 0, "node {i}: {st}");
+    }
+    let after = [csum_errors(&pods[0].ns), csum_errors(&pods[1].ns)];
+    assert_eq!(before, after, "checksum errors in the pods' kernels");
+}
+
+/// `--offload off` is the plain path: the TUN carries no virtio_net_hdr, no offload counter
+/// moves, and the node still exchanges bulk TCP, both ways, with a node that offloads.
+#[test]
+fn offload_off_is_the_plain_path_and_interoperates() {
+    let (c, pods) = start(["off", "on"]);
+    let marker = Marker::random();
+    let before = [csum_errors(&pods[0].ns), csum_errors(&pods[1].ns)];
+    transfer(&c, &pods[0], &pods[1], &marker);
+    transfer(&c, &pods[1], &pods[0], &marker);
+    let off = offload_status(&c, 0);
+    eprintln!("node 0 (off) offload: {off}");
+    assert_eq!(off["tun"], "off", "{off}");
+    assert_eq!(off["udpGso"], false, "{off}");
+    assert_eq!(off["udpGro"], false, "{off}");
+    for name in [
+        "tunSuperPackets",
+        "udpGsoSends",
+        "udpGroReads",
+        "tunCoalescedWrites",
+        "tunRefused",
+    ] {
+        assert_eq!(counter(&off, name), 0, "node 0 (off): {name}: {off}");
+    }
+    let on = offload_status(&c, 1);
+    eprintln!("node 1 (on) offload: {on}");
+    assert!(counter(&on, "tunSuperPackets") > 0, "node 1 (on): {on}");
+    let after = [csum_errors(&pods[0].ns), csum_errors(&pods[1].ns)];
+    assert_eq!(before, after, "checksum errors in the pods' kernels");
+}

@@ -136,7 +136,11 @@ impl DataPath {
             segments: offload::PacketBuf::new(),
             delivers: Vec::new(),
             frames: offload::PacketBuf::new(),
-            coalescer: offload::Coalescer::new(),
+            // UDP datagrams are coalesced only into a TUN that accepts USO.
+            coalescer: offload::Coalescer::new().with_udp(
+                tun.offloads()
+                    .is_some_and(|f| f & weft_sys::tun::TUN_F_USO4 != 0),
+            ),
             batch: GsoBatch::default(),
             status: OffloadStatus {
                 tun: tun_flags(tun.offloads()),

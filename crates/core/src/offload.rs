@@ -629,13 +629,16 @@ pub fn segment_packet(
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct FlowKey {
     v6: bool,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    proto: u8,
     src: [u8; 16],
     dst: [u8; 16],
     sport: u16,
     dport: u16,
 }
 
-/// A TCP packet as the coalescer sees it.
+/// A TCP packet (or, with `thl` 8 and no sequence number or flags, a UDP datagram) as the
+/// coalescer sees it.
 #[derive(Debug, Clone, Copy)]
 struct TcpSeg {
     key: FlowKey,
@@ -658,6 +661,7 @@ fn parse_tcp_seg(p: &[u8]) -> Option<TcpSeg> {
     let thl = parse_tcp_len(p, &ip).ok()?;
     let mut key = FlowKey {
         v6: ip.v6,
+        proto: PROTO_TCP,
         src: [0; 16],
         dst: [0; 16],
         sport: be16(p, ip.hl),
@@ -684,6 +688,49 @@ fn parse_tcp_seg(p: &[u8]) -> Option<TcpSeg> {
     })
 }
 
+/// Parses a UDP datagram with exact length fields and a checksum that is present and valid;
+/// `None` for anything else. Such datagrams may be coalesced into a USO super-packet.
+fn parse_udp_seg(p: &[u8]) -> Option<TcpSeg> {
+    let ip = parse_ip(p).ok()?;
+    if ip.proto != PROTO_UDP || p.len() < ip.hl + 8 {
+        return None;
+    }
+    let l4_len = p.len() - ip.hl;
+    if usize::from(be16(p, ip.hl + 4)) != l4_len {
+        return None;
+    }
+    let mut key = FlowKey {
+        v6: ip.v6,
+        proto: PROTO_UDP,
+        src: [0; 16],
+        dst: [0; 16],
+        sport: be16(p, ip.hl),
+        dport: be16(p, ip.hl + 2),
+    };
+    if ip.v6 {
+        key.src.copy_from_slice(&p[8..24]);
+        key.dst.copy_from_slice(&p[24..40]);
+    } else {
+        key.src[..4].copy_from_slice(&p[12..16]);
+        key.dst[..4].copy_from_slice(&p[16..20]);
+    }
+    let eligible = be16(p, ip.hl + UDP_CSUM_OFFSET) != 0
+        && (ip.v6 || (ip.hl == 20 && checksum(&p[..20], 0) == 0xffff))
+        && checksum(&p[ip.hl..], pseudo_header_sum(p, ip.v6, PROTO_UDP, l4_len)) == 0xffff;
+    Some(TcpSeg {
+        key,
+        ip,
+        thl: 8,
+        payload: l4_len - 8,
+        seq: 0,
+        flags: 0,
+        eligible,
+    })
+}
+
+/// Most datagrams one USO super-packet carries (Linux's `UDP_GRO_CNT_MAX`).
+const UDP_GRO_MAX_SEGMENTS: u32 = 64;
+
 const NONE: u32 = u32::MAX;
 
 /// One output packet under construction: a run of input packets (linked through
@@ -699,6 +746,8 @@ struct Item {
     mss: usize,
     /// IP length of the merged packet so far.
     len: usize,
+    /// UDP datagrams (a USO super-packet), not TCP segments.
+    udp: bool,
     next_seq: u32,
     hl: usize,
     thl: usize,
@@ -719,6 +768,8 @@ struct Item {
 #[derive(Debug)]
 pub struct Coalescer {
     max_len: usize,
+    /// Coalesce UDP datagrams too (into `GSO_UDP_L4` super-packets; the TUN must have USO).
+    udp: bool,
     flows: HashMap<FlowKey, usize>,
     /// The flow of the previous TCP packet and its item.
     last: Option<(FlowKey, usize)>,
@@ -741,11 +792,22 @@ impl Coalescer {
     pub fn with_max_len(max_len: usize) -> Self {
         Coalescer {
             max_len: max_len.min(MAX_SUPER_PACKET),
+            udp: false,
             flows: HashMap::new(),
             last: None,
             items: Vec::new(),
             next: Vec::new(),
         }
+    }
+
+    /// Also coalesces UDP datagrams of one flow (Linux `udp_gro_receive` with `UDP_L4` GSO): a
+    /// datagram with a present and valid checksum joins its flow's open super-packet when the IP
+    /// fields match as for TCP, its payload is 1..=the first one's, and the super-packet has
+    /// fewer than 64 datagrams and stays within the bound; a shorter one ends it. Only for a TUN
+    /// that accepted `TUN_F_USO4`/`TUN_F_USO6`.
+    pub fn with_udp(mut self, udp: bool) -> Self {
+        self.udp = udp;
+        self
     }
 
     /// Coalesces one batch of IP packets (in arrival order) and appends the resulting TUN
@@ -779,8 +841,14 @@ impl Coalescer {
             hl: 0,
             thl: 0,
             v6: false,
+            udp: false,
         };
-        let Some(seg) = parse_tcp_seg(p) else {
+        let seg = match parse_tcp_seg(p) {
+            Some(seg) => Some(seg),
+            None if self.udp => parse_udp_seg(p),
+            None => None,
+        };
+        let Some(seg) = seg else {
             self.items.push(single);
             return;
         };
@@ -806,16 +874,20 @@ impl Coalescer {
                 item.count += 1;
                 item.len += seg.payload;
                 item.next_seq = item.next_seq.wrapping_add(seg.payload as u32);
-                if seg.payload < item.mss || seg.flags & (TCP_PSH | TCP_FIN) != 0 {
+                if seg.payload < item.mss
+                    || seg.flags & (TCP_PSH | TCP_FIN) != 0
+                    || (item.udp && item.count >= UDP_GRO_MAX_SEGMENTS)
+                {
                     item.open = false;
                 }
                 return;
             }
             item.open = false;
         }
+        let udp = seg.key.proto == PROTO_UDP;
         let starts = seg.eligible
             && seg.payload > 0
-            && seg.flags & (TCP_SYN | TCP_RST | TCP_URG | TCP_PSH | TCP_FIN) == 0;
+            && (udp || seg.flags & (TCP_SYN | TCP_RST | TCP_URG | TCP_PSH | TCP_FIN) == 0);
         self.flows.insert(seg.key, self.items.len());
         self.last = Some((seg.key, self.items.len()));
         self.items.push(Item {
@@ -825,6 +897,7 @@ impl Coalescer {
             hl: seg.ip.hl,
             thl: seg.thl,
             v6: seg.ip.v6,
+            udp,
             ..single
         });
     }
@@ -838,7 +911,7 @@ fn can_join(item: &Item, head: &[u8], p: &[u8], seg: &TcpSeg, max_len: usize) ->
         || seg.ip.v6 != item.v6
         || seg.payload == 0
         || seg.payload > item.mss
-        || seg.seq != item.next_seq
+        || (!item.udp && seg.seq != item.next_seq)
         || item.len + seg.payload > max_len
     {
         return false;
@@ -857,6 +930,10 @@ fn can_join(item: &Item, head: &[u8], p: &[u8], seg: &TcpSeg, max_len: usize) ->
         if !df && be16(p, 4) != be16(head, 4).wrapping_add(item.count as u16) {
             return false;
         }
+    }
+    if item.udp {
+        // Same flow (the key), same IP fields (above), payload no longer than the first.
+        return true;
     }
     let (h, t) = (&head[item.hl..], &p[item.hl..]);
     let flag_diff = h[13] ^ t[13];
@@ -878,24 +955,34 @@ fn emit<P: AsRef<[u8]>>(item: &Item, packets: &[P], next: &[u32], out: &mut Pack
         return;
     }
     let hdrs = item.hl + item.thl;
-    let tail_flags = packets[item.tail as usize].as_ref()[item.hl + 13];
-    let cwr = head[item.hl + 13] & TCP_CWR != 0;
-    let gso = if item.v6 {
-        VIRTIO_NET_HDR_GSO_TCPV6
+    let vnet = if item.udp {
+        VirtioNetHdr {
+            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            gso_type: VIRTIO_NET_HDR_GSO_UDP_L4,
+            hdr_len: hdrs as u16,
+            gso_size: item.mss as u16,
+            csum_start: item.hl as u16,
+            csum_offset: UDP_CSUM_OFFSET as u16,
+        }
     } else {
-        VIRTIO_NET_HDR_GSO_TCPV4
-    };
-    let vnet = VirtioNetHdr {
-        flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
-        gso_type: if cwr {
-            gso | VIRTIO_NET_HDR_GSO_ECN
+        let cwr = head[item.hl + 13] & TCP_CWR != 0;
+        let gso = if item.v6 {
+            VIRTIO_NET_HDR_GSO_TCPV6
         } else {
-            gso
-        },
-        hdr_len: hdrs as u16,
-        gso_size: item.mss as u16,
-        csum_start: item.hl as u16,
-        csum_offset: TCP_CSUM_OFFSET as u16,
+            VIRTIO_NET_HDR_GSO_TCPV4
+        };
+        VirtioNetHdr {
+            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            gso_type: if cwr {
+                gso | VIRTIO_NET_HDR_GSO_ECN
+            } else {
+                gso
+            },
+            hdr_len: hdrs as u16,
+            gso_size: item.mss as u16,
+            csum_start: item.hl as u16,
+            csum_offset: TCP_CSUM_OFFSET as u16,
+        }
     };
     out.data.reserve(VIRTIO_NET_HDR_LEN + item.len);
     out.extend(&vnet.encode());
@@ -915,6 +1002,14 @@ fn emit<P: AsRef<[u8]>>(item: &Item, packets: &[P], next: &[u32], out: &mut Pack
         set_ipv4_checksum(pkt, item.hl);
     }
     let l4_len = len - item.hl;
+    if item.udp {
+        let pseudo = checksum(&[], pseudo_header_sum(pkt, item.v6, PROTO_UDP, l4_len));
+        let l4 = &mut pkt[item.hl..];
+        put16(l4, 4, l4_len as u16);
+        put16(l4, UDP_CSUM_OFFSET, pseudo);
+        return;
+    }
+    let tail_flags = packets[item.tail as usize].as_ref()[item.hl + 13];
     let pseudo = checksum(&[], pseudo_header_sum(pkt, item.v6, PROTO_TCP, l4_len));
     let l4 = &mut pkt[item.hl..];
     l4[13] |= tail_flags & (TCP_FIN | TCP_PSH);

@@ -1161,3 +1161,132 @@ fn bench_segment_and_coalesce() {
         65536.0 / csum_ns
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// UDP coalescing (USO on TUN writes)
+// ---------------------------------------------------------------------------------------------
+
+/// `sizes.len()` full-checksum UDP datagrams of one flow with consecutive IP IDs.
+fn datagrams(base: &Spec, sizes: &[usize]) -> Vec<Vec<u8>> {
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let mut s = base.clone();
+            s.id = base.id.wrapping_add(i as u16);
+            s.payload = (0..n).map(|j| ((i * 7 + j) % 251) as u8).collect();
+            s.packet(true)
+        })
+        .collect()
+}
+
+fn coalesce_udp(packets: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut out = PacketBuf::new();
+    Coalescer::new().with_udp(true).coalesce(packets, &mut out);
+    out.iter().map(<[u8]>::to_vec).collect()
+}
+
+#[test]
+fn udp_datagrams_coalesce_into_uso_and_back() {
+    for v6 in [false, true] {
+        for df in [true, false] {
+            let mut base = if v6 { Spec::udp6(0) } else { Spec::udp4(0) };
+            base.df = df;
+            // 40 equal datagrams and a shorter last one: one USO super-packet.
+            let mut sizes = vec![1200; 40];
+            sizes.push(17);
+            let d = datagrams(&base, &sizes);
+            let frames = coalesce_udp(&d);
+            assert_eq!(frames.len(), 1, "v6 {v6} df {df}");
+            let hdr = VirtioNetHdr::decode(&frames[0]).expect("header");
+            assert_eq!(hdr.gso_type, VIRTIO_NET_HDR_GSO_UDP_L4);
+            assert_eq!(hdr.gso_size, 1200);
+            assert_eq!(hdr.flags, VIRTIO_NET_HDR_F_NEEDS_CSUM);
+            assert_eq!(hdr.csum_offset, 6);
+            let back = expand(&frames[0]);
+            assert_eq!(back, d, "v6 {v6} df {df}: re-segmented datagrams differ");
+            for p in &back {
+                assert_valid(p);
+            }
+        }
+    }
+}
+
+#[test]
+fn udp_is_not_coalesced_unless_asked() {
+    let d = datagrams(&Spec::udp4(0), &[64; 10]);
+    let frames = coalesce(&d);
+    assert_eq!(merged_counts(&frames), vec![1; 10]);
+    for (f, p) in frames.iter().zip(&d) {
+        assert_eq!(&f[10..], &p[..]);
+    }
+}
+
+#[test]
+fn udp_coalescing_follows_linux_rules() {
+    let base = Spec::udp4(0);
+    // A shorter datagram ends the super-packet; a longer one starts a new one.
+    let d = datagrams(&base, &[100, 100, 60, 100, 100]);
+    assert_eq!(merged_counts(&coalesce_udp(&d)), vec![3, 2]);
+    // Without DF the IP IDs must run on.
+    let mut nodf = base.clone();
+    nodf.df = false;
+    let mut d = datagrams(&nodf, &[100; 4]);
+    d[2][4..6].copy_from_slice(&7u16.to_be_bytes());
+    fix_ip_checksum(&mut d[2]);
+    assert_eq!(merged_counts(&coalesce_udp(&d)), vec![2, 1, 1]);
+    assert_eq!(
+        merged_counts(&coalesce_udp(&datagrams(&base, &[100, 120]))),
+        vec![1, 1]
+    );
+
+    // At most 64 datagrams per super-packet.
+    let d = datagrams(&base, &[64; 70]);
+    assert_eq!(merged_counts(&coalesce_udp(&d)), vec![64, 6]);
+
+    // Within 64 KiB.
+    let d = datagrams(&base, &[1400; 60]);
+    let counts = merged_counts(&coalesce_udp(&d));
+    assert_eq!(counts.iter().sum::<usize>(), 60);
+    assert!(counts.len() >= 2, "{counts:?}");
+    for f in coalesce_udp(&d) {
+        assert!(f.len() - 10 <= 65535);
+    }
+
+    // A zero (absent) or wrong checksum never merges.
+    let mut d = datagrams(&base, &[64; 4]);
+    d[1][26] = 0;
+    d[1][27] = 0;
+    d[2][40] ^= 0xff;
+    assert_eq!(merged_counts(&coalesce_udp(&d)), vec![1, 1, 1, 1]);
+
+    // Another flow (source port), TTL or TOS splits; TCP and UDP of the same ports never mix.
+    let mut other = base.clone();
+    other.sport = 40001;
+    let a = datagrams(&base, &[64; 3]);
+    let b = datagrams(&other, &[64; 3]);
+    let mixed = vec![a[0].clone(), b[0].clone(), a[1].clone(), b[1].clone()];
+    let frames = coalesce_udp(&mixed);
+    assert_eq!(merged_counts(&frames), vec![2, 2]);
+    let mut ttl = base.clone();
+    ttl.ttl = 63;
+    let mut d = datagrams(&base, &[64; 2]);
+    d.push(datagrams(&ttl, &[64; 3]).remove(2));
+    assert_eq!(merged_counts(&coalesce_udp(&d)), vec![2, 1]);
+    let tcp = segments(&Spec::tcp4(0), 2, 64);
+    let udp = datagrams(&base, &[64; 2]);
+    let frames = coalesce_udp(&[
+        udp[0].clone(),
+        tcp[0].clone(),
+        udp[1].clone(),
+        tcp[1].clone(),
+    ]);
+    assert_eq!(merged_counts(&frames), vec![2, 2]);
+}
+
+fn fix_ip_checksum(p: &mut [u8]) {
+    p[10] = 0;
+    p[11] = 0;
+    let c = !sum16(&p[..20], 0);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+}

@@ -7,7 +7,7 @@
 //!   cargo build --workspace --bins && cargo test -p weft-tests --test offload -- --test-threads=1
 
 use std::time::Duration;
-use weft_tests::{tcp_transfer, Cluster, Marker, Pod, TcpOpts};
+use weft_tests::{tcp_transfer, udp_send, Cluster, Marker, Pod, TcpOpts, UdpReceiver, UdpSend};
 
 const READY: Duration = Duration::from_secs(20);
 const BYTES: u64 = 40_000_000;
@@ -126,6 +126,47 @@ fn offloads_on_carry_bulk_tcp_through_every_offload() {
             "node {i}: {st}"
         );
         assert_eq!(counter(&st, "tunRefused"), 0, "node {i}: {st}");
+    }
+    // A burst of UDP datagrams: the receiving node coalesces them into USO super-packets (its
+    // TUN accepted USO) and the kernel cuts them back into the very same datagrams.
+    let st1 = offload_status(&c, 1);
+    if st1["tun"].as_str().unwrap_or_default().contains("uso4") {
+        let writes = counter(&st1, "tunCoalescedWrites");
+        let rx = UdpReceiver::start(
+            &pods[1].ns,
+            &format!("{}:7000", pods[1].ip),
+            Duration::from_secs(4),
+            Some(marker.hex()),
+        )
+        .expect("udp receiver");
+        let sent = udp_send(
+            &pods[0].ns,
+            &format!("{}:7000", pods[1].ip),
+            &UdpSend {
+                size: 1000,
+                count: 2000,
+                marker: Some(marker.hex().to_string()),
+                ..UdpSend::default()
+            },
+        )
+        .expect("udp send");
+        let got = rx.finish().expect("udp received");
+        let st1 = offload_status(&c, 1);
+        eprintln!("UDP: sent {sent}, received {got:?}; node 1 offload: {st1}");
+        assert!(got.received * 2 >= sent, "sent {sent}, got {got:?}");
+        assert_eq!(
+            got.marker_datagrams, got.received,
+            "datagrams changed: {got:?}"
+        );
+        assert_eq!(
+            got.bytes,
+            got.received * 1000,
+            "datagram sizes changed: {got:?}"
+        );
+        assert!(
+            counter(&st1, "tunCoalescedWrites") > writes,
+            "no UDP coalescing on node 1: {st1}"
+        );
     }
     let after = [csum_errors(&pods[0].ns), csum_errors(&pods[1].ns)];
     assert_eq!(before, after, "checksum errors in the pods' kernels");

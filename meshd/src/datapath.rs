@@ -137,7 +137,8 @@ impl DataPath {
             delivers: Vec::new(),
             frames: offload::PacketBuf::new(),
             // UDP datagrams are coalesced only into a TUN that accepts USO.
-            coalescer: offload::Coalescer::new().with_udp(
+            // Decrypted packets passed the AEAD check: their checksums need no second look.
+            coalescer: offload::Coalescer::new().trust_checksums(true).with_udp(
                 tun.offloads()
                     .is_some_and(|f| f & weft_sys::tun::TUN_F_USO4 != 0),
             ),

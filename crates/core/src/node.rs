@@ -33,11 +33,13 @@ const MIN_BUF: usize = 148;
 const FREE_BUFFERS: usize = 1024;
 const FREE_BUFFER_CAPACITY: usize = 2048;
 
-/// A buffer of `len` zero bytes, from `free` when it has one.
+/// A buffer of `len` bytes, from `free` when it has one. A recycled buffer keeps the bytes of
+/// its last packet (only growth is zeroed): every caller overwrites what it keeps and truncates
+/// the rest.
 fn take_buf(free: &mut Vec<Vec<u8>>, len: usize) -> Vec<u8> {
     match free.pop() {
         Some(mut b) => {
-            b.clear();
+            b.truncate(len);
             b.resize(len, 0);
             b
         }

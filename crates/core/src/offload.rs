@@ -653,7 +653,7 @@ struct TcpSeg {
 
 /// Parses a TCP packet with exact length fields; `None` for anything else (and for IPv4
 /// fragments and IPv6 extension headers).
-fn parse_tcp_seg(p: &[u8]) -> Option<TcpSeg> {
+fn parse_tcp_seg(p: &[u8], verify: bool) -> Option<TcpSeg> {
     let ip = parse_ip(p).ok()?;
     if ip.proto != PROTO_TCP {
         return None;
@@ -676,7 +676,8 @@ fn parse_tcp_seg(p: &[u8]) -> Option<TcpSeg> {
     }
     let l4_len = p.len() - ip.hl;
     let eligible = (ip.v6 || (ip.hl == 20 && checksum(&p[..20], 0) == 0xffff))
-        && checksum(&p[ip.hl..], pseudo_header_sum(p, ip.v6, PROTO_TCP, l4_len)) == 0xffff;
+        && (!verify
+            || checksum(&p[ip.hl..], pseudo_header_sum(p, ip.v6, PROTO_TCP, l4_len)) == 0xffff);
     Some(TcpSeg {
         key,
         ip,
@@ -690,7 +691,7 @@ fn parse_tcp_seg(p: &[u8]) -> Option<TcpSeg> {
 
 /// Parses a UDP datagram with exact length fields and a checksum that is present and valid;
 /// `None` for anything else. Such datagrams may be coalesced into a USO super-packet.
-fn parse_udp_seg(p: &[u8]) -> Option<TcpSeg> {
+fn parse_udp_seg(p: &[u8], verify: bool) -> Option<TcpSeg> {
     let ip = parse_ip(p).ok()?;
     if ip.proto != PROTO_UDP || p.len() < ip.hl + 8 {
         return None;
@@ -716,7 +717,8 @@ fn parse_udp_seg(p: &[u8]) -> Option<TcpSeg> {
     }
     let eligible = be16(p, ip.hl + UDP_CSUM_OFFSET) != 0
         && (ip.v6 || (ip.hl == 20 && checksum(&p[..20], 0) == 0xffff))
-        && checksum(&p[ip.hl..], pseudo_header_sum(p, ip.v6, PROTO_UDP, l4_len)) == 0xffff;
+        && (!verify
+            || checksum(&p[ip.hl..], pseudo_header_sum(p, ip.v6, PROTO_UDP, l4_len)) == 0xffff);
     Some(TcpSeg {
         key,
         ip,
@@ -770,6 +772,8 @@ pub struct Coalescer {
     max_len: usize,
     /// Coalesce UDP datagrams too (into `GSO_UDP_L4` super-packets; the TUN must have USO).
     udp: bool,
+    /// Take the transport checksums as verified (see [`Coalescer::trust_checksums`]).
+    trust_checksums: bool,
     flows: HashMap<FlowKey, usize>,
     /// The flow of the previous TCP packet and its item.
     last: Option<(FlowKey, usize)>,
@@ -793,6 +797,7 @@ impl Coalescer {
         Coalescer {
             max_len: max_len.min(MAX_SUPER_PACKET),
             udp: false,
+            trust_checksums: false,
             flows: HashMap::new(),
             last: None,
             items: Vec::new(),
@@ -807,6 +812,17 @@ impl Coalescer {
     /// that accepted `TUN_F_USO4`/`TUN_F_USO6`.
     pub fn with_udp(mut self, udp: bool) -> Self {
         self.udp = udp;
+        self
+    }
+
+    /// Takes every packet's TCP/UDP checksum as verified instead of summing it (the IPv4 header
+    /// checksum is still checked). For packets that just passed an AEAD check, as WireGuard's
+    /// decrypted packets have: the tag proves they are the bytes the peer sent, which is why
+    /// Linux's WireGuard marks them `CHECKSUM_UNNECESSARY` at every layer. A packet whose
+    /// checksum was wrong when the peer encrypted it is then merged (and its checksum replaced)
+    /// like any other, as the kernel would accept it.
+    pub fn trust_checksums(mut self, trust: bool) -> Self {
+        self.trust_checksums = trust;
         self
     }
 
@@ -843,9 +859,10 @@ impl Coalescer {
             v6: false,
             udp: false,
         };
-        let seg = match parse_tcp_seg(p) {
+        let verify = !self.trust_checksums;
+        let seg = match parse_tcp_seg(p, verify) {
             Some(seg) => Some(seg),
-            None if self.udp => parse_udp_seg(p),
+            None if self.udp => parse_udp_seg(p, verify),
             None => None,
         };
         let Some(seg) = seg else {

@@ -1290,3 +1290,33 @@ fn fix_ip_checksum(p: &mut [u8]) {
     let c = !sum16(&p[..20], 0);
     p[10..12].copy_from_slice(&c.to_be_bytes());
 }
+
+#[test]
+fn trusted_checksums_are_not_summed_but_still_merge_correctly() {
+    // Wrong transport checksums: refused by default, merged when trusted, and the super-packet
+    // then carries a fresh checksum (as Linux does for CHECKSUM_UNNECESSARY packets).
+    let mut segs = segments(&Spec::tcp4(0), 4, 1000);
+    for s in &mut segs {
+        s[36] ^= 0x55;
+    }
+    assert_eq!(merged_counts(&coalesce(&segs)), vec![1, 1, 1, 1]);
+    let mut out = PacketBuf::new();
+    Coalescer::new()
+        .trust_checksums(true)
+        .coalesce(&segs, &mut out);
+    assert_eq!(out.len(), 1);
+    let back = expand(out.get(0).expect("frame"));
+    assert_eq!(back.len(), 4);
+    for (b, s) in back.iter().zip(&segs) {
+        assert_valid(b);
+        assert_eq!(payload(b), payload(s));
+    }
+    // A bad IPv4 header checksum still never merges.
+    let mut segs = segments(&Spec::tcp4(0), 3, 1000);
+    segs[1][10] ^= 0x01;
+    let mut out = PacketBuf::new();
+    Coalescer::new()
+        .trust_checksums(true)
+        .coalesce(&segs, &mut out);
+    assert_eq!(out.len(), 3);
+}

@@ -11,8 +11,9 @@
 //!   tcp1   iperf3 TCP, one stream, `--seconds` (default 10), Gbit/s received;
 //!   tcp4   iperf3 TCP, four parallel streams (-P 4), Gbit/s received (sum);
 //!   udp    iperf3 UDP with `--udp-size` (default 64) byte payloads for `--seconds`: packets/s
-//!          that came out of the tunnel at the receiver (the rx counter of node 1's tunnel
-//!          interface, so a receiving iperf3 that cannot keep up does not count) and loss %
+//!          that came out of the tunnel at the receiver (from the rx counters of node 1's tunnel
+//!          interface, so a receiving iperf3 that cannot keep up does not count: (bytes - 28 *
+//!          packets) / payload, since meshd writes many datagrams as one USO super-packet) and loss %
 //!          against what iperf3 sent. The offered rate (`--udp-rate`): `auto` (default) sweeps
 //!          first, 2 s per step: -b 0, then 0.9 times what -b 0 got through, 1.25 times more
 //!          each step until two steps in a row get less through than the best, the offer passes
@@ -767,8 +768,18 @@ fn tcp_run(
 #[derive(Debug, Clone, Copy)]
 struct LinkStats {
     rx_packets: u64,
+    rx_bytes: u64,
     tx_packets: u64,
+    tx_bytes: u64,
     tx_dropped: u64,
+}
+
+/// Datagrams of `payload` bytes in `bytes` bytes that crossed an interface as `packets` packets,
+/// each with one `headers`-byte IP + UDP header: a GSO/GRO super-packet counts once in the
+/// interface's packet counter but carries many datagrams behind one header, so the datagrams
+/// are (bytes - headers * packets) / payload; without super-packets that is the packet count.
+fn datagrams(bytes: u64, packets: u64, headers: u64, payload: u64) -> u64 {
+    bytes.saturating_sub(headers * packets) / payload.max(1)
 }
 
 fn link_stats(ns: &str, ifname: &str) -> Result<LinkStats> {
@@ -783,7 +794,9 @@ fn link_stats(ns: &str, ifname: &str) -> Result<LinkStats> {
     };
     Ok(LinkStats {
         rx_packets: get("rx", "packets")?,
+        rx_bytes: get("rx", "bytes")?,
         tx_packets: get("tx", "packets")?,
+        tx_bytes: get("tx", "bytes")?,
         tx_dropped: get("tx", "dropped")?,
     })
 }
@@ -895,14 +908,26 @@ fn udp_run(
     if seconds <= 0.0 || sent == 0 {
         bail!("iperf3 UDP sent {sent} datagrams in {seconds} s");
     }
+    let headers = if target.contains(':') { 48 } else { 28 };
+    let size = u64::from(size);
     Ok(UdpRun {
         run: 0,
         offered_pps: rate,
         seconds,
         sent,
-        delivered: rx1.rx_packets.saturating_sub(rx0.rx_packets),
+        delivered: datagrams(
+            rx1.rx_bytes.saturating_sub(rx0.rx_bytes),
+            rx1.rx_packets.saturating_sub(rx0.rx_packets),
+            headers,
+            size,
+        ),
         app_received: seen.saturating_sub(lost),
-        sender_if_tx: tx1.tx_packets.saturating_sub(tx0.tx_packets),
+        sender_if_tx: datagrams(
+            tx1.tx_bytes.saturating_sub(tx0.tx_bytes),
+            tx1.tx_packets.saturating_sub(tx0.tx_packets),
+            headers,
+            size,
+        ),
         sender_if_dropped: tx1.tx_dropped.saturating_sub(tx0.tx_dropped),
         rcvbuf_errors: rcvbuf1.saturating_sub(rcvbuf0),
         sweep: Vec::new(),
@@ -1578,5 +1603,15 @@ mod tests {
         };
         assert_eq!(u.pps(), 125.0);
         assert_eq!(u.loss_pct(), 75.0);
+    }
+
+    #[test]
+    fn datagrams_behind_super_packets() {
+        // 10 plain 64-byte datagrams over IPv4: 10 packets of 92 bytes.
+        assert_eq!(datagrams(920, 10, 28, 64), 10);
+        // 3 USO super-packets of 40, 40 and 20 datagrams.
+        assert_eq!(datagrams(3 * 28 + 100 * 64, 3, 28, 64), 100);
+        assert_eq!(datagrams(0, 0, 28, 64), 0);
+        assert_eq!(datagrams(10, 1, 28, 0), 0);
     }
 }

@@ -107,6 +107,34 @@ pub fn render(v: &serde_json::Value) -> String {
     if let Some(c) = v["podCidrClaim"].as_str() {
         out.push_str(&format!("  pod CIDR claim {c}\n"));
     }
+    let off = &v["offload"];
+    if off.is_object() {
+        let n = |k: &str| off[k].as_u64().unwrap_or(0);
+        out.push_str(&format!(
+            "  offload tun {}  udp gso {} gro {}  (tun super-packets {} -> {} packets, \
+             coalesced writes {} <- {} packets, gso sends {} <- {} datagrams, gro reads {} -> {} \
+             datagrams)\n",
+            s(&off["tun"]),
+            if off["udpGso"].as_bool() == Some(true) {
+                "on"
+            } else {
+                "off"
+            },
+            if off["udpGro"].as_bool() == Some(true) {
+                "on"
+            } else {
+                "off"
+            },
+            n("tunSuperPackets"),
+            n("tunSuperSegments"),
+            n("tunCoalescedWrites"),
+            n("tunCoalescedPackets"),
+            n("udpGsoSends"),
+            n("udpGsoDatagrams"),
+            n("udpGroReads"),
+            n("udpGroDatagrams"),
+        ));
+    }
     let rot = &v["rotation"];
     if let Some(phase) = rot["phase"].as_str().filter(|p| *p != "idle") {
         let peers = rot["peers"]

@@ -12,8 +12,9 @@
 //!   tcp4   iperf3 TCP, four parallel streams (-P 4), Gbit/s received (sum);
 //!   udp    iperf3 UDP with `--udp-size` (default 64) byte payloads for `--seconds`: packets/s
 //!          that came out of the tunnel at the receiver (from the rx counters of node 1's tunnel
-//!          interface, so a receiving iperf3 that cannot keep up does not count: (bytes - 28 *
-//!          packets) / payload, since meshd writes many datagrams as one USO super-packet) and loss %
+//!          interface, so a receiving iperf3 that cannot keep up does not count: (bytes - headers
+//!          * packets) / payload with the IP, UDP and link-layer headers, since meshd writes many
+//!          datagrams as one USO super-packet) and loss %
 //!          against what iperf3 sent. The offered rate (`--udp-rate`): `auto` (default) sweeps
 //!          first, 2 s per step: -b 0, then 0.9 times what -b 0 got through, 1.25 times more
 //!          each step until two steps in a row get less through than the best, the offer passes
@@ -577,8 +578,13 @@ fn bench_path(p: &str, args: &Args, r: &mut PathResult) -> Result<()> {
         }
         other => bail!("unknown path {other}"),
     };
-    // Reachability first.
-    let pr = n0.ping(&target, &PingOpts::count(3).interval(0.05).wait(2))?;
+    // Reachability first: up to 15 s, since a first handshake initiation lost to a peer that was
+    // not listening yet is retried only after WireGuard's 5 s REKEY_TIMEOUT.
+    let mut pr = n0.ping(&target, &PingOpts::count(3).interval(0.05).wait(2))?;
+    let start = std::time::Instant::now();
+    while !pr.any_received() && start.elapsed() < Duration::from_secs(15) {
+        pr = n0.ping(&target, &PingOpts::count(1).wait(1))?;
+    }
     if !pr.any_received() {
         bail!("{target} not reachable over {p}: {}", pr.output);
     }
@@ -772,6 +778,8 @@ struct LinkStats {
     tx_packets: u64,
     tx_bytes: u64,
     tx_dropped: u64,
+    /// Link-layer header bytes counted in the byte counters (14 on Ethernet, 0 on a TUN).
+    l2_header: u64,
 }
 
 /// Datagrams of `payload` bytes in `bytes` bytes that crossed an interface as `packets` packets,
@@ -797,6 +805,11 @@ fn link_stats(ns: &str, ifname: &str) -> Result<LinkStats> {
         rx_bytes: get("rx", "bytes")?,
         tx_packets: get("tx", "packets")?,
         tx_bytes: get("tx", "bytes")?,
+        l2_header: if v[0]["link_type"].as_str() == Some("ether") {
+            14
+        } else {
+            0
+        },
         tx_dropped: get("tx", "dropped")?,
     })
 }
@@ -908,7 +921,7 @@ fn udp_run(
     if seconds <= 0.0 || sent == 0 {
         bail!("iperf3 UDP sent {sent} datagrams in {seconds} s");
     }
-    let headers = if target.contains(':') { 48 } else { 28 };
+    let headers = if target.contains(':') { 48 } else { 28 } + rx0.l2_header;
     let size = u64::from(size);
     Ok(UdpRun {
         run: 0,

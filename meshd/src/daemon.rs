@@ -447,8 +447,16 @@ pub async fn run(mut cfg: Config) -> Result<()> {
     let udp = d.udp.clone();
     // A TSO super-packet (64 KiB) plus its virtio_net_hdr.
     let mut tun_buf = vec![0u8; 65_536 + weft_sys::tun::VNET_HDR_LEN];
-    let mut udp_buf = vec![0u8; 65_600];
-    let gro = d.datapath.gro();
+    // With offloads, up to MMSG_MAX messages per recvmmsg, each maybe a UDP_GRO batch of up
+    // to 64 KiB; without, one datagram per recvfrom.
+    let mut udp_rx = weft_sys::udp_gso::RecvBatch::new(
+        if d.datapath.gro() {
+            weft_sys::udp_gso::MMSG_MAX
+        } else {
+            1
+        },
+        65_600,
+    );
 
     let exit = loop {
         tokio::select! {
@@ -467,15 +475,13 @@ pub async fn run(mut cfg: Config) -> Result<()> {
                 }
                 Err(e) => tracing::warn!(error = %e, "reading the TUN"),
             },
-            r = udp_recv(&udp, &mut udp_buf, gro) => match r {
-                Ok((n, from, seg)) => {
+            r = weft_sys::udp_gso::recv_batch(&udp, &mut udp_rx) => match r {
+                Ok(_) => {
                     let now = Instant::now();
-                    d.datapath.handle_udp_read(&mut d.node, &udp_buf[..n], from, seg, now);
+                    d.datapath.handle_udp_batch(&mut d.node, &udp_rx, now);
                     for _ in 1..BURST {
-                        match udp_try_recv(&udp, &mut udp_buf, gro) {
-                            Ok((n, from, seg)) => {
-                                d.datapath.handle_udp_read(&mut d.node, &udp_buf[..n], from, seg, now)
-                            }
+                        match weft_sys::udp_gso::try_recv_batch(&udp, &mut udp_rx) {
+                            Ok(_) => d.datapath.handle_udp_batch(&mut d.node, &udp_rx, now),
                             Err(_) => break,
                         }
                     }
@@ -1371,31 +1377,5 @@ impl Daemon {
         }
         // Dropping the TUN deletes the interface (and with it any route through it).
         drop(self.tun);
-    }
-}
-
-/// A UDP read: through `recvmsg` with `UDP_GRO` (bytes, sender, segment size) or a plain
-/// `recv_from` (segment size = length).
-async fn udp_recv(
-    udp: &UdpSocket,
-    buf: &mut [u8],
-    gro: bool,
-) -> std::io::Result<(usize, std::net::SocketAddr, usize)> {
-    if gro {
-        weft_sys::udp_gso::recv_gro(udp, buf).await
-    } else {
-        udp.recv_from(buf).await.map(|(n, from)| (n, from, n))
-    }
-}
-
-fn udp_try_recv(
-    udp: &UdpSocket,
-    buf: &mut [u8],
-    gro: bool,
-) -> std::io::Result<(usize, std::net::SocketAddr, usize)> {
-    if gro {
-        weft_sys::udp_gso::try_recv_gro(udp, buf)
-    } else {
-        udp.try_recv_from(buf).map(|(n, from)| (n, from, n))
     }
 }

@@ -39,6 +39,12 @@ pub struct OffloadStatus {
     /// UDP reads that returned more than one datagram, and the datagrams in them.
     pub udp_gro_reads: u64,
     pub udp_gro_datagrams: u64,
+    /// `sendmmsg` calls that sent more than one message, and the messages in them.
+    pub udp_mmsg_sends: u64,
+    pub udp_mmsg_messages: u64,
+    /// `recvmmsg` calls that returned more than one message, and the messages in them.
+    pub udp_mmsg_reads: u64,
+    pub udp_mmsg_read_messages: u64,
 }
 
 fn tun_flags(flags: Option<u32>) -> String {
@@ -119,7 +125,10 @@ pub struct DataPath {
     /// Coalesced frames to write.
     frames: offload::PacketBuf,
     coalescer: offload::Coalescer,
-    batch: GsoBatch,
+    /// GSO batches waiting to go out together in one `sendmmsg` (the first `used`; later
+    /// ones keep their buffers for reuse).
+    batches: Vec<GsoBatch>,
+    used: usize,
     pub status: OffloadStatus,
 }
 
@@ -142,7 +151,8 @@ impl DataPath {
                 tun.offloads()
                     .is_some_and(|f| f & weft_sys::tun::TUN_F_USO4 != 0),
             ),
-            batch: GsoBatch::default(),
+            batches: Vec::new(),
+            used: 0,
             status: OffloadStatus {
                 tun: tun_flags(tun.offloads()),
                 udp_gso: gso,
@@ -179,6 +189,19 @@ impl DataPath {
         }
     }
 
+    /// The messages of one UDP read (see [`DataPath::handle_udp_read`] for each).
+    pub fn handle_udp_batch(&mut self, node: &mut Node, batch: &udp_gso::RecvBatch, now: Instant) {
+        if batch.len() > 1 {
+            self.status.udp_mmsg_reads += 1;
+            self.status.udp_mmsg_read_messages += batch.len() as u64;
+        }
+        for i in 0..batch.len() {
+            if let Some((buf, from, segment)) = batch.get(i) {
+                self.handle_udp_read(node, buf, from, segment, now);
+            }
+        }
+    }
+
     /// One UDP read of `n` bytes from `from`: `segment`-byte datagrams (the last may be
     /// shorter) when `UDP_GRO` coalesced them.
     pub fn handle_udp_read(
@@ -203,17 +226,30 @@ impl DataPath {
         self.status.udp_gro_datagrams += count;
     }
 
-    /// A datagram the node wants sent: joins the batch for `dst` (sent at [`DataPath::finish`]
-    /// or when the next datagram cannot join), or goes out at once without GSO.
+    /// A datagram the node wants sent: joins the last batch for `dst` if it fits, else starts
+    /// a new one (all go out at [`DataPath::finish`], or when [`udp_gso::MMSG_MAX`] batches
+    /// are waiting, in one `sendmmsg`); without GSO it goes out at once. A destination's
+    /// datagrams stay in order: they only ever join its last batch.
     pub async fn transmit(&mut self, udp: &UdpSocket, dst: SocketAddr, payload: &[u8]) {
         if !self.gso {
             send_one(udp, dst, payload).await;
             return;
         }
-        if !self.batch.fits(dst, payload.len()) {
-            self.send_batch(udp).await;
+        let last = (0..self.used)
+            .rev()
+            .find(|&i| self.batches[i].dst == Some(dst));
+        if let Some(i) = last.filter(|&i| self.batches[i].fits(dst, payload.len())) {
+            self.batches[i].push(dst, payload);
+            return;
         }
-        self.batch.push(dst, payload);
+        if self.used == udp_gso::MMSG_MAX {
+            self.send_batches(udp).await;
+        }
+        if self.batches.len() == self.used {
+            self.batches.push(GsoBatch::default());
+        }
+        self.batches[self.used].push(dst, payload);
+        self.used += 1;
     }
 
     /// A decrypted packet for the TUN: written at once, or (with offloads) kept for
@@ -230,7 +266,7 @@ impl DataPath {
     /// Sends what is batched and writes what is waiting for the TUN. `recycle` gets every
     /// packet buffer back once its bytes are written.
     pub async fn finish(&mut self, tun: &Tun, udp: &UdpSocket, mut recycle: impl FnMut(Vec<u8>)) {
-        self.send_batch(udp).await;
+        self.send_batches(udp).await;
         if self.delivers.is_empty() {
             return;
         }
@@ -253,38 +289,70 @@ impl DataPath {
         }
     }
 
-    async fn send_batch(&mut self, udp: &UdpSocket) {
-        let Some(dst) = self.batch.dst else {
-            return;
-        };
-        if self.batch.count == 1 {
-            send_one(udp, dst, &self.batch.buf).await;
-            self.batch.clear();
-            return;
-        }
-        let segment = self.batch.segment;
-        let r = match udp_gso::try_send_gso(udp, &self.batch.buf, segment, dst) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                udp_gso::send_gso(udp, &self.batch.buf, segment, dst).await
+    /// Sends the waiting batches with `sendmmsg` (as many calls as the kernel needs), each
+    /// batch one `UDP_SEGMENT` message. If the path refuses GSO, turns it off and sends the
+    /// datagrams of the refused batch and all later ones one by one.
+    async fn send_batches(&mut self, udp: &UdpSocket) {
+        let used = std::mem::take(&mut self.used);
+        let mut start = 0;
+        while start < used {
+            if !self.gso {
+                let b = &self.batches[start];
+                if let Some(dst) = b.dst {
+                    for d in b.buf.chunks(b.segment.max(1)) {
+                        send_one(udp, dst, d).await;
+                    }
+                }
+                start += 1;
+                continue;
             }
-            r => r,
-        };
-        match r {
-            Ok(_) => {
-                self.status.udp_gso_sends += 1;
-                self.status.udp_gso_datagrams += self.batch.count as u64;
-            }
-            Err(e) if udp_gso::is_gso_unsupported(&e) => {
-                tracing::info!(error = %e, %dst, "UDP GSO refused on this path; sending datagrams one by one from now on");
-                self.gso = false;
-                self.status.udp_gso = false;
-                for d in self.batch.buf.chunks(segment) {
-                    send_one(udp, dst, d).await;
+            let msgs: [udp_gso::SendMsg<'_>; udp_gso::MMSG_MAX] = std::array::from_fn(|i| {
+                let b = self.batches.get(start + i).filter(|_| start + i < used);
+                udp_gso::SendMsg {
+                    dst: b
+                        .and_then(|b| b.dst)
+                        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+                    buf: b.map(|b| b.buf.as_slice()).unwrap_or(&[]),
+                    segment: b.map(|b| b.segment).unwrap_or(0),
+                }
+            });
+            let msgs = &msgs[..(used - start).min(udp_gso::MMSG_MAX)];
+            let r = match udp_gso::try_send_batch(udp, msgs) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    udp_gso::send_batch(udp, msgs).await
+                }
+                r => r,
+            };
+            match r {
+                Ok(sent) => {
+                    let sent = sent.clamp(1, msgs.len());
+                    if sent > 1 {
+                        self.status.udp_mmsg_sends += 1;
+                        self.status.udp_mmsg_messages += sent as u64;
+                    }
+                    for b in &self.batches[start..start + sent] {
+                        if b.count > 1 {
+                            self.status.udp_gso_sends += 1;
+                            self.status.udp_gso_datagrams += b.count as u64;
+                        }
+                    }
+                    start += sent;
+                }
+                Err(e) if udp_gso::is_gso_unsupported(&e) && self.batches[start].count > 1 => {
+                    let dst = msgs[0].dst;
+                    tracing::info!(error = %e, %dst, "UDP GSO refused on this path; sending datagrams one by one from now on");
+                    self.gso = false;
+                    self.status.udp_gso = false;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, dst = %msgs[0].dst, "UDP send");
+                    start += 1;
                 }
             }
-            Err(e) => tracing::debug!(error = %e, %dst, "UDP GSO send"),
         }
-        self.batch.clear();
+        for b in &mut self.batches[..used] {
+            b.clear();
+        }
     }
 }
 

@@ -15,9 +15,10 @@
 //! * [`udp`]: in: a port; out: a dual-stack tokio `UdpSocket` (`[::]:port`, falling back
 //!   to `0.0.0.0:port`) with 4 MiB buffers, plus address canonicalisation helpers
 //!   (`::ffff:a.b.c.d` <-> `a.b.c.d`).
-//! * [`udp_gso`]: in: that socket, a buffer, a segment size and a destination; out: one
-//!   `sendmsg` with `UDP_SEGMENT` (GSO) for many datagrams, and `recvmsg` with `UDP_GRO` that
-//!   returns many datagrams of one flow and their segment size.
+//! * [`udp_gso`]: in: that socket, buffers, segment sizes and destinations; out: `sendmsg` /
+//!   `sendmmsg` with `UDP_SEGMENT` (GSO: many datagrams per message, many messages per call),
+//!   and `recvmsg` / `recvmmsg` with `UDP_GRO` that return many datagrams of one flow per
+//!   message, with their sender and segment size.
 //! * [`sysctl`]: in: a sysctl path and value; out: the value written to `/proc/sys`
 //!   (and [`sysctl::enable_forwarding`]).
 //! * [`netns`]: in: a netns name (`/run/netns/NAME`) or path and a closure; out: the

@@ -1,6 +1,7 @@
-//! UDP segmentation offload on the WireGuard socket: `UDP_SEGMENT` (GSO) sends many
-//! equal-sized datagrams to one destination with one `sendmsg`, and `UDP_GRO` lets the kernel
-//! hand over many datagrams of one flow in one `recvmsg`, with their size in a control message.
+//! UDP segmentation offload and batching on the WireGuard socket: `UDP_SEGMENT` (GSO) sends
+//! many equal-sized datagrams to one destination as one message, `sendmmsg` sends several such
+//! messages per call; `UDP_GRO` lets the kernel hand over many datagrams of one flow as one
+//! message, with their size in a control message, and `recvmmsg` reads several per call.
 //!
 //! In: a tokio `UdpSocket` from [`crate::bind_udp`], buffers, a segment size, a destination.
 //! Out: bytes sent/received, the sender and the segment size of what was received. Each call
@@ -91,22 +92,9 @@ fn recvmsg_gro(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usiz
     let from = unsafe { SockAddr::new(storage.assume_init(), msg.msg_namelen) }
         .as_socket()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "sender is not an IP address"))?;
-    let mut segment = n;
-    // SAFETY: `msg` is the header the kernel just filled in; the CMSG macros walk its control
-    // buffer within `msg_controllen`.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == UDP_GRO {
-                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int);
-                if v > 0 {
-                    segment = v as usize;
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
-    Ok((n, from, segment.min(n.max(1))))
+    // SAFETY: `msg` is the header the kernel just filled in; `cmsg` is still alive.
+    let segment = unsafe { gro_segment(&msg, n) };
+    Ok((n, from, segment))
 }
 
 /// One `sendmsg` of `buf` to `dst`, cut by the kernel into datagrams of `segment` bytes (the
@@ -188,6 +176,246 @@ pub async fn send_gso(
     .await
 }
 
+/// Most messages one [`recv_batch`] or [`send_batch`] moves (`recvmmsg`/`sendmmsg`).
+pub const MMSG_MAX: usize = 8;
+
+/// What one received message held: `len` bytes from `from`, datagrams of `segment` bytes (the
+/// last one may be shorter; `segment == len` when the kernel did not coalesce).
+#[derive(Debug, Clone, Copy)]
+pub struct RecvMeta {
+    pub len: usize,
+    pub from: SocketAddr,
+    pub segment: usize,
+}
+
+/// Reusable buffers for [`recv_batch`]: up to [`MMSG_MAX`] messages per call. With one buffer
+/// it reads with a plain `recvfrom` (no `recvmmsg`, no control messages).
+pub struct RecvBatch {
+    bufs: Vec<Vec<u8>>,
+    meta: Vec<RecvMeta>,
+}
+
+impl std::fmt::Debug for RecvBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvBatch")
+            .field("buffers", &self.bufs.len())
+            .field("received", &self.meta)
+            .finish()
+    }
+}
+
+impl RecvBatch {
+    /// `messages` (1..=[`MMSG_MAX`]) buffers of `size` bytes.
+    pub fn new(messages: usize, size: usize) -> Self {
+        let messages = messages.clamp(1, MMSG_MAX);
+        RecvBatch {
+            bufs: (0..messages).map(|_| vec![0u8; size]).collect(),
+            meta: Vec::with_capacity(messages),
+        }
+    }
+
+    /// Messages the last call received.
+    pub fn len(&self) -> usize {
+        self.meta.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_empty()
+    }
+
+    /// Message `i` of the last call: its bytes, sender and segment size.
+    pub fn get(&self, i: usize) -> Option<(&[u8], SocketAddr, usize)> {
+        let m = self.meta.get(i)?;
+        let buf = self.bufs.get(i)?.get(..m.len)?;
+        Some((buf, m.from, m.segment))
+    }
+}
+
+/// Reads the `UDP_GRO` segment size from a received message's control data (`len` if absent).
+///
+/// # Safety
+/// `msg` must be a header the kernel just filled in, whose control buffer is still alive.
+unsafe fn gro_segment(msg: &libc::msghdr, len: usize) -> usize {
+    let mut segment = len;
+    // SAFETY: the caller guarantees `msg` and its control buffer; the CMSG macros stay within
+    // `msg_controllen`.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == UDP_GRO {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int);
+                if v > 0 {
+                    segment = v as usize;
+                }
+            }
+            c = libc::CMSG_NXTHDR(msg, c);
+        }
+    }
+    segment.min(len.max(1))
+}
+
+fn recvmmsg_gro(fd: RawFd, batch: &mut RecvBatch) -> io::Result<usize> {
+    batch.meta.clear();
+    let n = batch.bufs.len().min(MMSG_MAX);
+    // SAFETY: all-zero is a valid value for these plain C structs.
+    let mut storages: [libc::sockaddr_storage; MMSG_MAX] = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut iovs: [libc::iovec; MMSG_MAX] = unsafe { std::mem::zeroed() };
+    let mut cmsgs: [CmsgBuf; MMSG_MAX] = std::array::from_fn(|_| CmsgBuf([0; 64]));
+    // SAFETY: as above.
+    let mut hdrs: [libc::mmsghdr; MMSG_MAX] = unsafe { std::mem::zeroed() };
+    for i in 0..n {
+        iovs[i] = libc::iovec {
+            iov_base: batch.bufs[i].as_mut_ptr().cast(),
+            iov_len: batch.bufs[i].len(),
+        };
+        let h = &mut hdrs[i].msg_hdr;
+        h.msg_name = (&mut storages[i] as *mut libc::sockaddr_storage).cast();
+        h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        h.msg_iov = &mut iovs[i];
+        h.msg_iovlen = 1;
+        h.msg_control = cmsgs[i].0.as_mut_ptr().cast();
+        h.msg_controllen = cmsgs[i].0.len() as _;
+    }
+    // SAFETY: the first `n` headers point at buffers, addresses and control buffers that live
+    // until the end of this function; the kernel writes within the lengths given.
+    let r = unsafe {
+        libc::recvmmsg(
+            fd,
+            hdrs.as_mut_ptr(),
+            n as libc::c_uint,
+            0,
+            std::ptr::null_mut(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    for i in 0..r as usize {
+        let len = hdrs[i].msg_len as usize;
+        // SAFETY: the kernel wrote `msg_namelen` bytes of a socket address into `storages[i]`.
+        let addr = unsafe { SockAddr::new(storages[i], hdrs[i].msg_hdr.msg_namelen) };
+        let Some(from) = addr.as_socket() else {
+            continue;
+        };
+        // SAFETY: header `i` was just filled in by the kernel; its control buffer is alive.
+        let segment = unsafe { gro_segment(&hdrs[i].msg_hdr, len) };
+        batch.meta.push(RecvMeta { len, from, segment });
+    }
+    Ok(batch.meta.len())
+}
+
+fn recv_plain(sock: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> {
+    batch.meta.clear();
+    let (len, from) = sock.try_recv_from(&mut batch.bufs[0])?;
+    batch.meta.push(RecvMeta {
+        len,
+        from,
+        segment: len,
+    });
+    Ok(1)
+}
+
+/// Receives what is waiting, up to the batch's size: with more than one buffer one `recvmmsg`
+/// (each message may be a `UDP_GRO` batch), else one plain `recvfrom`. Returns the number of
+/// messages, read with [`RecvBatch::get`].
+pub fn try_recv_batch(sock: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> {
+    if batch.bufs.len() == 1 {
+        return recv_plain(sock, batch);
+    }
+    sock.try_io(Interest::READABLE, || recvmmsg_gro(sock.as_raw_fd(), batch))
+}
+
+/// Waits for the socket, then like [`try_recv_batch`].
+pub async fn recv_batch(sock: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> {
+    if batch.bufs.len() == 1 {
+        batch.meta.clear();
+        let (len, from) = sock.recv_from(&mut batch.bufs[0]).await?;
+        batch.meta.push(RecvMeta {
+            len,
+            from,
+            segment: len,
+        });
+        return Ok(1);
+    }
+    sock.async_io(Interest::READABLE, || recvmmsg_gro(sock.as_raw_fd(), batch))
+        .await
+}
+
+/// One message for [`send_batch`]: `buf` to `dst`, cut by the kernel into datagrams of
+/// `segment` bytes when `segment < buf.len()` (`UDP_SEGMENT`).
+#[derive(Debug, Clone, Copy)]
+pub struct SendMsg<'a> {
+    pub dst: SocketAddr,
+    pub buf: &'a [u8],
+    pub segment: usize,
+}
+
+fn sendmmsg_gso(fd: RawFd, msgs: &[SendMsg<'_>]) -> io::Result<usize> {
+    let n = msgs.len().min(MMSG_MAX);
+    if n == 0 {
+        return Ok(0);
+    }
+    let addrs: [Option<SockAddr>; MMSG_MAX] =
+        std::array::from_fn(|i| msgs.get(i).filter(|_| i < n).map(|m| SockAddr::from(m.dst)));
+    // SAFETY: all-zero is a valid value for these plain C structs.
+    let mut iovs: [libc::iovec; MMSG_MAX] = unsafe { std::mem::zeroed() };
+    let mut cmsgs: [CmsgBuf; MMSG_MAX] = std::array::from_fn(|_| CmsgBuf([0; 64]));
+    // SAFETY: as above.
+    let mut hdrs: [libc::mmsghdr; MMSG_MAX] = unsafe { std::mem::zeroed() };
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(size_of::<u16>() as u32) } as usize;
+    for (i, m) in msgs.iter().take(n).enumerate() {
+        let Some(addr) = &addrs[i] else {
+            continue;
+        };
+        iovs[i] = libc::iovec {
+            iov_base: m.buf.as_ptr() as *mut libc::c_void,
+            iov_len: m.buf.len(),
+        };
+        let h = &mut hdrs[i].msg_hdr;
+        h.msg_name = addr.as_ptr() as *mut libc::c_void;
+        h.msg_namelen = addr.len();
+        h.msg_iov = &mut iovs[i];
+        h.msg_iovlen = 1;
+        if m.segment < m.buf.len() {
+            let seg = u16::try_from(m.segment).map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidInput, "GSO segment over 64 KiB")
+            })?;
+            h.msg_control = cmsgs[i].0.as_mut_ptr().cast();
+            h.msg_controllen = space as _;
+            // SAFETY: the control buffer holds 64 > CMSG_SPACE(2) bytes, so the first header
+            // and its data lie inside it.
+            unsafe {
+                let c = libc::CMSG_FIRSTHDR(h);
+                (*c).cmsg_level = libc::SOL_UDP;
+                (*c).cmsg_type = UDP_SEGMENT;
+                (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+                std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, seg);
+            }
+        }
+    }
+    // SAFETY: the first `n` headers point at addresses, buffers and control data that live
+    // until the end of this function.
+    let r = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr(), n as libc::c_uint, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as usize)
+}
+
+/// Sends up to [`MMSG_MAX`] messages with one `sendmmsg`, in order; returns how many went out
+/// (at least one, or an error for the first). The caller sends the rest again.
+pub fn try_send_batch(sock: &UdpSocket, msgs: &[SendMsg<'_>]) -> io::Result<usize> {
+    sock.try_io(Interest::WRITABLE, || sendmmsg_gso(sock.as_raw_fd(), msgs))
+}
+
+/// Waits for the socket, then like [`try_send_batch`].
+pub async fn send_batch(sock: &UdpSocket, msgs: &[SendMsg<'_>]) -> io::Result<usize> {
+    sock.async_io(Interest::WRITABLE, || sendmmsg_gso(sock.as_raw_fd(), msgs))
+        .await
+}
+
 /// Whether a GSO send failed because the path cannot do GSO (`EIO`: no checksum offload on
 /// the egress device; `EINVAL`/`ENOPROTOOPT`: the kernel does not know `UDP_SEGMENT`).
 pub fn is_gso_unsupported(e: &io::Error) -> bool {
@@ -246,6 +474,104 @@ mod tests {
             assert!(d.iter().all(|&b| b == i as u8));
         }
         assert_eq!(got[10], vec![0xEE; 7]);
+    }
+
+    async fn recv_n(s: &UdpSocket, want: usize) -> Vec<Vec<u8>> {
+        let mut d = Vec::new();
+        let mut buf = vec![0u8; 65_536];
+        while d.len() < want {
+            let (n, _) =
+                tokio::time::timeout(std::time::Duration::from_secs(5), s.recv_from(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+            d.push(buf[..n].to_vec());
+        }
+        d
+    }
+
+    /// One `sendmmsg` carries GSO batches to two receivers and a plain datagram; one
+    /// `recvmmsg` then returns messages from two senders.
+    #[tokio::test]
+    async fn sendmmsg_to_two_receivers_and_recvmmsg_from_two_senders() {
+        let rx1 = crate::bind_udp(0).unwrap();
+        let rx2 = crate::bind_udp(0).unwrap();
+        let tx = crate::bind_udp(0).unwrap();
+        let v6 = crate::udp::socket_is_v6(&tx).unwrap();
+        let to = |s: &UdpSocket| {
+            crate::to_socket_family(
+                SocketAddr::from(([127, 0, 0, 1], s.local_addr().unwrap().port())),
+                v6,
+            )
+        };
+        let a = vec![0xAA; 3 * 500];
+        let b = vec![0xBB; 2 * 700 + 10];
+        let c = vec![0xCC; 33];
+        let msgs = [
+            SendMsg {
+                dst: to(&rx1),
+                buf: &a,
+                segment: 500,
+            },
+            SendMsg {
+                dst: to(&rx2),
+                buf: &b,
+                segment: 700,
+            },
+            SendMsg {
+                dst: to(&rx1),
+                buf: &c,
+                segment: 33,
+            },
+        ];
+        let mut sent = 0;
+        while sent < msgs.len() {
+            sent += send_batch(&tx, &msgs[sent..]).await.unwrap();
+        }
+        let d1 = recv_n(&rx1, 4).await;
+        assert_eq!(d1[..3], vec![vec![0xAA; 500]; 3][..]);
+        assert_eq!(d1[3], c);
+        let d2 = recv_n(&rx2, 3).await;
+        assert_eq!(d2[..2], vec![vec![0xBB; 700]; 2][..]);
+        assert_eq!(d2[2], vec![0xBB; 10]);
+
+        // Two senders, one receiver: recvmmsg returns both (one call or a few).
+        let rx = crate::bind_udp(0).unwrap();
+        enable_gro(&rx);
+        let other = crate::bind_udp(0).unwrap();
+        send_gso(&tx, &[1u8; 100], 100, to(&rx)).await.unwrap();
+        send_gso(&other, &[2u8; 200], 200, to(&rx)).await.unwrap();
+        let mut batch = RecvBatch::new(MMSG_MAX, 65_536);
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let n = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                recv_batch(&rx, &mut batch),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+            assert_eq!(n, batch.len());
+            for i in 0..n {
+                let (bytes, from, seg) = batch.get(i).unwrap();
+                assert_eq!(seg, bytes.len());
+                seen.push((crate::canonical(from).port(), bytes.to_vec()));
+            }
+        }
+        seen.sort();
+        let mut want = vec![
+            (tx.local_addr().unwrap().port(), vec![1u8; 100]),
+            (other.local_addr().unwrap().port(), vec![2u8; 200]),
+        ];
+        want.sort();
+        assert_eq!(seen, want);
+
+        // One buffer: plain recvfrom.
+        let mut one = RecvBatch::new(1, 2048);
+        send_gso(&tx, &[3u8; 50], 50, to(&rx)).await.unwrap();
+        assert_eq!(recv_batch(&rx, &mut one).await.unwrap(), 1);
+        assert_eq!(one.get(0).unwrap().0, &[3u8; 50][..]);
+        assert!(one.get(1).is_none());
     }
 
     /// A segment size over 64 KiB is refused before the kernel sees it.

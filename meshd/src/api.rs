@@ -113,7 +113,7 @@ pub fn render(v: &serde_json::Value) -> String {
         out.push_str(&format!(
             "  offload tun {}  udp gso {} gro {}  (tun super-packets {} -> {} packets, \
              coalesced writes {} <- {} packets, gso sends {} <- {} datagrams, gro reads {} -> {} \
-             datagrams)\n",
+             datagrams, sendmmsg {} <- {} messages, recvmmsg {} -> {} messages)\n",
             s(&off["tun"]),
             if off["udpGso"].as_bool() == Some(true) {
                 "on"
@@ -133,6 +133,10 @@ pub fn render(v: &serde_json::Value) -> String {
             n("udpGsoDatagrams"),
             n("udpGroReads"),
             n("udpGroDatagrams"),
+            n("udpMmsgSends"),
+            n("udpMmsgMessages"),
+            n("udpMmsgReads"),
+            n("udpMmsgReadMessages"),
         ));
     }
     let rot = &v["rotation"];

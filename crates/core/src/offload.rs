@@ -651,17 +651,12 @@ struct TcpSeg {
     eligible: bool,
 }
 
-/// Parses a TCP packet with exact length fields; `None` for anything else (and for IPv4
-/// fragments and IPv6 extension headers).
-fn parse_tcp_seg(p: &[u8], verify: bool) -> Option<TcpSeg> {
-    let ip = parse_ip(p).ok()?;
-    if ip.proto != PROTO_TCP {
-        return None;
-    }
-    let thl = parse_tcp_len(p, &ip).ok()?;
+/// The flow of a TCP or UDP packet (addresses, ports, protocol) whose IP layer is `ip` and
+/// whose first 4 transport bytes (the ports) are present.
+fn flow_key(p: &[u8], ip: &Ip) -> FlowKey {
     let mut key = FlowKey {
         v6: ip.v6,
-        proto: PROTO_TCP,
+        proto: ip.proto,
         src: [0; 16],
         dst: [0; 16],
         sport: be16(p, ip.hl),
@@ -674,6 +669,18 @@ fn parse_tcp_seg(p: &[u8], verify: bool) -> Option<TcpSeg> {
         key.src[..4].copy_from_slice(&p[12..16]);
         key.dst[..4].copy_from_slice(&p[16..20]);
     }
+    key
+}
+
+/// Parses a TCP packet with exact length fields; `None` for anything else (and for IPv4
+/// fragments and IPv6 extension headers).
+fn parse_tcp_seg(p: &[u8], verify: bool) -> Option<TcpSeg> {
+    let ip = parse_ip(p).ok()?;
+    if ip.proto != PROTO_TCP {
+        return None;
+    }
+    let thl = parse_tcp_len(p, &ip).ok()?;
+    let key = flow_key(p, &ip);
     let l4_len = p.len() - ip.hl;
     let eligible = (ip.v6 || (ip.hl == 20 && checksum(&p[..20], 0) == 0xffff))
         && (!verify
@@ -700,21 +707,7 @@ fn parse_udp_seg(p: &[u8], verify: bool) -> Option<TcpSeg> {
     if usize::from(be16(p, ip.hl + 4)) != l4_len {
         return None;
     }
-    let mut key = FlowKey {
-        v6: ip.v6,
-        proto: PROTO_UDP,
-        src: [0; 16],
-        dst: [0; 16],
-        sport: be16(p, ip.hl),
-        dport: be16(p, ip.hl + 2),
-    };
-    if ip.v6 {
-        key.src.copy_from_slice(&p[8..24]);
-        key.dst.copy_from_slice(&p[24..40]);
-    } else {
-        key.src[..4].copy_from_slice(&p[12..16]);
-        key.dst[..4].copy_from_slice(&p[16..20]);
-    }
+    let key = flow_key(p, &ip);
     let eligible = be16(p, ip.hl + UDP_CSUM_OFFSET) != 0
         && (ip.v6 || (ip.hl == 20 && checksum(&p[..20], 0) == 0xffff))
         && (!verify

@@ -162,7 +162,7 @@ impl DataPath {
         }
     }
 
-    /// Whether UDP reads go through `recvmsg` with `UDP_GRO`.
+    /// Whether UDP reads go through `recvmmsg` with `UDP_GRO` (else one `recvfrom` each).
     pub fn gro(&self) -> bool {
         self.gro
     }

@@ -137,30 +137,10 @@ fn sendmsg_gso(fd: RawFd, buf: &[u8], segment: usize, dst: SocketAddr) -> io::Re
     Ok(n as usize)
 }
 
-/// Like `UdpSocket::try_recv_from`, with `UDP_GRO`: `(bytes, sender, segment size)`.
-pub fn try_recv_gro(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
-    sock.try_io(Interest::READABLE, || recvmsg_gro(sock.as_raw_fd(), buf))
-}
-
 /// Like `UdpSocket::recv_from`, with `UDP_GRO`: `(bytes, sender, segment size)`.
 pub async fn recv_gro(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, usize)> {
     sock.async_io(Interest::READABLE, || recvmsg_gro(sock.as_raw_fd(), buf))
         .await
-}
-
-/// Like `UdpSocket::try_send_to`, with `UDP_SEGMENT` when `segment < buf.len()`.
-///
-/// `EIO` means the egress device cannot checksum GSO datagrams: the caller should stop using
-/// GSO and send the datagrams one by one (what [`is_gso_unsupported`] tells).
-pub fn try_send_gso(
-    sock: &UdpSocket,
-    buf: &[u8],
-    segment: usize,
-    dst: SocketAddr,
-) -> io::Result<usize> {
-    sock.try_io(Interest::WRITABLE, || {
-        sendmsg_gso(sock.as_raw_fd(), buf, segment, dst)
-    })
 }
 
 /// Like `UdpSocket::send_to`, with `UDP_SEGMENT` when `segment < buf.len()`.

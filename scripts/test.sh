@@ -50,11 +50,12 @@ CARGO_TARGET_DIR="$PWD/target" cargo test --manifest-path tests/vclock/Cargo.tom
 step "netns end-to-end tests (serial; meshd with its default --offload on)"
 cargo test -p weft-tests -- --test-threads=1
 
-# The data-path tests again on the plain path (one packet per system call, no virtio_net_hdr):
-# meshd reads WEFT_OFFLOAD from the environment the harness passes on. The control-plane files
-# (rotation, etcd*) do not depend on the data path and are not repeated, to keep CI short.
-step "netns data-path tests again with WEFT_OFFLOAD=off (serial)"
-WEFT_OFFLOAD=off cargo test -p weft-tests --test mesh --test cni --test external --test revoke \
-    -- --test-threads=1
+# The data-path tests again on the plain path (one packet per system call, no virtio_net_hdr)
+# and with one data-path worker (the first run uses --workers auto, one per CPU): meshd reads
+# WEFT_OFFLOAD and WEFT_WORKERS from the environment the harness passes on. The control-plane
+# files (rotation, etcd*) do not depend on the data path and are not repeated, to keep CI short.
+step "netns data-path tests again with WEFT_OFFLOAD=off WEFT_WORKERS=1 (serial)"
+WEFT_OFFLOAD=off WEFT_WORKERS=1 cargo test -p weft-tests --test mesh --test cni --test external \
+    --test revoke -- --test-threads=1
 
 step "all tests passed in $(( $(date +%s) - start ))s"

@@ -45,8 +45,10 @@ pub struct Status {
     /// External peer records (`peers/NAME`) refused, with the reason.
     pub refused_external_peers: BTreeMap<String, String>,
     pub drops: BTreeMap<&'static str, u64>,
-    /// The data path's offloads and what they did.
+    /// The data path's offloads and what they did (all workers together).
     pub offload: crate::datapath::OffloadStatus,
+    /// What each data-path worker did.
+    pub workers: Vec<crate::worker::WorkerStatus>,
 }
 
 /// Sends one request and returns the reply text.
@@ -138,6 +140,22 @@ pub fn render(v: &serde_json::Value) -> String {
             n("udpMmsgReads"),
             n("udpMmsgReadMessages"),
         ));
+    }
+    if let Some(ws) = v["workers"].as_array() {
+        let each: Vec<String> = ws
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let n = |k: &str| w[k].as_u64().unwrap_or(0);
+                format!(
+                    "{i}: tun {} udp {} switches {}",
+                    n("tunPackets"),
+                    n("udpDatagrams"),
+                    n("shardSwitches")
+                )
+            })
+            .collect();
+        out.push_str(&format!("  workers {}  ({})\n", ws.len(), each.join(", ")));
     }
     let rot = &v["rotation"];
     if let Some(phase) = rot["phase"].as_str().filter(|p| *p != "idle") {

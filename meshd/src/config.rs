@@ -80,6 +80,11 @@ pub struct RunArgs {
     /// kernel lacks it) or `off` (one plain packet per read and write).
     #[arg(long, env = "WEFT_OFFLOAD", default_value = "on")]
     pub offload: String,
+    /// Data-path workers: `auto` (one per CPU meshd may run on, at most 16) or a number from 1
+    /// to 64. Each worker is a thread with its own TUN queue (`IFF_MULTI_QUEUE`) and UDP socket
+    /// (`SO_REUSEPORT`); every peer's encryption state lives in one worker's shard.
+    #[arg(long, env = "WEFT_WORKERS", default_value = "auto")]
+    pub workers: String,
     /// Log format: text or json.
     #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -152,6 +157,29 @@ pub struct Config {
     pub cluster_secret: Option<SecretFile>,
     /// `--offload on`.
     pub offload: bool,
+    /// `--workers`, resolved (`auto` becomes the CPU count).
+    pub workers: u16,
+}
+
+/// Most workers `--workers auto` picks.
+pub const AUTO_WORKERS_MAX: usize = 16;
+/// Most workers `--workers N` accepts.
+pub const WORKERS_MAX: u16 = 64;
+
+/// `--workers`: `auto` (the CPUs this process may run on, at most [`AUTO_WORKERS_MAX`]) or
+/// 1..=[`WORKERS_MAX`].
+pub fn parse_workers(v: &str) -> Result<u16, String> {
+    match v.trim() {
+        "auto" => Ok(std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, AUTO_WORKERS_MAX) as u16),
+        n => match n.parse::<u16>() {
+            Ok(w) if (1..=WORKERS_MAX).contains(&w) => Ok(w),
+            _ => Err(format!(
+                "{n:?}: use auto or a number from 1 to {WORKERS_MAX}"
+            )),
+        },
+    }
 }
 
 /// The cluster secret and the file it came from. Configs compare equal by path only, and
@@ -514,7 +542,9 @@ impl RunArgs {
             "off" => false,
             other => return Err(bad("offload", format!("{other:?}: use on or off"))),
         };
+        let workers = parse_workers(&self.workers).map_err(|e| bad("workers", e))?;
         Ok(Config {
+            workers,
             key_max_age,
             cluster_secret,
             offload,
@@ -645,6 +675,9 @@ mod tests {
             ),
             (&["--cluster-secret-file", "/tmp"], "cluster-secret-file"),
             (&["--offload", "maybe"], "offload"),
+            (&["--workers", "0"], "workers"),
+            (&["--workers", "65"], "workers"),
+            (&["--workers", "many"], "workers"),
         ];
         for (args, flag) in cases {
             let e = parse(args).expect_err("should fail");

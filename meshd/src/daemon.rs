@@ -1,13 +1,15 @@
-//! `meshd run`: sets up the node (fail-closed routes first), then one event loop drives the
-//! sans-IO `weft_core::node::Node` with packets from the TUN and the UDP socket, timer ticks,
+//! `meshd run`: sets up the node (fail-closed routes first), starts the data-path workers (one
+//! thread each, with its own TUN queue and UDP socket, see [`crate::worker`]) over the node's
+//! shards ([`crate::shards`]), then one control event loop drives the shards with timer ticks,
 //! registry events (node records, external peers, revocations, rotation requests) and API
-//! requests, and carries out what it asks for.
+//! requests, and sends what those ask for (handshakes, keepalives).
 
 use crate::api::{NodeInfo, Status};
 use crate::config::Config;
-use crate::datapath::DataPath;
 use crate::keyfile;
 use crate::revocations::{self, Revocations};
+use crate::shards::Shards;
+use crate::worker::{Worker, WorkerStatus};
 use anyhow::{Context, Result};
 use ipnet::IpNet;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -15,26 +17,20 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UdpSocket, UnixListener};
+use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use weft_core::control::{
     filter_revoked, filter_revoked_external, PskGeneration, Revocation, PSK_OBJECT,
 };
 use weft_core::external::ExternalPeer;
-use weft_core::node::{Node, Output};
+use weft_core::node::Output;
 use weft_core::reconcile::{desired_peer_set, plan};
 use weft_core::record::{mesh_address, NodeRecord, SCHEMA_VERSION};
 use weft_registry::{Connectivity, Event, Object, Registry};
 use weft_sys::{Netlink, Route, RouteKind, Tun, DEV_ROUTE_METRIC};
 
 const TICK: Duration = Duration::from_millis(250);
-/// Reads per wake-up before outputs are flushed.
-const BURST: usize = 64;
-/// Packets (segments of TUN super-packets, datagrams of UDP GRO batches) per wake-up before
-/// outputs are flushed: bounds the outputs queued at once (and so memory and latency) when
-/// every read brings many.
-const BURST_PACKETS: usize = 1024;
 
 enum ApiRequest {
     Status(oneshot::Sender<String>),
@@ -44,16 +40,31 @@ enum ApiRequest {
 enum Exit {
     Stop,
     Leave(oneshot::Sender<String>),
+    /// A data-path worker ended (index, why): meshd stops and exits with an error.
+    WorkerEnded(u16, String),
+}
+
+/// The data-path worker threads.
+struct Workers {
+    status: Vec<Arc<std::sync::Mutex<WorkerStatus>>>,
+    stop: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 struct Daemon {
     cfg: Config,
-    node: Node,
+    /// The node's state, one shard per data-path worker.
+    shards: Arc<Shards>,
     own: NodeRecord,
     mtu: u32,
-    tun: Arc<Tun>,
-    udp: Arc<UdpSocket>,
+    /// The TUN interface's name (its queues belong to the workers).
+    ifname: String,
+    /// A handle on worker 0's UDP socket for what the control loop sends (handshakes and
+    /// keepalives its calls produce); never read from here.
+    control_udp: std::net::UdpSocket,
     udp_v6: bool,
+    /// Outputs taken from the shards by the control loop.
+    control_outs: Vec<Output>,
     nl: Netlink,
     registry: Arc<dyn Registry>,
     records: BTreeMap<String, NodeRecord>,
@@ -87,8 +98,8 @@ struct Daemon {
     self_revoked: Option<String>,
     /// This node's link health report (`health/NAME`) and its writer.
     health: Health,
-    /// Packet I/O with the kernel's offloads (TSO/USO, GRO, UDP GSO/GRO) and its counters.
-    datapath: DataPath,
+    /// The data-path workers.
+    workers: Workers,
 }
 
 /// The link health report last written, when, and the task writing one.
@@ -303,13 +314,18 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         }
     };
 
-    let tun = if cfg.offload {
-        Tun::create_offload(&cfg.interface)
-    } else {
-        Tun::create(&cfg.interface)
+    let queues = match Tun::open_queues(&cfg.interface, usize::from(cfg.workers), cfg.offload) {
+        Err(e) if cfg.workers > 1 && e.is_multi_queue_unsupported() => {
+            tracing::warn!(error = %e, "no multi-queue TUN here; one data-path worker");
+            Tun::open_queues(&cfg.interface, 1, cfg.offload)
+        }
+        r => r,
     }
     .context("creating the TUN device")?;
-    let ifname = tun.name().to_string();
+    let ifname = queues
+        .first()
+        .map(|q| q.name().to_string())
+        .context("the TUN device has no queue")?;
     nl.set_mtu(&ifname, mtu)
         .await
         .context("setting the TUN MTU")?;
@@ -322,11 +338,14 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         }
     }
     nl.link_up(&ifname).await.context("bringing the TUN up")?;
-    let udp = weft_sys::bind_udp(cfg.listen_port)
+    let sockets = weft_sys::udp::bind_udp_group(cfg.listen_port, queues.len())
         .with_context(|| format!("binding UDP port {}", cfg.listen_port))?;
-    let udp_v6 = weft_sys::udp::socket_is_v6(&udp).unwrap_or(false);
-    let datapath = DataPath::new(&tun, &udp, cfg.offload);
-    tracing::info!(offload = ?datapath.status, "data path offloads");
+    let control_udp = sockets
+        .first()
+        .context("no UDP socket")?
+        .try_clone()
+        .context("sharing the UDP socket with the control loop")?;
+    let udp_v6 = control_udp.local_addr().is_ok_and(|a| a.is_ipv6());
 
     write_node_file(&cfg, mtu)?;
     let listener = bind_api(&cfg.api_socket)?;
@@ -346,9 +365,10 @@ pub async fn run(mut cfg: Config) -> Result<()> {
     let (rev_tx, mut rev_rx) = mpsc::channel(64);
     tokio::spawn(revocations::watch::<Revocation>(registry.clone(), rev_tx));
 
-    let mut node = Node::new(key, cfg.persistent_keepalive);
+    let shards = Shards::new(key, cfg.persistent_keepalive, queues.len() as u16)
+        .context("setting up the node's shards")?;
     if let (Some(sf), Some(g)) = (&cfg.cluster_secret, psk_generation) {
-        node.set_cluster_secret(sf.secret.clone(), g);
+        shards.set_cluster_secret(&sf.secret, g);
         tracing::info!(file = %sf.path.display(), generation = g, "cluster PSK on");
     }
     let (psk_tx, mut psk_rx) = mpsc::channel(16);
@@ -371,7 +391,8 @@ pub async fn run(mut cfg: Config) -> Result<()> {
     match keyfile::load_next(&cfg.state_dir)? {
         Some(next) if next.public_key() != own.public_key => {
             let next_pub = next.public_key();
-            node.set_next_key(next)
+            shards
+                .set_next_key(&next)
                 .context("resuming the key rotation")?;
             own.next_public_key = Some(next_pub);
             rotation.announce(next_pub, "resumed after a restart", Instant::now());
@@ -380,14 +401,47 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         Some(_) => keyfile::remove_next(&cfg.state_dir),
         None => {}
     }
+    // The workers start now; until the first reconcile their shards have no peers, so they
+    // only count what they read and drop it.
+    let (stop, stop_rx) = watch::channel(false);
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let mut workers = Workers {
+        status: Vec::new(),
+        stop,
+        threads: Vec::new(),
+    };
+    for (i, (tun, udp)) in queues.into_iter().zip(sockets).enumerate() {
+        let status = Arc::new(std::sync::Mutex::new(WorkerStatus::default()));
+        workers.status.push(status.clone());
+        let w = Worker {
+            index: i as u16,
+            tun,
+            udp,
+            shards: shards.clone(),
+            offload: cfg.offload,
+            mtu: mtu as usize,
+            udp_v6,
+            status,
+            stop: stop_rx.clone(),
+        };
+        match crate::worker::spawn(w, done_tx.clone()) {
+            Ok(t) => workers.threads.push(t),
+            Err(e) => {
+                let _ = workers.stop.send(true);
+                return Err(e).context("starting a data-path worker");
+            }
+        }
+    }
+    drop(done_tx);
     let mut d = Daemon {
         cfg,
-        node,
+        shards,
         own,
         mtu,
-        tun: Arc::new(tun),
-        udp: Arc::new(udp),
+        ifname: ifname.clone(),
+        control_udp,
         udp_v6,
+        control_outs: Vec::new(),
         nl,
         registry,
         records: BTreeMap::new(),
@@ -410,7 +464,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         revocations_cached: String::new(),
         self_revoked: None,
         health: Health::default(),
-        datapath,
+        workers,
     };
     d.check_self_revoked();
     if !cached.is_empty() {
@@ -447,63 +501,12 @@ pub async fn run(mut cfg: Config) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let tun = d.tun.clone();
-    let udp = d.udp.clone();
-    // A TSO super-packet (64 KiB) plus its virtio_net_hdr.
-    let mut tun_buf = vec![0u8; 65_536 + weft_sys::tun::VNET_HDR_LEN];
-    // With offloads, up to MMSG_MAX messages per recvmmsg, each maybe a UDP_GRO batch of up
-    // to 64 KiB; without, one datagram per recvfrom.
-    let mut udp_rx = weft_sys::udp_gso::RecvBatch::new(
-        if d.datapath.gro() {
-            weft_sys::udp_gso::MMSG_MAX
-        } else {
-            1
-        },
-        65_600,
-    );
-
     let exit = loop {
         tokio::select! {
-            r = tun.recv(&mut tun_buf) => match r {
-                Ok(n) => {
-                    let now = Instant::now();
-                    let mut packets = d.tun_read(&tun_buf[..n], now);
-                    // Drain the burst that is already waiting before going back to select.
-                    for _ in 1..BURST {
-                        if packets >= BURST_PACKETS {
-                            break;
-                        }
-                        match tun.try_recv(&mut tun_buf) {
-                            Ok(n) => packets += d.tun_read(&tun_buf[..n], now),
-                            Err(_) => break,
-                        }
-                    }
-                    d.flush().await;
-                }
-                Err(e) => tracing::warn!(error = %e, "reading the TUN"),
-            },
-            r = weft_sys::udp_gso::recv_batch(&udp, &mut udp_rx) => match r {
-                Ok(_) => {
-                    let now = Instant::now();
-                    let mut packets = d.datapath.handle_udp_batch(&mut d.node, &udp_rx, now);
-                    for _ in 1..BURST {
-                        if packets >= BURST_PACKETS {
-                            break;
-                        }
-                        match weft_sys::udp_gso::try_recv_batch(&udp, &mut udp_rx) {
-                            Ok(_) => {
-                                packets += d.datapath.handle_udp_batch(&mut d.node, &udp_rx, now)
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    d.flush().await;
-                }
-                Err(e) => tracing::debug!(error = %e, "reading the UDP socket"),
-            },
+            Some((index, why)) = done_rx.recv() => break Exit::WorkerEnded(index, why),
             _ = tick.tick() => {
-                d.node.handle_timeout(Instant::now());
-                d.flush().await;
+                d.shards.handle_timeout(Instant::now());
+                d.flush();
                 d.save_peer_cache(false);
                 d.drive_rotation().await;
                 d.report_health();
@@ -594,8 +597,18 @@ pub async fn run(mut cfg: Config) -> Result<()> {
             _ = sigint.recv() => break Exit::Stop,
         }
     };
+    let failed = match &exit {
+        Exit::WorkerEnded(index, why) => Some(format!("data-path worker {index} ended: {why}")),
+        _ => None,
+    };
+    if let Some(f) = &failed {
+        tracing::error!("{f}; stopping");
+    }
     d.shutdown(exit).await;
-    Ok(())
+    match failed {
+        Some(f) => Err(anyhow::anyhow!(f)),
+        None => Ok(()),
+    }
 }
 
 /// `STATE_DIR/node.json`: what the CNI plugin needs to know about this node (pod CIDRs, cluster
@@ -805,7 +818,7 @@ impl Daemon {
         self.health.checked = Some(now);
         let report = weft_core::health::HealthReport::from_status(
             &self.own.name,
-            &self.node.peer_status(),
+            &self.shards.peer_status(),
             unix_now(),
             HEALTH_INTERVAL.as_secs(),
         );
@@ -838,13 +851,13 @@ impl Daemon {
     /// it when they see the record. An older generation (a deleted or rewritten object) is
     /// ignored: generations only go up.
     fn set_psk_generation(&mut self, generation: u64) {
-        let Some(current) = self.node.psk_generation() else {
+        let Some(current) = self.shards.psk_generation() else {
             return;
         };
         if generation <= current {
             return;
         }
-        self.node.set_psk_generation(generation);
+        self.shards.set_psk_generation(generation);
         self.own.psk_generation = Some(generation);
         self.spawn_publish();
     }
@@ -863,7 +876,7 @@ impl Daemon {
             }
         };
         let public = key.public_key();
-        if let Err(e) = self.node.set_next_key(key) {
+        if let Err(e) = self.shards.set_next_key(&key) {
             tracing::error!(error = %e, "cannot use the next key; not rotating");
             keyfile::remove_next(&self.cfg.state_dir);
             return;
@@ -920,13 +933,13 @@ impl Daemon {
         let announced = self.records.get(&self.own.name).is_some_and(|r| {
             r.next_public_key.is_some() && r.next_public_key == self.rotation.next
         });
-        let progress = self.node.rotation_progress();
+        let progress = self.shards.rotation_progress();
         match self.rotation.poll(Instant::now(), announced, &progress) {
             Step::Nothing => {}
             Step::Initiate => {
                 tracing::info!("handshaking with every peer on the next key");
-                self.node.initiate_next();
-                self.flush().await;
+                self.shards.initiate_next();
+                self.flush();
             }
             Step::Retire { not_moved } => {
                 if !not_moved.is_empty() && !announced {
@@ -947,14 +960,15 @@ impl Daemon {
 
     /// The last step of a rotation: the next key becomes this node's key, on disk first.
     fn retire_old_key(&mut self) {
-        let Some(next) = self.node.next_key() else {
+        let Some(next) = self.shards.next_key() else {
             return;
         };
         if let Err(e) = keyfile::promote_next(&self.cfg.state_dir) {
             tracing::error!(error = %format!("{e:#}"), "cannot store the new key; keeping the old one");
             return;
         }
-        self.node.promote_next_key();
+        self.shards.promote_next_key();
+        self.flush();
         let secs = self
             .rotation
             .started
@@ -1176,14 +1190,15 @@ impl Daemon {
             "refusing external peer record",
         );
         self.refused_external = refused_external;
-        let cmds = plan(&desired, self.node.peer_configs());
+        let current = self.shards.peer_configs();
+        let cmds = plan(&desired, current.iter());
         for cmd in cmds {
             tracing::debug!(?cmd, "reconcile");
-            if let Err(e) = self.node.apply(cmd) {
+            if let Err(e) = self.shards.apply(cmd) {
                 tracing::warn!(error = %e, "peer change refused");
             }
         }
-        self.flush().await;
+        self.flush();
         self.sync_routes().await;
     }
 
@@ -1196,10 +1211,11 @@ impl Daemon {
     }
 
     async fn sync_routes(&mut self) {
-        let ifname = self.tun.name().to_string();
+        let ifname = self.ifname.clone();
+        let configs = self.shards.peer_configs();
         // Each wanted route with the peer it belongs to.
         let mut want: HashMap<Route, &str> = HashMap::new();
-        for p in self.node.peer_configs() {
+        for p in &configs {
             for net in &p.allowed_ips {
                 let route = Route {
                     dst: *net,
@@ -1253,44 +1269,38 @@ impl Daemon {
         }
     }
 
-    /// One read from the TUN (a packet, or a super-packet behind its `virtio_net_hdr`).
-    fn tun_read(&mut self, frame: &[u8], now: Instant) -> usize {
-        self.datapath
-            .handle_tun_read(&mut self.node, frame, self.mtu as usize, now)
-    }
-
-    /// Carries out everything the node asked for: datagrams to one peer go out in GSO
-    /// batches, decrypted packets are coalesced before they are written to the TUN.
-    async fn flush(&mut self) {
-        while let Some(o) = self.node.poll_output() {
+    /// Sends what the control loop's calls asked for (handshakes, keepalives, packets that
+    /// waited for a session) through worker 0's socket. A full socket buffer drops the datagram;
+    /// the timers send handshakes and keepalives again.
+    fn flush(&mut self) {
+        self.shards.drain_outputs(&mut self.control_outs);
+        for o in self.control_outs.drain(..) {
             match o {
                 Output::Transmit { dst, payload } => {
                     let to = weft_sys::to_socket_family(dst, self.udp_v6);
-                    self.datapath.transmit(&self.udp, to, &payload).await;
-                    self.node.recycle(payload);
-                }
-                Output::Deliver(p) => {
-                    if let Some(p) = self.datapath.deliver(&self.tun, p).await {
-                        self.node.recycle(p);
+                    if let Err(e) = self.control_udp.send_to(&payload, to) {
+                        tracing::debug!(error = %e, dst = %to, "UDP send");
                     }
+                }
+                // Only datagrams read by a worker decrypt into packets, and the worker takes
+                // those under the shard's lock.
+                Output::Deliver(_) => {
+                    tracing::debug!("control loop got a decrypted packet; dropped")
                 }
             }
         }
-        let node = &mut self.node;
-        self.datapath
-            .finish(&self.tun, &self.udp, |b| node.recycle(b))
-            .await;
     }
 
     fn status_json(&self) -> String {
+        let (workers, offload) = crate::worker::merged(&self.workers.status);
         let st = Status {
             node: NodeInfo {
                 name: self.own.name.clone(),
                 public_key: self.own.public_key.to_base64(),
                 key_generation: self.own.key_generation,
-                psk_generation: self.node.psk_generation(),
+                psk_generation: self.shards.psk_generation(),
                 listen_port: self.cfg.listen_port,
-                interface: self.tun.name().to_string(),
+                interface: self.ifname.clone(),
                 mtu: self.mtu,
                 endpoints: self.own.endpoints.iter().map(|e| e.to_string()).collect(),
                 mesh_addresses: self
@@ -1313,16 +1323,17 @@ impl Daemon {
                 .lock()
                 .map(|s| s.clone())
                 .unwrap_or_default(),
-            rotation: self.rotation.status(&self.node.rotation_progress()),
+            rotation: self.rotation.status(&self.shards.rotation_progress()),
             pod_cidr_claim: self
                 .claim_state
                 .as_ref()
                 .and_then(|s| s.lock().ok().map(|g| g.clone())),
-            peers: self.node.peer_status(),
+            peers: self.shards.peer_status(),
             refused_records: self.refused.clone(),
             refused_external_peers: self.refused_external.clone(),
-            drops: self.node.drops().by_name(),
-            offload: self.datapath.status.clone(),
+            drops: self.shards.drops().by_name(),
+            offload,
+            workers,
         };
         serde_json::to_string(&st).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }
@@ -1336,7 +1347,7 @@ impl Daemon {
         }
         let _ = std::fs::remove_file(&self.cfg.api_socket);
         match exit {
-            Exit::Stop => {
+            Exit::Stop | Exit::WorkerEnded(..) => {
                 self.save_peer_cache(true);
                 // The record stays so a restart is seamless; the unreachable routes stay so
                 // nothing leaks while meshd is away.
@@ -1387,7 +1398,13 @@ impl Daemon {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        // Dropping the TUN deletes the interface (and with it any route through it).
-        drop(self.tun);
+        // The workers own the TUN queues: once the last one is closed the interface (and with
+        // it any route through it) is gone.
+        let _ = self.workers.stop.send(true);
+        for t in self.workers.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("a data-path worker panicked");
+            }
+        }
     }
 }

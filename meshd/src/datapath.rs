@@ -7,9 +7,10 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use crate::shards::Shards;
 use serde::Serialize;
 use tokio::net::UdpSocket;
-use weft_core::node::Node;
+use weft_core::node::{Dispatch, Node, Output};
 use weft_core::offload;
 use weft_sys::udp_gso;
 use weft_sys::Tun;
@@ -45,6 +46,49 @@ pub struct OffloadStatus {
     /// `recvmmsg` calls that returned more than one message, and the messages in them.
     pub udp_mmsg_reads: u64,
     pub udp_mmsg_read_messages: u64,
+}
+
+/// Applies `$m!(field)` to every counter of [`OffloadStatus`].
+macro_rules! offload_counters {
+    ($m:ident) => {
+        $m!(tun_super_packets);
+        $m!(tun_super_segments);
+        $m!(tun_refused);
+        $m!(tun_coalesced_writes);
+        $m!(tun_coalesced_packets);
+        $m!(udp_gso_sends);
+        $m!(udp_gso_datagrams);
+        $m!(udp_gro_reads);
+        $m!(udp_gro_datagrams);
+        $m!(udp_mmsg_sends);
+        $m!(udp_mmsg_messages);
+        $m!(udp_mmsg_reads);
+        $m!(udp_mmsg_read_messages);
+    };
+}
+
+impl OffloadStatus {
+    /// Takes `o`'s counters and GSO state (not the TUN flags, which never change).
+    pub fn copy_counters(&mut self, o: &OffloadStatus) {
+        macro_rules! copy {
+            ($f:ident) => {
+                self.$f = o.$f;
+            };
+        }
+        offload_counters!(copy);
+        self.udp_gso = o.udp_gso;
+    }
+
+    /// Adds `o`'s counters to these (GSO counts as on only while both have it).
+    pub fn add_counters(&mut self, o: &OffloadStatus) {
+        macro_rules! add {
+            ($f:ident) => {
+                self.$f += o.$f;
+            };
+        }
+        offload_counters!(add);
+        self.udp_gso &= o.udp_gso;
+    }
 }
 
 fn tun_flags(flags: Option<u32>) -> String {
@@ -129,6 +173,14 @@ pub struct DataPath {
     /// ones keep their buffers for reuse).
     batches: Vec<GsoBatch>,
     used: usize,
+    /// What the shards asked for, taken under their locks, carried out at [`DataPath::flush`].
+    outs: Vec<Output>,
+    /// Packet buffers done with, handed back to the next shard locked.
+    spare: Vec<Vec<u8>>,
+    /// The shard locked last (tried first for the next packet).
+    shard: u16,
+    /// Times a packet had to go to another shard than the one locked.
+    pub shard_switches: u64,
     pub status: OffloadStatus,
 }
 
@@ -153,6 +205,10 @@ impl DataPath {
             ),
             batches: Vec::new(),
             used: 0,
+            outs: Vec::new(),
+            spare: Vec::new(),
+            shard: 0,
+            shard_switches: 0,
             status: OffloadStatus {
                 tun: tun_flags(tun.offloads()),
                 udp_gso: gso,
@@ -162,23 +218,28 @@ impl DataPath {
         }
     }
 
+    /// Starts with shard `i` (a worker's own).
+    pub fn start_at(&mut self, i: u16) {
+        self.shard = i;
+    }
+
     /// Whether UDP reads go through `recvmmsg` with `UDP_GRO` (else one `recvfrom` each).
     pub fn gro(&self) -> bool {
         self.gro
     }
 
     /// One read from the TUN: a plain packet, or (with offloads) a `virtio_net_hdr` and a packet
-    /// that may be a TSO/USO super-packet, cut into packets of at most `mtu` bytes first.
-    /// Returns the number of packets handed to the node.
+    /// that may be a TSO/USO super-packet, cut into packets of at most `mtu` bytes first. Each
+    /// packet is encrypted in the shard that owns its peer. Returns the number of packets.
     pub fn handle_tun_read(
         &mut self,
-        node: &mut Node,
+        shards: &Shards,
         frame: &[u8],
         mtu: usize,
         now: Instant,
     ) -> usize {
         if !self.vnet_hdr {
-            node.handle_tun(frame, now);
+            self.dispatch(shards, 1, |node, _| node.handle_tun(frame, now));
             return 1;
         }
         self.segments.clear();
@@ -187,21 +248,25 @@ impl DataPath {
             tracing::debug!(error = %e, "TUN packet refused by segmentation");
             return 1;
         }
-        if self.segments.len() > 1 {
+        let n = self.segments.len();
+        if n > 1 {
             self.status.tun_super_packets += 1;
-            self.status.tun_super_segments += self.segments.len() as u64;
+            self.status.tun_super_segments += n as u64;
         }
-        for p in self.segments.iter() {
-            node.handle_tun(p, now);
-        }
-        self.segments.len()
+        let segments = std::mem::take(&mut self.segments);
+        self.dispatch(shards, n, |node, i| match segments.get(i) {
+            Some(p) => node.handle_tun(p, now),
+            None => Dispatch::Done,
+        });
+        self.segments = segments;
+        n
     }
 
     /// The messages of one UDP read (see [`DataPath::handle_udp_read`] for each). Returns the
-    /// number of datagrams handed to the node.
+    /// number of datagrams.
     pub fn handle_udp_batch(
         &mut self,
-        node: &mut Node,
+        shards: &Shards,
         batch: &udp_gso::RecvBatch,
         now: Instant,
     ) -> usize {
@@ -212,42 +277,112 @@ impl DataPath {
         }
         for i in 0..batch.len() {
             if let Some((buf, from, segment)) = batch.get(i) {
-                self.handle_udp_read(node, buf, from, segment, now);
-                datagrams += buf.len().div_ceil(segment.max(1));
+                datagrams += self.handle_udp_read(shards, buf, from, segment, now);
             }
         }
         datagrams
     }
 
-    /// One UDP read of `n` bytes from `from`: `segment`-byte datagrams (the last may be
-    /// shorter) when `UDP_GRO` coalesced them.
+    /// One UDP read of `buf` from `from`: `segment`-byte datagrams (the last may be shorter)
+    /// when `UDP_GRO` coalesced them. Each is decrypted in the shard that owns its peer.
+    /// Returns the number of datagrams.
     pub fn handle_udp_read(
         &mut self,
-        node: &mut Node,
+        shards: &Shards,
         buf: &[u8],
         from: SocketAddr,
         segment: usize,
         now: Instant,
-    ) {
+    ) -> usize {
         let from = weft_sys::canonical(from);
         if segment == 0 || segment >= buf.len() {
-            node.handle_udp(from, buf, now);
-            return;
+            self.dispatch(shards, 1, |node, _| node.handle_udp(from, buf, now));
+            return 1;
         }
-        let mut count = 0u64;
-        for d in buf.chunks(segment) {
-            node.handle_udp(from, d, now);
-            count += 1;
-        }
+        let n = buf.len().div_ceil(segment);
+        self.dispatch(shards, n, |node, i| {
+            let start = i * segment;
+            let end = (start + segment).min(buf.len());
+            node.handle_udp(from, &buf[start..end], now)
+        });
         self.status.udp_gro_reads += 1;
-        self.status.udp_gro_datagrams += count;
+        self.status.udp_gro_datagrams += n as u64;
+        n
+    }
+
+    /// Hands items `0..n` in order to `f` with a locked shard: the shard used last first (a
+    /// worker mostly serves the same peers), and whenever the node says an item belongs to
+    /// another shard, that shard from then on. Everything the shards ask for is taken into
+    /// `self.outs` under their locks; buffers done with go back to them.
+    fn dispatch(
+        &mut self,
+        shards: &Shards,
+        n: usize,
+        mut f: impl FnMut(&mut Node, usize) -> Dispatch,
+    ) {
+        let mut i = 0;
+        while i < n {
+            let mut node = shards.lock(self.shard);
+            for b in self.spare.drain(..) {
+                node.recycle(b);
+            }
+            let mut next = None;
+            while i < n {
+                match f(&mut node, i) {
+                    Dispatch::Shard(k) if k != self.shard && k < shards.count() => {
+                        next = Some(k);
+                        break;
+                    }
+                    Dispatch::Shard(k) => {
+                        // The owner disowning its own peer would be a bug in the node; skip
+                        // the item rather than hand it around for ever.
+                        tracing::warn!(shard = k, "packet sent back to its own shard; dropped");
+                        i += 1;
+                    }
+                    Dispatch::Done => i += 1,
+                }
+            }
+            while let Some(o) = node.poll_output() {
+                self.outs.push(o);
+            }
+            drop(node);
+            match next {
+                Some(k) => {
+                    self.shard = k;
+                    self.shard_switches += 1;
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Carries out what the shards asked for since the last flush: datagrams to one peer go
+    /// out in GSO batches, decrypted packets are coalesced before they are written to the TUN.
+    pub async fn flush(&mut self, tun: &Tun, udp: &UdpSocket, udp_v6: bool) {
+        let mut outs = std::mem::take(&mut self.outs);
+        for o in outs.drain(..) {
+            match o {
+                Output::Transmit { dst, payload } => {
+                    let to = weft_sys::to_socket_family(dst, udp_v6);
+                    self.transmit(udp, to, &payload).await;
+                    self.spare.push(payload);
+                }
+                Output::Deliver(p) => {
+                    if let Some(p) = self.deliver(tun, p).await {
+                        self.spare.push(p);
+                    }
+                }
+            }
+        }
+        self.outs = outs;
+        self.finish(tun, udp).await;
     }
 
     /// A datagram the node wants sent: joins the last batch for `dst` if it fits, else starts
     /// a new one (all go out at [`DataPath::finish`], or when [`udp_gso::MMSG_MAX`] batches
     /// are waiting, in one `sendmmsg`); without GSO it goes out at once. A destination's
     /// datagrams stay in order: they only ever join its last batch.
-    pub async fn transmit(&mut self, udp: &UdpSocket, dst: SocketAddr, payload: &[u8]) {
+    async fn transmit(&mut self, udp: &UdpSocket, dst: SocketAddr, payload: &[u8]) {
         if !self.gso {
             send_one(udp, dst, payload).await;
             return;
@@ -271,7 +406,7 @@ impl DataPath {
 
     /// A decrypted packet for the TUN: written at once, or (with offloads) kept for
     /// coalescing at [`DataPath::finish`].
-    pub async fn deliver(&mut self, tun: &Tun, packet: Vec<u8>) -> Option<Vec<u8>> {
+    async fn deliver(&mut self, tun: &Tun, packet: Vec<u8>) -> Option<Vec<u8>> {
         if self.vnet_hdr {
             self.delivers.push(packet);
             return None;
@@ -280,9 +415,9 @@ impl DataPath {
         Some(packet)
     }
 
-    /// Sends what is batched and writes what is waiting for the TUN. `recycle` gets every
-    /// packet buffer back once its bytes are written.
-    pub async fn finish(&mut self, tun: &Tun, udp: &UdpSocket, mut recycle: impl FnMut(Vec<u8>)) {
+    /// Sends what is batched and writes what is waiting for the TUN; every packet buffer goes
+    /// back to the spares once its bytes are written.
+    async fn finish(&mut self, tun: &Tun, udp: &UdpSocket) {
         self.send_batches(udp).await;
         if self.delivers.is_empty() {
             return;
@@ -301,9 +436,7 @@ impl DataPath {
                 }
             }
         }
-        for p in self.delivers.drain(..) {
-            recycle(p);
-        }
+        self.spare.append(&mut self.delivers);
     }
 
     /// Sends the waiting batches with `sendmmsg` (as many calls as the kernel needs), each

@@ -16,6 +16,8 @@ mod keyfile;
 mod podcidr;
 mod revocations;
 mod rotation;
+mod shards;
+mod worker;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -90,8 +92,9 @@ fn main() -> ExitCode {
             };
         }
     };
-    // One event loop owns the device; a current-thread runtime keeps every wake-up on the
-    // thread that handles the packet (lower latency than handing work between workers).
+    // The control loop runs on this current-thread runtime; each data-path worker has its own
+    // thread and current-thread runtime, so a packet is read, encrypted and sent on one thread
+    // (no hand-off between threads on the way).
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

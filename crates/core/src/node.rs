@@ -4,6 +4,10 @@
 //! read from the UDP socket, with its source), [`Node::handle_timeout`] (call every ~250 ms) and
 //! [`Node::apply`] (peer commands from reconcile). Outputs: [`Node::poll_output`] yields datagrams
 //! to send and packets to write to the TUN. The caller owns every socket and file.
+//!
+//! A device may be split into shards ([`Node::new_shard`]), one `Node` per data-path worker,
+//! each owning the sessions of a subset of the peers ([`shard_of`]); `handle_tun` and
+//! `handle_udp` answer [`Dispatch::Shard`] for input that belongs to another shard.
 
 use crate::allowed_ips::AllowedIps;
 use crate::keys::{PrivateKey, PublicKey};
@@ -20,7 +24,7 @@ use rand_core::{OsRng, RngCore};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 /// Device-wide handshake budget per second before cookies are demanded (as boringtun's device).
@@ -50,8 +54,65 @@ fn take_buf(free: &mut Vec<Vec<u8>>, len: usize) -> Vec<u8> {
 pub const QUEUE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(15);
 
 const MSG_HANDSHAKE_INIT: u8 = 1;
+const MSG_HANDSHAKE_RESPONSE: u8 = 2;
 const MSG_COOKIE_REPLY: u8 = 3;
 const MSG_DATA: u8 = 4;
+/// Sizes of the WireGuard messages (a data message: at least this).
+const HANDSHAKE_RESPONSE_LEN: usize = 92;
+const COOKIE_REPLY_LEN: usize = 64;
+const DATA_MIN_LEN: usize = 32;
+
+/// Where a packet has to be handled when the device is split into shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dispatch {
+    /// Handled here (sent, delivered, queued or dropped and counted).
+    Done,
+    /// Belongs to a peer owned by this shard index: nothing was done or counted here; hand the
+    /// same input to that shard's Node.
+    Shard(u16),
+}
+
+/// The shard that owns the peer named `name` among `shards` shards: FNV-1a 64 of the name's
+/// bytes modulo `shards` (0 when shards <= 1). Stable across restarts and identical in every shard.
+pub fn shard_of(name: &str, shards: u16) -> u16 {
+    if shards <= 1 {
+        return 0;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // The remainder is below `shards`, so it fits.
+    (h % u64::from(shards)) as u16
+}
+
+/// The shard a WireGuard datagram belongs to, from its receiver index (handshake response,
+/// cookie reply, data: `((receiver_idx >> 8) % shards)`), or None for a handshake initiation,
+/// a malformed datagram, or shards <= 1. Cheap: reads the header only (type byte and LE u32
+/// receiver index at the offsets of the WireGuard message formats). Must never panic on any input.
+///
+/// "Malformed" is what `Tunn::parse_incoming_packet` refuses (a type word other than 1..=4 with
+/// zero reserved bytes, or a length that is not the message's), plus anything longer than
+/// [`MAX_DATAGRAM`]: the shard that read such a datagram drops and counts it.
+pub fn shard_of_datagram(datagram: &[u8], shards: u16) -> Option<u16> {
+    if shards <= 1 || datagram.len() > MAX_DATAGRAM {
+        return None;
+    }
+    let word = |at: usize| -> Option<u32> {
+        let b: [u8; 4] = datagram.get(at..at.checked_add(4)?)?.try_into().ok()?;
+        Some(u32::from_le_bytes(b))
+    };
+    // The type word: the type byte and three reserved zero bytes.
+    let receiver = match (word(0)?, datagram.len()) {
+        (t, HANDSHAKE_RESPONSE_LEN) if t == u32::from(MSG_HANDSHAKE_RESPONSE) => word(8)?,
+        (t, COOKIE_REPLY_LEN) if t == u32::from(MSG_COOKIE_REPLY) => word(4)?,
+        (t, len) if t == u32::from(MSG_DATA) && len >= DATA_MIN_LEN => word(4)?,
+        _ => return None,
+    };
+    // The remainder is below `shards`, so it fits.
+    Some(((receiver >> 8) % u32::from(shards)) as u16)
+}
 
 /// Something the caller must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +134,8 @@ pub enum NodeError {
     OwnKey(PublicKey),
     #[error("no peer named {0}")]
     UnknownPeer(String),
+    #[error("shard {index} of {count} does not exist")]
+    InvalidShard { index: u16, count: u16 },
 }
 
 pub type PeerId = u64;
@@ -85,14 +148,43 @@ struct OwnKey {
     limiter: Arc<RateLimiter>,
 }
 
+/// The rate limiters of the own keys of sharded nodes in this process, by key: the shards of
+/// one device share one limiter per own key, so that the handshake budget is device-wide and a
+/// cookie one shard handed out verifies in every shard (a handshake initiation may be checked
+/// by the shard that read it and then by the peer's owner).
+static SHARED_LIMITERS: Mutex<Vec<(PublicKey, Weak<RateLimiter>)>> = Mutex::new(Vec::new());
+
 impl OwnKey {
-    fn new(private: PrivateKey) -> Self {
+    /// `shared`: the node is one of several shards, which share the key's rate limiter.
+    fn new(private: PrivateKey, shared: bool) -> Self {
         let public = x25519::PublicKey::from(private.secret());
+        let key = private.public_key();
+        // Each message is checked twice against this limiter (by the device before any
+        // Diffie-Hellman, then inside `Tunn::decapsulate`), so it counts double.
+        let make = || Arc::new(RateLimiter::new(&public, 2 * HANDSHAKE_RATE_LIMIT));
+        let limiter = if shared {
+            let mut all = SHARED_LIMITERS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            all.retain(|(_, l)| l.strong_count() > 0);
+            match all
+                .iter()
+                .find(|(k, _)| *k == key)
+                .and_then(|(_, l)| l.upgrade())
+            {
+                Some(l) => l,
+                None => {
+                    let l = make();
+                    all.push((key, Arc::downgrade(&l)));
+                    l
+                }
+            }
+        } else {
+            make()
+        };
         OwnKey {
-            key: private.public_key(),
-            // Each message is checked twice against this limiter (by the device before any
-            // Diffie-Hellman, then inside `Tunn::decapsulate`), so it counts double.
-            limiter: Arc::new(RateLimiter::new(&public, 2 * HANDSHAKE_RATE_LIMIT)),
+            key,
+            limiter,
             private,
             public,
         }
@@ -125,6 +217,19 @@ pub enum PeerRotation {
 /// peer has moved, and [`Node::promote_next_key`] retires the old key
 /// ([`Node::drop_next_key`] rolls back). A peer's rotation arrives as a [`PeerConfig`] with
 /// `next_public_key` set, then with the new `public_key` and no next key.
+///
+/// Sharding: a device may run as `count` nodes ([`Node::new_shard`]), one per data-path worker.
+/// The driver applies every peer command, own-key change and PSK call to every shard, so each
+/// shard knows every peer (names, keys, allowed IPs: duplicate checks and the device-wide
+/// crypto-routing check are as strong as with one node), but only the peer's owner
+/// ([`shard_of`] its name) holds its key slots: it alone handshakes, runs the peer's timers,
+/// queues, encrypts, decrypts, follows its endpoint and reports it in
+/// [`Node::rotation_progress`] and [`Node::peer_status`]. Local indices carry the shard
+/// (`index % count == shard`), so [`shard_of_datagram`] finds the owner of any datagram but a
+/// handshake initiation. [`Node::handle_tun`] and [`Node::handle_udp`] answer
+/// [`Dispatch::Shard`] for input that belongs to another shard, having done nothing with it.
+/// The shards of one device share one rate limiter per own key (device-wide handshake budget,
+/// cookies valid in every shard). With one shard ([`Node::new`]) none of this shows.
 pub struct Node {
     own: OwnKey,
     own_next: Option<OwnKey>,
@@ -149,6 +254,9 @@ pub struct Node {
     /// by key: used again if the same peer is added back (a revocation lifted, a conflict
     /// resolved), so this node can handshake with it at once instead of waiting for it.
     learnt_endpoints: HashMap<PublicKey, SocketAddr>,
+    /// This node's shard index and the number of shards of the device.
+    shard_index: u16,
+    shard_count: u16,
 }
 
 /// Most learnt endpoints of removed external peers kept.
@@ -160,6 +268,7 @@ impl std::fmt::Debug for Node {
             .field("public_key", &self.public_key())
             .field("next_key", &self.next_key())
             .field("peers", &self.peers.len())
+            .field("shard", &self.shard())
             .finish_non_exhaustive()
     }
 }
@@ -190,9 +299,38 @@ pub struct PeerStatus {
 }
 
 impl Node {
+    /// The whole device as one node (shard 0 of 1).
     pub fn new(private: PrivateKey, persistent_keepalive: Option<u16>) -> Self {
+        Self::with_shard(private, persistent_keepalive, 0, 1)
+    }
+
+    /// Shard `index` of a device split into `count` shards (see [`Node`]).
+    /// [`NodeError::InvalidShard`] unless `index < count`.
+    pub fn new_shard(
+        private: PrivateKey,
+        persistent_keepalive: Option<u16>,
+        index: u16,
+        count: u16,
+    ) -> Result<Self, NodeError> {
+        if index >= count {
+            return Err(NodeError::InvalidShard { index, count });
+        }
+        Ok(Self::with_shard(
+            private,
+            persistent_keepalive,
+            index,
+            count,
+        ))
+    }
+
+    fn with_shard(
+        private: PrivateKey,
+        persistent_keepalive: Option<u16>,
+        shard_index: u16,
+        shard_count: u16,
+    ) -> Self {
         Node {
-            own: OwnKey::new(private),
+            own: OwnKey::new(private, shard_count > 1),
             own_next: None,
             psk: None,
             persistent_keepalive,
@@ -207,7 +345,26 @@ impl Node {
             scratch: vec![0u8; MAX_DATAGRAM + MIN_BUF],
             free: Vec::new(),
             learnt_endpoints: HashMap::new(),
+            shard_index,
+            shard_count,
         }
+    }
+
+    /// This node's shard: (index, count).
+    pub fn shard(&self) -> (u16, u16) {
+        (self.shard_index, self.shard_count)
+    }
+
+    /// The shard that owns a peer.
+    fn owner(&self, peer: &Peer) -> u16 {
+        shard_of(&peer.config.name, self.shard_count)
+    }
+
+    /// Whether this shard owns the peer (holds its slots).
+    fn owns(&self, id: PeerId) -> bool {
+        self.peers
+            .get(&id)
+            .is_some_and(|p| self.owner(p) == self.shard_index)
     }
 
     pub fn public_key(&self) -> PublicKey {
@@ -219,11 +376,14 @@ impl Node {
         self.own_next.as_ref().map(|k| k.key)
     }
 
-    /// Device-wide drop counters (every drop, including those also counted on a peer).
+    /// Device-wide drop counters (every drop, including those also counted on a peer). Of this
+    /// shard only: a sharded device's counters are the [`Drops::merge`] of all shards'.
     pub fn drops(&self) -> &Drops {
         &self.drops
     }
 
+    /// A peer by name. Every shard knows every peer, but only its owner holds its slots,
+    /// endpoint, queue and counters.
     pub fn peer(&self, name: &str) -> Option<&Peer> {
         self.names.get(name).and_then(|id| self.peers.get(id))
     }
@@ -253,11 +413,16 @@ impl Node {
         tracing::trace!(reason = reason.name(), n, "drop");
     }
 
+    /// A random local index, unused in this node, that names this shard: `idx % count ==
+    /// index`, so indices of different shards never collide.
     fn fresh_index(&self) -> u32 {
+        let count = u32::from(self.shard_count.max(1));
+        let shard = u32::from(self.shard_index);
         loop {
             // `Tunn` keeps 24 bits of the index (the low 8 bits count sessions).
-            let idx = OsRng.next_u32() & 0x00ff_ffff;
-            if !self.indices.contains_key(&idx) {
+            let r = OsRng.next_u32() & 0x00ff_ffff;
+            let idx = r - r % count + shard;
+            if idx <= 0x00ff_ffff && !self.indices.contains_key(&idx) {
                 return idx;
             }
         }
@@ -310,7 +475,16 @@ impl Node {
     /// generation): missing pairs are created, pairs with a key that is gone are dropped, and a
     /// slot of an older PSK generation goes once its pair has moved to the new generation's slot
     /// (until then both answer, so a PSK rotation loses nothing). Returns the new slots' pairs.
+    /// A shard that does not own the peer holds no slots for it.
     fn sync_slots(&mut self, id: PeerId) -> Vec<(PublicKey, PublicKey)> {
+        if !self.owns(id) {
+            if let Some(p) = self.peers.get_mut(&id) {
+                for s in p.slots.drain(..) {
+                    self.indices.remove(&s.index);
+                }
+            }
+            return Vec::new();
+        }
         let Some(peer) = self.peers.get(&id) else {
             return Vec::new();
         };
@@ -430,7 +604,9 @@ impl Node {
             rx_bytes: 0,
             tx_bytes: 0,
         };
-        tracing::info!(key = %peer.config.public_key.fingerprint(), "peer added");
+        if self.owner(&peer) == self.shard_index {
+            tracing::info!(key = %peer.config.public_key.fingerprint(), "peer added");
+        }
         self.peers.insert(id, peer);
         self.sync_slots(id);
         // Handshake at once rather than waiting for traffic, so a restarted node is reachable
@@ -468,11 +644,13 @@ impl Node {
             for k in &new_keys {
                 self.keys.insert(*k, id);
             }
-            tracing::info!(
-                key = %cfg.public_key.fingerprint(),
-                next = ?cfg.next_public_key.map(|k| k.fingerprint()),
-                "peer keys changed"
-            );
+            if self.owns(id) {
+                tracing::info!(
+                    key = %cfg.public_key.fingerprint(),
+                    next = ?cfg.next_public_key.map(|k| k.fingerprint()),
+                    "peer keys changed"
+                );
+            }
         }
         if old.allowed_ips != cfg.allowed_ips {
             self.allowed.retain(|v| *v != id);
@@ -537,7 +715,9 @@ impl Node {
             }
         }
         self.allowed.retain(|v| *v != id);
-        tracing::info!("peer removed");
+        if shard_of(name, self.shard_count) == self.shard_index {
+            tracing::info!("peer removed");
+        }
         Ok(())
     }
 
@@ -565,7 +745,9 @@ impl Node {
         if *g == generation {
             return;
         }
-        tracing::info!(from = *g, to = generation, "PSK generation changed");
+        if self.shard_index == 0 {
+            tracing::info!(from = *g, to = generation, "PSK generation changed");
+        }
         *g = generation;
         let ids: Vec<PeerId> = self.peers.keys().copied().collect();
         for id in ids {
@@ -596,12 +778,14 @@ impl Node {
                 .unwrap_or_default();
             return Err(NodeError::DuplicateKey(key, name));
         }
-        self.own_next = Some(OwnKey::new(private));
+        self.own_next = Some(OwnKey::new(private, self.shard_count > 1));
         let ids: Vec<PeerId> = self.peers.keys().copied().collect();
         for id in ids {
             self.sync_slots(id);
         }
-        tracing::info!(next = %key.fingerprint(), "next key added");
+        if self.shard_index == 0 {
+            tracing::info!(next = %key.fingerprint(), "next key added");
+        }
         Ok(())
     }
 
@@ -682,14 +866,15 @@ impl Node {
 
     /// Per node peer (by name), how far it has come in moving to this node's next key. Empty
     /// when this node is not rotating. External peers are not listed: they cannot move to a key
-    /// their config does not name, so waiting for them would only delay the rotation.
+    /// their config does not name, so waiting for them would only delay the rotation. A shard
+    /// lists the peers it owns: a sharded device's progress is the union of all shards'.
     pub fn rotation_progress(&self) -> BTreeMap<String, PeerRotation> {
         let Some(next) = self.next_key() else {
             return BTreeMap::new();
         };
         self.peers
             .values()
-            .filter(|p| p.config.kind == PeerKind::Node)
+            .filter(|p| p.config.kind == PeerKind::Node && self.owner(p) == self.shard_index)
             .map(|p| {
                 let mine = p.slots.iter().filter(|s| s.own == next);
                 let mut state = PeerRotation::Handshaking;
@@ -714,10 +899,12 @@ impl Node {
             return false;
         };
         let old = std::mem::replace(&mut self.own, next);
-        tracing::info!(
-            old = %old.key.fingerprint(), new = %self.own.key.fingerprint(),
-            "old key retired"
-        );
+        if self.shard_index == 0 {
+            tracing::info!(
+                old = %old.key.fingerprint(), new = %self.own.key.fingerprint(),
+                "old key retired"
+            );
+        }
         let ids: Vec<PeerId> = self.peers.keys().copied().collect();
         for id in ids {
             self.sync_slots(id);
@@ -739,7 +926,9 @@ impl Node {
             for id in ids {
                 self.sync_slots(id);
             }
-            tracing::info!("next key dropped");
+            if self.shard_index == 0 {
+                tracing::info!("next key dropped");
+            }
         }
     }
 
@@ -780,8 +969,12 @@ impl Node {
         }
     }
 
-    /// Starts a handshake on one pair unless one is already under way.
+    /// Starts a handshake on one pair unless one is already under way (only the peer's owner
+    /// does: the others hold no slots).
     fn initiate(&mut self, id: PeerId, own: PublicKey, theirs: PublicKey) {
+        if !self.owns(id) {
+            return;
+        }
         let mut buf = std::mem::take(&mut self.scratch);
         let psk = self.peers.get(&id).and_then(|p| self.pair_psk(&p.config));
         let out = match self
@@ -802,23 +995,25 @@ impl Node {
     }
 
     /// A packet read from the TUN: encrypt it for the peer that owns its destination.
-    pub fn handle_tun(&mut self, pkt: &[u8], now: Instant) {
+    /// [`Dispatch::Shard`] when another shard owns that peer (nothing was done here).
+    pub fn handle_tun(&mut self, pkt: &[u8], now: Instant) -> Dispatch {
         let Some((_src, dst)) = packet::addresses(pkt) else {
-            self.drop_packet(None, DropReason::InvalidPacket, 1);
-            return;
+            return self.dropped(None, DropReason::InvalidPacket);
         };
         let Some(&id) = self.allowed.lookup(dst) else {
-            self.drop_packet(None, DropReason::NoPeer, 1);
-            return;
+            return self.dropped(None, DropReason::NoPeer);
         };
         let Some(peer) = self.peers.get(&id) else {
-            self.drop_packet(None, DropReason::NoPeer, 1);
-            return;
+            return self.dropped(None, DropReason::NoPeer);
         };
+        let owner = self.owner(peer);
+        if owner != self.shard_index {
+            return Dispatch::Shard(owner);
+        }
         if let Some(i) = self.best_session(peer) {
             let mut out = take_buf(&mut self.free, (pkt.len() + 32).max(MIN_BUF));
             let Some(peer) = self.peers.get_mut(&id) else {
-                return;
+                return Dispatch::Done;
             };
             let n = match peer.slots[i].tunn.encapsulate(pkt, &mut out) {
                 TunnResult::WriteToNetwork(p) => Some(p.len()),
@@ -829,12 +1024,12 @@ impl Node {
                 out.truncate(n);
                 self.transmit_to_peer(id, out);
             }
-            return;
+            return Dispatch::Done;
         }
         // No session yet: hold the packet ourselves (Tunn's own queue drops silently) and make
         // sure a handshake is under way.
         let Some(peer) = self.peers.get_mut(&id) else {
-            return;
+            return Dispatch::Done;
         };
         if peer.queue.len() >= QUEUE_LIMIT {
             self.drop_packet(Some(id), DropReason::QueueFull, 1);
@@ -842,23 +1037,40 @@ impl Node {
             peer.queue.push_back((now, pkt.to_vec()));
         }
         self.initiate_best(id);
+        Dispatch::Done
+    }
+
+    /// Drops and counts one packet: the input was handled.
+    fn dropped(&mut self, peer: Option<PeerId>, reason: DropReason) -> Dispatch {
+        self.drop_packet(peer, reason, 1);
+        Dispatch::Done
     }
 
     /// A datagram read from the UDP socket.
     ///
+    /// [`Dispatch::Shard`] when it belongs to another shard, having done nothing with it: a
+    /// response, cookie reply or data message whose receiver index names another shard (known
+    /// from the header alone), or a handshake initiation (verified here: MAC1, rate limiter and
+    /// the initiator's static key) from a peer another shard owns.
+    ///
     /// `now` is part of the input contract; today every time-dependent decision on a datagram
     /// is `Tunn`'s (it reads its own clock), so the node does not look at it yet.
-    pub fn handle_udp(&mut self, from: SocketAddr, datagram: &[u8], _now: Instant) {
+    pub fn handle_udp(&mut self, from: SocketAddr, datagram: &[u8], _now: Instant) -> Dispatch {
         if datagram.len() > MAX_DATAGRAM {
-            self.drop_packet(None, DropReason::Oversize, 1);
-            return;
+            return self.dropped(None, DropReason::Oversize);
+        }
+        if let Some(k) = shard_of_datagram(datagram, self.shard_count) {
+            if k != self.shard_index {
+                return Dispatch::Shard(k);
+            }
         }
         let mut buf = std::mem::take(&mut self.scratch);
         if buf.len() < datagram.len() + MIN_BUF {
             buf.resize(datagram.len() + MIN_BUF, 0);
         }
-        self.route_datagram(from, datagram, &mut buf);
+        let d = self.route_datagram(from, datagram, &mut buf);
         self.scratch = buf;
+        d
     }
 
     /// The peer and slot index a receiver index belongs to.
@@ -894,10 +1106,10 @@ impl Node {
         }
     }
 
-    fn route_datagram(&mut self, from: SocketAddr, datagram: &[u8], buf: &mut [u8]) {
+    fn route_datagram(&mut self, from: SocketAddr, datagram: &[u8], buf: &mut [u8]) -> Dispatch {
         let parsed = match Tunn::parse_incoming_packet(datagram) {
             Ok(p) => p,
-            Err(_) => return self.drop_packet(None, DropReason::InvalidPacket, 1),
+            Err(_) => return self.dropped(None, DropReason::InvalidPacket),
         };
         let target = match parsed {
             Packet::HandshakeInit(_) => {
@@ -926,23 +1138,30 @@ impl Node {
                     if let Some(r) = reason {
                         self.drop_packet(None, r, 1);
                     }
-                    return;
+                    return Dispatch::Done;
                 };
                 let Some(ok) = self.own_keys().find(|k| k.key == own) else {
-                    return;
+                    return Dispatch::Done;
                 };
                 let half = match parse_handshake_anon(ok.private.secret(), &ok.public, &init) {
                     Ok(h) => h,
-                    Err(_) => return self.drop_packet(None, DropReason::HandshakeFailed, 1),
+                    Err(_) => return self.dropped(None, DropReason::HandshakeFailed),
                 };
                 let key = match PublicKey::from_bytes(half.peer_static_public) {
                     Ok(k) => k,
-                    Err(_) => return self.drop_packet(None, DropReason::UnknownPeer, 1),
+                    Err(_) => return self.dropped(None, DropReason::UnknownPeer),
                 };
                 let Some(&id) = self.keys.get(&key) else {
                     tracing::debug!(key = %key.fingerprint(), %from, "handshake from unknown key");
-                    return self.drop_packet(None, DropReason::UnknownPeer, 1);
+                    return self.dropped(None, DropReason::UnknownPeer);
                 };
+                // The owner verifies it again and answers; nothing is counted here.
+                if let Some(p) = self.peers.get(&id) {
+                    let owner = self.owner(p);
+                    if owner != self.shard_index {
+                        return Dispatch::Shard(owner);
+                    }
+                }
                 let psk = self.peers.get(&id).and_then(|p| self.pair_psk(&p.config));
                 match self
                     .peers
@@ -950,12 +1169,12 @@ impl Node {
                     .and_then(|p| p.slot_for(&own, &key, psk))
                 {
                     Some(s) => (id, s.index),
-                    None => return self.drop_packet(Some(id), DropReason::UnknownPeer, 1),
+                    None => return self.dropped(Some(id), DropReason::UnknownPeer),
                 }
             }
             Packet::HandshakeResponse(resp) => {
                 let Some((id, idx)) = self.by_index(resp.receiver_idx) else {
-                    return self.drop_packet(None, DropReason::UnknownIndex, 1);
+                    return self.dropped(None, DropReason::UnknownIndex);
                 };
                 let own = self
                     .peers
@@ -963,25 +1182,26 @@ impl Node {
                     .and_then(|p| p.slot_by_index(idx))
                     .map(|s| s.own);
                 let Some(own) = own else {
-                    return self.drop_packet(None, DropReason::UnknownIndex, 1);
+                    return self.dropped(None, DropReason::UnknownIndex);
                 };
                 match self.verify(&own, from, datagram, buf) {
                     Ok(Packet::HandshakeResponse(_)) => (id, idx),
-                    Ok(_) => return self.drop_packet(None, DropReason::InvalidPacket, 1),
-                    Err(Some(r)) => return self.drop_packet(None, r, 1),
-                    Err(None) => return,
+                    Ok(_) => return self.dropped(None, DropReason::InvalidPacket),
+                    Err(Some(r)) => return self.dropped(None, r),
+                    Err(None) => return Dispatch::Done,
                 }
             }
             Packet::PacketCookieReply(c) => match self.by_index(c.receiver_idx) {
                 Some(t) => t,
-                None => return self.drop_packet(None, DropReason::UnknownIndex, 1),
+                None => return self.dropped(None, DropReason::UnknownIndex),
             },
             Packet::PacketData(d) => match self.by_index(d.receiver_idx) {
                 Some(t) => t,
-                None => return self.drop_packet(None, DropReason::UnknownIndex, 1),
+                None => return self.dropped(None, DropReason::UnknownIndex),
             },
         };
         self.decapsulate(target, from, datagram, buf);
+        Dispatch::Done
     }
 
     fn decapsulate(
@@ -1169,11 +1389,13 @@ impl Node {
         self.scratch = buf;
     }
 
-    /// Status of every peer, sorted by name.
+    /// Status of every peer, sorted by name. A shard lists the peers it owns: a sharded
+    /// device's status is all shards' lists together.
     pub fn peer_status(&self) -> Vec<PeerStatus> {
         let mut v: Vec<PeerStatus> = self
             .peers
             .values()
+            .filter(|p| self.owner(p) == self.shard_index)
             .map(|p| PeerStatus {
                 name: p.config.name.clone(),
                 kind: p.config.kind,
@@ -1973,5 +2195,596 @@ mod tests {
         assert_eq!(pair_gen(&net.nodes[0].1, "n2"), Some(0));
         assert_eq!(pair_gen(&net.nodes[1].1, "n1"), Some(0));
         assert_eq!(net.drops_total(), 0, "{:?}", net.all_drops());
+    }
+
+    // ---------------- sharding ----------------
+
+    /// A device split into shards as meshd runs it: every command goes to every shard, a
+    /// datagram first reaches the shard its source hashes to (as `SO_REUSEPORT` would), a TUN
+    /// packet an arbitrary one (as a multi-queue TUN would), and `Dispatch::Shard` is followed.
+    struct ShardedNet {
+        nodes: Vec<(SocketAddr, Vec<Node>)>,
+        delivered: Vec<Vec<Vec<u8>>>,
+        keys: Vec<PrivateKey>,
+        /// Inputs handed on to another shard, from the UDP socket (and of those, handshake
+        /// initiations) and from the TUN.
+        udp_hops: usize,
+        init_hops: usize,
+        tun_hops: usize,
+        /// Picks the first shard of a TUN packet.
+        tun_turn: usize,
+    }
+
+    /// `n` names such that the first `count` are owned by shards 0, 1, .. `count - 1`.
+    fn spread_names(n: usize, count: u16) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        let candidates = (0..).map(|k| format!("node-{k}"));
+        for s in 0..count {
+            let name = candidates
+                .clone()
+                .find(|c| shard_of(c, count) == s && !names.contains(c))
+                .expect("a name");
+            names.push(name);
+        }
+        for c in candidates {
+            if names.len() >= n {
+                break;
+            }
+            if !names.contains(&c) {
+                names.push(c);
+            }
+        }
+        names.truncate(n);
+        names
+    }
+
+    impl ShardedNet {
+        /// Nodes named `names`, node `i` owning 10.42.(i+1).0/24, each split into `count`.
+        fn new(names: &[String], count: u16) -> (ShardedNet, Vec<PeerConfig>) {
+            let mut nodes = Vec::new();
+            let mut cfgs = Vec::new();
+            let mut keys = Vec::new();
+            for (i, name) in names.iter().enumerate() {
+                let k = PrivateKey::generate();
+                let addr: SocketAddr = format!("198.18.0.{}:51820", 11 + i).parse().expect("addr");
+                cfgs.push(PeerConfig {
+                    name: name.clone(),
+                    kind: PeerKind::Node,
+                    public_key: k.public_key(),
+                    next_public_key: None,
+                    endpoints: vec![addr],
+                    allowed_ips: vec![format!("10.42.{}.0/24", i + 1).parse().expect("net")],
+                    key_generation: 1,
+                    psk: PeerPsk::Cluster(None),
+                });
+                let shards = (0..count)
+                    .map(|s| Node::new_shard(k.clone(), None, s, count).expect("shard"))
+                    .collect();
+                keys.push(k);
+                nodes.push((addr, shards));
+            }
+            let delivered = vec![Vec::new(); nodes.len()];
+            let net = ShardedNet {
+                nodes,
+                delivered,
+                keys,
+                udp_hops: 0,
+                init_hops: 0,
+                tun_hops: 0,
+                tun_turn: 0,
+            };
+            (net, cfgs)
+        }
+
+        /// Every node knows every other.
+        fn full_mesh(names: &[String], count: u16) -> (ShardedNet, Vec<PeerConfig>) {
+            let (mut net, cfgs) = ShardedNet::new(names, count);
+            for i in 0..cfgs.len() {
+                for (j, cfg) in cfgs.iter().enumerate() {
+                    if i != j {
+                        net.each(i, |n| n.add_peer(cfg.clone()).expect("add"));
+                    }
+                }
+            }
+            (net, cfgs)
+        }
+
+        /// What the driver does with a command: the same call on every shard of node `i`.
+        fn each(&mut self, i: usize, mut f: impl FnMut(&mut Node)) {
+            for n in &mut self.nodes[i].1 {
+                f(n);
+            }
+        }
+
+        fn count(&self) -> usize {
+            self.nodes[0].1.len()
+        }
+
+        fn udp(&mut self, j: usize, from: SocketAddr, payload: &[u8], now: Instant) {
+            let first = (usize::from(from.port())
+                + match from.ip() {
+                    std::net::IpAddr::V4(a) => usize::from(a.octets()[3]),
+                    std::net::IpAddr::V6(a) => usize::from(a.octets()[15]),
+                })
+                % self.count();
+            match self.nodes[j].1[first].handle_udp(from, payload, now) {
+                Dispatch::Done => {}
+                Dispatch::Shard(k) => {
+                    let k = usize::from(k);
+                    assert_ne!(k, first, "dispatched to itself");
+                    self.udp_hops += 1;
+                    if payload.first() == Some(&MSG_HANDSHAKE_INIT) {
+                        self.init_hops += 1;
+                    }
+                    assert_eq!(
+                        self.nodes[j].1[k].handle_udp(from, payload, now),
+                        Dispatch::Done,
+                        "the owner handles it"
+                    );
+                }
+            }
+        }
+
+        fn tun(&mut self, i: usize, pkt: &[u8], now: Instant) {
+            self.tun_turn += 1;
+            let first = self.tun_turn % self.count();
+            match self.nodes[i].1[first].handle_tun(pkt, now) {
+                Dispatch::Done => {}
+                Dispatch::Shard(k) => {
+                    let k = usize::from(k);
+                    assert_ne!(k, first, "dispatched to itself");
+                    self.tun_hops += 1;
+                    assert_eq!(
+                        self.nodes[i].1[k].handle_tun(pkt, now),
+                        Dispatch::Done,
+                        "the owner handles it"
+                    );
+                }
+            }
+        }
+
+        /// Moves datagrams between nodes until nothing is left in flight.
+        fn run(&mut self, now: Instant) {
+            for _ in 0..100 {
+                let mut moved = false;
+                for i in 0..self.nodes.len() {
+                    for s in 0..self.count() {
+                        while let Some(o) = self.nodes[i].1[s].poll_output() {
+                            moved = true;
+                            match o {
+                                Output::Deliver(p) => self.delivered[i].push(p),
+                                Output::Transmit { dst, payload } => {
+                                    let from = self.nodes[i].0;
+                                    if let Some(j) = self.nodes.iter().position(|(a, _)| *a == dst)
+                                    {
+                                        self.udp(j, from, &payload, now);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                if !moved {
+                    return;
+                }
+            }
+        }
+
+        fn drops(&self, i: usize) -> Drops {
+            let mut d = Drops::default();
+            for n in &self.nodes[i].1 {
+                d.merge(n.drops());
+            }
+            d
+        }
+
+        fn drops_total(&self) -> u64 {
+            (0..self.nodes.len()).map(|i| self.drops(i).total()).sum()
+        }
+
+        fn all_drops(&self) -> Vec<BTreeMap<&'static str, u64>> {
+            (0..self.nodes.len())
+                .map(|i| self.drops(i).by_name())
+                .collect()
+        }
+
+        fn peer_status(&self, i: usize) -> Vec<PeerStatus> {
+            let mut v: Vec<PeerStatus> = self.nodes[i]
+                .1
+                .iter()
+                .flat_map(|n| n.peer_status())
+                .collect();
+            v.sort_by(|a, b| a.name.cmp(&b.name));
+            v
+        }
+
+        fn rotation_progress(&self, i: usize) -> BTreeMap<String, PeerRotation> {
+            let mut m = BTreeMap::new();
+            for n in &self.nodes[i].1 {
+                m.extend(n.rotation_progress());
+            }
+            m
+        }
+
+        /// Node `i`'s peer `name` as its owner shard holds it.
+        fn owned_peer(&self, i: usize, name: &str) -> &Peer {
+            let s = usize::from(shard_of(name, self.count() as u16));
+            self.nodes[i].1[s].peer(name).expect("peer")
+        }
+
+        /// Tells every other node about node `i`'s config.
+        fn announce(&mut self, cfgs: &[PeerConfig], i: usize) {
+            for j in 0..self.nodes.len() {
+                if j != i {
+                    self.each(j, |n| n.update_peer(cfgs[i].clone()).expect("update"));
+                }
+            }
+        }
+
+        /// Sends one packet from every node to every other and checks each arrived.
+        fn all_pairs_deliver(&mut self, now: Instant, tag: &str) {
+            let n = self.nodes.len();
+            for i in 0..n {
+                for j in 0..n {
+                    if i == j {
+                        continue;
+                    }
+                    let p = ipv4_packet(
+                        [10, 42, i as u8 + 1, 5],
+                        [10, 42, j as u8 + 1, 7],
+                        format!("{tag} {i}->{j}").as_bytes(),
+                    );
+                    self.tun(i, &p, now);
+                    self.run(now);
+                    assert_eq!(
+                        self.delivered[j].last(),
+                        Some(&p),
+                        "{tag}: {i} -> {j} not delivered"
+                    );
+                }
+            }
+        }
+
+        /// Every peer has slots (with a session) in its owner shard only, and every shard's
+        /// indices name it.
+        fn check_ownership(&self) {
+            let count = self.count() as u16;
+            for (i, (_, shards)) in self.nodes.iter().enumerate() {
+                for (s, node) in shards.iter().enumerate() {
+                    assert_eq!(node.shard(), (s as u16, count));
+                    assert_eq!(
+                        node.peers.len(),
+                        self.nodes.len() - 1,
+                        "every shard knows all"
+                    );
+                    for p in node.peers.values() {
+                        let owner = usize::from(shard_of(&p.config.name, count));
+                        if owner == s {
+                            assert!(
+                                p.slots.iter().any(KeySlot::has_session),
+                                "node {i} shard {s}: no session with {}",
+                                p.config.name
+                            );
+                        } else {
+                            assert!(
+                                p.slots.is_empty() && p.queue.is_empty() && !p.endpoint_confirmed,
+                                "node {i} shard {s} holds state of {} (owner {owner})",
+                                p.config.name
+                            );
+                        }
+                        for sl in &p.slots {
+                            assert_eq!(sl.index % u32::from(count), s as u32);
+                        }
+                    }
+                    assert!(node
+                        .indices
+                        .keys()
+                        .all(|x| x % u32::from(count) == s as u32));
+                }
+                let st = self.peer_status(i);
+                assert_eq!(
+                    st.len(),
+                    self.nodes.len() - 1,
+                    "node {i}: each peer listed once"
+                );
+                assert!(st.windows(2).all(|w| w[0].name < w[1].name));
+            }
+        }
+    }
+
+    /// Full mesh of 4 nodes split into 2 and into 3 shards: every pair handshakes and
+    /// exchanges both ways, each peer lives in its owner shard only, indices name the shard.
+    #[test]
+    fn sharded_full_mesh_handshakes_and_delivers_between_all_pairs() {
+        for count in [2u16, 3] {
+            let now = Instant::now();
+            let names = spread_names(5, count);
+            let (mut net, _) = ShardedNet::full_mesh(&names, count);
+            net.run(now);
+            net.all_pairs_deliver(now, "sharded");
+            // And again, now that every session is up.
+            net.all_pairs_deliver(now, "again");
+            net.check_ownership();
+            assert_eq!(net.drops_total(), 0, "{count}: {:?}", net.all_drops());
+            for i in 0..net.nodes.len() {
+                for st in net.peer_status(i) {
+                    assert!(
+                        st.latest_handshake_secs_ago.is_some(),
+                        "{count} {i} {}",
+                        st.name
+                    );
+                    assert!(st.tx_bytes > 0 && st.rx_bytes > 0);
+                }
+            }
+        }
+    }
+
+    /// Peers really spread over the shards, and inputs really cross between shards.
+    #[test]
+    fn sharded_peers_spread_across_shards() {
+        let now = Instant::now();
+        let names = spread_names(4, 2);
+        let (mut net, _) = ShardedNet::full_mesh(&names, 2);
+        net.run(now);
+        net.all_pairs_deliver(now, "spread");
+        for i in 0..net.nodes.len() {
+            for s in 0..2 {
+                let owned = net.nodes[i].1[s].peer_status().len();
+                assert!(owned >= 1, "node {i}: shard {s} owns no peer");
+                assert!(
+                    net.nodes[i].1[s].peers.values().any(|p| p.rx_bytes > 0),
+                    "node {i}: shard {s} decrypted nothing"
+                );
+            }
+        }
+        assert!(
+            net.udp_hops > 0,
+            "no datagram reached a shard that does not own its peer"
+        );
+        assert!(
+            net.tun_hops > 0,
+            "no TUN packet reached a shard that does not own its peer"
+        );
+        assert!(
+            net.init_hops > 0,
+            "no initiation reached a shard that does not own its peer"
+        );
+        assert_eq!(net.drops_total(), 0, "{:?}", net.all_drops());
+    }
+
+    /// Crypto-routing is device-wide across shards: C's packet with a source in B's range is
+    /// dropped by A's shard that owns C even though another shard owns B.
+    #[test]
+    fn sharded_inner_source_of_a_peer_of_another_shard_is_dropped_and_counted() {
+        let now = Instant::now();
+        let mut names = spread_names(3, 2);
+        // names[0] (shard 0) and names[1] (shard 1) become B and C; A is names[2].
+        names.rotate_right(1);
+        let (a, b, c) = (0usize, 1usize, 2usize);
+        assert_ne!(shard_of(&names[b], 2), shard_of(&names[c], 2));
+        let (mut net, _) = ShardedNet::full_mesh(&names, 2);
+        net.run(now);
+        let spoofed = ipv4_packet([10, 42, 2, 99], [10, 42, 1, 5], b"spoof");
+        net.tun(c, &spoofed, now);
+        net.run(now);
+        assert!(net.delivered[a].is_empty());
+        assert_eq!(net.drops(a).get(DropReason::SourceNotAllowed), 1);
+        let owner_c = usize::from(shard_of(&names[c], 2));
+        assert_eq!(
+            net.nodes[a].1[owner_c]
+                .drops()
+                .get(DropReason::SourceNotAllowed),
+            1,
+            "counted by the shard that decrypted it"
+        );
+        let st = net.peer_status(a);
+        let sc = st.iter().find(|p| p.name == names[c]).expect("C");
+        assert_eq!(sc.drops.get("sourceNotAllowed"), Some(&1));
+        // The legitimate source still passes, and B's own source too.
+        let ok = ipv4_packet([10, 42, 3, 9], [10, 42, 1, 5], b"fine");
+        net.tun(c, &ok, now);
+        net.run(now);
+        assert_eq!(net.delivered[a], vec![ok]);
+        let ok = ipv4_packet([10, 42, 2, 99], [10, 42, 1, 5], b"b is fine");
+        net.tun(b, &ok, now);
+        net.run(now);
+        assert_eq!(net.delivered[a].last(), Some(&ok));
+        assert_eq!(net.drops_total(), 1, "{:?}", net.all_drops());
+    }
+
+    /// One node of a sharded mesh rotates its key: every shard gets every call, the merged
+    /// progress ends with every peer moved, nothing is lost, the old key is refused afterwards.
+    #[test]
+    fn sharded_rotation_loses_nothing_and_retires_the_old_key() {
+        let now = Instant::now();
+        let names = spread_names(4, 2);
+        let (mut net, mut cfgs) = ShardedNet::full_mesh(&names, 2);
+        net.run(now);
+        net.all_pairs_deliver(now, "before");
+
+        let old = cfgs[0].public_key;
+        let next = PrivateKey::generate();
+        let next_pub = next.public_key();
+        net.each(0, |n| n.set_next_key(next.clone()).expect("next key"));
+        cfgs[0].next_public_key = Some(next_pub);
+        net.announce(&cfgs, 0);
+        net.all_pairs_deliver(now, "announced");
+        net.each(0, Node::initiate_next);
+        net.run(now);
+        let progress = net.rotation_progress(0);
+        assert_eq!(progress.len(), names.len() - 1, "{progress:?}");
+        assert!(
+            progress.values().all(|p| *p != PeerRotation::Handshaking),
+            "{progress:?}"
+        );
+        net.all_pairs_deliver(now, "handshaken");
+        let progress = net.rotation_progress(0);
+        assert!(
+            progress.values().all(|p| *p == PeerRotation::Moved),
+            "{progress:?}"
+        );
+        net.each(0, |n| assert!(n.promote_next_key()));
+        net.all_pairs_deliver(now, "retired here, not yet announced");
+        cfgs[0].public_key = next_pub;
+        cfgs[0].next_public_key = None;
+        cfgs[0].key_generation += 1;
+        net.announce(&cfgs, 0);
+        net.all_pairs_deliver(now, "after");
+        for j in 1..names.len() {
+            assert_eq!(net.owned_peer(j, &names[0]).slots.len(), 1);
+        }
+        net.check_ownership();
+        assert_eq!(net.drops_total(), 0, "{:?}", net.all_drops());
+
+        // A handshake from the old key is refused by node 1 (in whichever shard reads it).
+        let mut stale = Tunn::new(
+            net.keys[0].secret().clone(),
+            cfgs[1].public_key.to_dalek(),
+            None,
+            None,
+            7,
+            None,
+        );
+        assert_ne!(old, net.nodes[0].1[0].public_key());
+        let mut buf = vec![0u8; 256];
+        let TunnResult::WriteToNetwork(init) = stale.format_handshake_initiation(&mut buf, false)
+        else {
+            panic!("no initiation");
+        };
+        let init = init.to_vec();
+        let from = net.nodes[0].0;
+        net.udp(1, from, &init, now);
+        assert_eq!(net.drops(1).get(DropReason::UnknownPeer), 1);
+    }
+
+    #[test]
+    fn shard_of_datagram_reads_the_receiver_index_of_each_message_type() {
+        let idx: u32 = 0x0012_3457;
+        let receiver = (idx << 8) | 5;
+        let mut resp = vec![0u8; HANDSHAKE_RESPONSE_LEN];
+        resp[0] = MSG_HANDSHAKE_RESPONSE;
+        resp[4..8].copy_from_slice(&0xdead_beefu32.to_le_bytes());
+        resp[8..12].copy_from_slice(&receiver.to_le_bytes());
+        let mut cookie = vec![0u8; COOKIE_REPLY_LEN];
+        cookie[0] = MSG_COOKIE_REPLY;
+        cookie[4..8].copy_from_slice(&receiver.to_le_bytes());
+        let mut data = vec![0u8; 1400];
+        data[0] = MSG_DATA;
+        data[4..8].copy_from_slice(&receiver.to_le_bytes());
+        let keepalive = data[..DATA_MIN_LEN].to_vec();
+        for m in [&resp, &cookie, &data, &keepalive] {
+            assert!(Tunn::parse_incoming_packet(m).is_ok());
+            assert_eq!(shard_of_datagram(m, 2), Some((idx % 2) as u16));
+            assert_eq!(shard_of_datagram(m, 3), Some((idx % 3) as u16));
+            assert_eq!(shard_of_datagram(m, 7), Some((idx % 7) as u16));
+            assert_eq!(shard_of_datagram(m, u16::MAX), Some((idx % 65535) as u16));
+            assert_eq!(shard_of_datagram(m, 1), None);
+            assert_eq!(shard_of_datagram(m, 0), None);
+        }
+        let mut init = vec![0u8; 148];
+        init[0] = MSG_HANDSHAKE_INIT;
+        assert_eq!(
+            shard_of_datagram(&init, 2),
+            None,
+            "an initiation names no index"
+        );
+        // Malformed: wrong lengths, reserved bytes set, unknown types, short, oversize.
+        let mut bad: Vec<Vec<u8>> = vec![
+            Vec::new(),
+            vec![4],
+            vec![4, 0, 0, 0],
+            vec![4, 0, 0, 0, 1, 2, 3],
+            data[..DATA_MIN_LEN - 1].to_vec(),
+            resp[..HANDSHAKE_RESPONSE_LEN - 1].to_vec(),
+            [resp.clone(), vec![0]].concat(),
+            cookie[..COOKIE_REPLY_LEN - 1].to_vec(),
+            [cookie.clone(), vec![0]].concat(),
+            vec![0u8; 92],
+            vec![5u8; 64],
+            vec![0xff; 2000],
+        ];
+        let mut reserved = data.clone();
+        reserved[1] = 1;
+        bad.push(reserved);
+        let mut huge = vec![0u8; MAX_DATAGRAM + 1];
+        huge[0] = MSG_DATA;
+        bad.push(huge);
+        for b in &bad {
+            assert_eq!(shard_of_datagram(b, 2), None, "{:?}", &b[..b.len().min(8)]);
+        }
+        // Never panics on anything.
+        let mut x: u64 = 11;
+        for _ in 0..5000 {
+            let len = (x % 200) as usize;
+            let mut d: Vec<u8> = (0..len)
+                .map(|_| {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    (x >> 56) as u8
+                })
+                .collect();
+            if let Some(first) = d.first_mut() {
+                *first %= 6;
+            }
+            for shards in [0, 1, 2, 3, 255, u16::MAX] {
+                if let Some(k) = shard_of_datagram(&d, shards) {
+                    assert!(k < shards);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shard_of_is_fnv1a_stable_and_in_range() {
+        // FNV-1a 64 test vectors: "" → offset basis, "a" → 0xaf63dc4c8601ec8c.
+        assert_eq!(shard_of("", 1000), (0xcbf2_9ce4_8422_2325u64 % 1000) as u16);
+        assert_eq!(
+            shard_of("a", 1000),
+            (0xaf63_dc4c_8601_ec8cu64 % 1000) as u16
+        );
+        assert_eq!(shard_of("a", 0), 0);
+        assert_eq!(shard_of("a", 1), 0);
+        for count in [2u16, 3, 4, 16, u16::MAX] {
+            let mut seen = std::collections::HashSet::new();
+            for k in 0..2000 {
+                let name = format!("node-{k}");
+                let s = shard_of(&name, count);
+                assert!(s < count);
+                assert_eq!(s, shard_of(&name, count));
+                seen.insert(s);
+            }
+            assert!(
+                seen.len() >= usize::from(count.min(16)),
+                "{count}: {seen:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn new_shard_refuses_bad_shards_and_indices_name_the_shard() {
+        let k = PrivateKey::generate();
+        for (index, count) in [(0u16, 0u16), (1, 1), (2, 2), (5, 3), (u16::MAX, u16::MAX)] {
+            assert_eq!(
+                Node::new_shard(k.clone(), None, index, count).map(|n| n.shard()),
+                Err(NodeError::InvalidShard { index, count })
+            );
+        }
+        assert_eq!(Node::new(k.clone(), None).shard(), (0, 1));
+        for (index, count) in [(0u16, 1u16), (2, 3), (u16::MAX - 1, u16::MAX)] {
+            let n = Node::new_shard(k.clone(), None, index, count).expect("shard");
+            assert_eq!(n.shard(), (index, count));
+            for _ in 0..200 {
+                let idx = n.fresh_index();
+                assert!(idx <= 0x00ff_ffff);
+                assert_eq!(idx % u32::from(count), u32::from(index));
+            }
+        }
+        // Shards of one device share their keys' rate limiters; separate devices do not.
+        let a = Node::new_shard(k.clone(), None, 0, 2).expect("shard");
+        let b = Node::new_shard(k.clone(), None, 1, 2).expect("shard");
+        assert!(Arc::ptr_eq(&a.own.limiter, &b.own.limiter));
+        assert!(!Arc::ptr_eq(
+            &a.own.limiter,
+            &Node::new(k, None).own.limiter
+        ));
     }
 }

@@ -121,6 +121,13 @@ impl Drops {
     pub fn total(&self) -> u64 {
         self.0.values().sum()
     }
+    /// Adds another set of counters to these (a sharded device's counters are the sum of its
+    /// shards').
+    pub fn merge(&mut self, other: &Drops) {
+        for (reason, n) in &other.0 {
+            self.add(*reason, *n);
+        }
+    }
     /// As a name → count map for status output.
     pub fn by_name(&self) -> BTreeMap<&'static str, u64> {
         self.0.iter().map(|(r, n)| (r.name(), *n)).collect()
@@ -180,7 +187,8 @@ pub const QUEUE_LIMIT: usize = 128;
 #[derive(Debug)]
 pub struct Peer {
     pub config: PeerConfig,
-    /// One per live (own key, peer key) pair; never empty.
+    /// One per live (own key, peer key) pair; never empty in the shard that owns the peer,
+    /// always empty in the others (see [`crate::node::Node`] on sharding).
     pub slots: Vec<KeySlot>,
     /// Where datagrams for this peer go now.
     pub endpoint: Option<SocketAddr>,

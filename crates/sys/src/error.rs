@@ -33,6 +33,16 @@ pub enum SysError {
     /// A constructor that registers with tokio was called outside a tokio runtime.
     #[error("{0} must be called from within a tokio runtime")]
     NoRuntime(&'static str),
+    /// The kernel refused `IFF_MULTI_QUEUE` for a TUN device (`EINVAL` from `TUNSETIFF`):
+    /// the kernel has no multi-queue TUN, or an interface of that name exists without it.
+    /// Opening a single queue may still work.
+    #[error("TUN {name:?}: the kernel refused IFF_MULTI_QUEUE (multi-queue TUN): {reason}")]
+    MultiQueueUnsupported {
+        /// The interface name asked for.
+        name: String,
+        /// Why the kernel refused, as far as we can tell.
+        reason: String,
+    },
     /// The kernel answered with something we could not interpret.
     #[error("unexpected kernel reply: {0}")]
     Unexpected(String),
@@ -61,12 +71,19 @@ impl SysError {
         }
     }
 
+    /// Whether this is [`SysError::MultiQueueUnsupported`]: the caller may retry with one
+    /// TUN queue.
+    pub fn is_multi_queue_unsupported(&self) -> bool {
+        matches!(self, SysError::MultiQueueUnsupported { .. })
+    }
+
     /// The OS errno behind this error, if there is one (netlink errors carry the
     /// kernel's errno as well).
     pub fn errno(&self) -> Option<i32> {
         match self {
             SysError::Io { source, .. } => source.raw_os_error(),
             SysError::Netlink { source, .. } => netlink_errno(source),
+            SysError::MultiQueueUnsupported { .. } => Some(libc::EINVAL),
             _ => None,
         }
     }

@@ -7,6 +7,9 @@
 //!   `recv`/`send` on `&self` (raw IP packets, no packet-info header) and the actual name;
 //!   [`Tun::create_offload`] adds `IFF_VNET_HDR` and the TSO/USO/checksum offloads the kernel
 //!   accepts (packets then carry a `virtio_net_hdr` and may be 64 KiB super-packets).
+//!   [`Tun::open_queues`]: in: a name, a queue count, whether to offload; out: that many
+//!   [`TunQueue`]s of one (`IFF_MULTI_QUEUE` when more than one) device, not yet tied to a
+//!   runtime, each turned into a `Tun` on its own thread's runtime by [`Tun::from_queue`].
 //! * [`Netlink`]: in: interface names, addresses, [`Route`]s; out: links brought up,
 //!   MTUs set/read, addresses added (idempotent), routes replaced/deleted (idempotent,
 //!   IPv4 and IPv6, device routes and `RTN_UNREACHABLE` fail-closed routes), the list of
@@ -14,7 +17,9 @@
 //!   its first global address and MTU ([`Netlink::default_route_source`]).
 //! * [`udp`]: in: a port; out: a dual-stack tokio `UdpSocket` (`[::]:port`, falling back
 //!   to `0.0.0.0:port`) with 4 MiB buffers, plus address canonicalisation helpers
-//!   (`::ffff:a.b.c.d` <-> `a.b.c.d`).
+//!   (`::ffff:a.b.c.d` <-> `a.b.c.d`). [`udp::bind_udp_group`]: in: a port and a count; out:
+//!   that many such std sockets on one port (an `SO_REUSEPORT` group when more than one),
+//!   each registered with its thread's runtime by [`udp::register_udp`].
 //! * [`udp_gso`]: in: that socket, buffers, segment sizes and destinations; out: `sendmsg` /
 //!   `sendmmsg` with `UDP_SEGMENT` (GSO: many datagrams per message, many messages per call),
 //!   and `recvmsg` / `recvmmsg` with `UDP_GRO` that return many datagrams of one flow per
@@ -25,7 +30,9 @@
 //!   closure's result, run on a fresh thread that entered that namespace.
 //!
 //! All fallible operations return [`SysError`]; per-packet I/O returns `std::io::Result`.
-//! The TUN, netlink and UDP constructors must be called inside a tokio runtime.
+//! The TUN, netlink and UDP constructors must be called inside a tokio runtime, except
+//! [`Tun::open_queues`] and [`udp::bind_udp_group`], which need none (their results are
+//! registered later by [`Tun::from_queue`] and [`udp::register_udp`]).
 
 mod error;
 pub mod netlink;
@@ -38,5 +45,5 @@ pub mod udp_gso;
 pub use error::SysError;
 pub use netlink::{Netlink, Route, RouteKind, DEV_ROUTE_METRIC, UNREACHABLE_ROUTE_METRIC};
 pub use sysctl::{enable_forwarding, write_sysctl, Forwarding};
-pub use tun::Tun;
-pub use udp::{bind_udp, canonical, to_socket_family};
+pub use tun::{Tun, TunQueue};
+pub use udp::{bind_udp, bind_udp_group, canonical, register_udp, to_socket_family};

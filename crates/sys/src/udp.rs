@@ -1,4 +1,6 @@
-//! The dual-stack UDP socket that carries WireGuard traffic, and address helpers.
+//! The dual-stack UDP socket that carries WireGuard traffic ([`bind_udp`]), or a group of them
+//! sharing one port with `SO_REUSEPORT` for one socket per data-path thread
+//! ([`bind_udp_group`] + [`register_udp`]), and address helpers.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -17,26 +19,101 @@ pub const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 /// with `IPV6_V6ONLY` off, falling back to `0.0.0.0:port` when IPv6 is unavailable in
 /// the namespace. Buffers are set to 4 MiB (`SO_*BUFFORCE` first, which ignores
 /// `rmem_max`/`wmem_max` when we have CAP_NET_ADMIN; plain `SO_*BUF` otherwise).
+/// No `SO_REUSEPORT`: a port in use is an error.
 ///
 /// Must be called from within a tokio runtime. Use [`canonical`] on received source
-/// addresses and [`to_socket_family`] on destinations.
+/// addresses and [`to_socket_family`] on destinations. Same as [`bind_udp_group`]`(port, 1)`
+/// followed by [`register_udp`].
 pub fn bind_udp(port: u16) -> Result<UdpSocket, SysError> {
     SysError::require_runtime("bind_udp")?;
-    let socket = match bind_v6(port) {
-        Ok(s) => s,
+    let socket = bind_udp_group(port, 1)?
+        .pop()
+        .ok_or_else(|| SysError::Unexpected("bind_udp_group(1) returned no socket".into()))?;
+    register_udp(socket)
+}
+
+/// Binds `count` (>= 1) UDP sockets on one port, each dual-stack like [`bind_udp`]
+/// (`[::]:port` with `IPV6_V6ONLY` off; if IPv6 is unavailable, all of them `0.0.0.0:port`),
+/// with the same 4 MiB buffers, non-blocking and close-on-exec, not registered with tokio
+/// (no runtime needed; move each to its thread and [`register_udp`] it there).
+///
+/// * `count == 1`: exactly what [`bind_udp`] binds (no `SO_REUSEPORT`; a port in use is an
+///   error).
+/// * `count > 1`: an `SO_REUSEPORT` group. The first socket binds `port` (0 = ephemeral)
+///   *without* `SO_REUSEPORT`, so a port already bound by anyone, including another
+///   `SO_REUSEPORT` group, is an error rather than a group we silently join (and an ephemeral
+///   port is a free one); it then gets `SO_REUSEPORT` and the others bind the port it got
+///   with `SO_REUSEPORT` set.
+///
+/// The kernel delivers each incoming datagram to one socket of the group, chosen by a hash of
+/// its 4-tuple (source and destination address and port) over the sockets in the group: all
+/// datagrams from one remote endpoint reach the same socket, in order, as long as the group
+/// does not change (closing a socket re-spreads the flows). Sending works from any socket
+/// (all have the same local port). While the group exists, another process of the *same
+/// user* that sets `SO_REUSEPORT` can bind the port and join it, taking a share of the
+/// traffic: meshd guards against a second instance through its API socket.
+///
+/// On error every socket bound so far is closed.
+pub fn bind_udp_group(port: u16, count: usize) -> Result<Vec<std::net::UdpSocket>, SysError> {
+    if count == 0 {
+        return Err(SysError::InvalidArgument(
+            "UDP socket group of 0 sockets".into(),
+        ));
+    }
+    let (first, domain) = match bind_v6(port) {
+        Ok(s) => (s, Domain::IPV6),
         Err(e6) => {
             tracing::info!(port, error = %e6, "IPv6 UDP bind failed, falling back to IPv4 only");
-            bind_v4(port).map_err(|e4| {
+            let s = bind_v4(port).map_err(|e4| {
                 SysError::io(format!("bind UDP port {port} (IPv6 failed: {e6})"), e4)
-            })?
+            })?;
+            (s, Domain::IPV4)
         }
     };
+    if count == 1 {
+        return Ok(vec![finish(first)?]);
+    }
+    first
+        .set_reuse_port(true)
+        .map_err(|e| SysError::io("set SO_REUSEPORT on UDP socket", e))?;
+    let bound = first
+        .local_addr()
+        .map_err(|e| SysError::io("UDP socket local address", e))?
+        .as_socket()
+        .map(|a| a.port())
+        .ok_or_else(|| SysError::Unexpected("UDP socket bound to a non-IP address".into()))?;
+    let mut out = Vec::with_capacity(count);
+    out.push(finish(first)?);
+    for i in 1..count {
+        // On error `out` is dropped, closing every socket bound so far.
+        let s = bind_reuseport(domain, bound).map_err(|e| {
+            SysError::io(
+                format!("bind UDP port {bound} with SO_REUSEPORT (socket {i} of {count})"),
+                e,
+            )
+        })?;
+        out.push(finish(s)?);
+    }
+    tracing::debug!(port = bound, count, "bound UDP SO_REUSEPORT group");
+    Ok(out)
+}
+
+/// Registers a socket from [`bind_udp_group`] with the current tokio runtime (it then must be
+/// used from that runtime only). Errors outside a runtime; the socket is then closed.
+pub fn register_udp(s: std::net::UdpSocket) -> Result<UdpSocket, SysError> {
+    SysError::require_runtime("register_udp")?;
+    s.set_nonblocking(true)
+        .map_err(|e| SysError::io("set UDP socket non-blocking", e))?;
+    UdpSocket::from_std(s).map_err(|e| SysError::io("register UDP socket with tokio", e))
+}
+
+/// Buffers, non-blocking, and the std type.
+fn finish(socket: Socket) -> Result<std::net::UdpSocket, SysError> {
     set_buffers(&socket);
     socket
         .set_nonblocking(true)
         .map_err(|e| SysError::io("set UDP socket non-blocking", e))?;
-    let std_socket: std::net::UdpSocket = socket.into();
-    UdpSocket::from_std(std_socket).map_err(|e| SysError::io("register UDP socket with tokio", e))
+    Ok(socket.into())
 }
 
 fn bind_v6(port: u16) -> io::Result<Socket> {
@@ -49,6 +126,20 @@ fn bind_v6(port: u16) -> io::Result<Socket> {
 fn bind_v4(port: u16) -> io::Result<Socket> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
     s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+    Ok(s)
+}
+
+/// A further member of an `SO_REUSEPORT` group on `port`, of the family of the first.
+fn bind_reuseport(domain: Domain, port: u16) -> io::Result<Socket> {
+    let s = Socket::new(domain, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
+    s.set_reuse_port(true)?;
+    let addr = if domain == Domain::IPV6 {
+        s.set_only_v6(false)?;
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))
+    } else {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
+    };
+    s.bind(&addr.into())?;
     Ok(s)
 }
 
@@ -134,6 +225,26 @@ mod tests {
     #[test]
     fn bind_outside_runtime_is_an_error() {
         assert!(matches!(bind_udp(0), Err(SysError::NoRuntime(_))));
+    }
+
+    #[test]
+    fn group_needs_no_runtime_and_registering_does() {
+        assert!(matches!(
+            bind_udp_group(0, 0),
+            Err(SysError::InvalidArgument(_))
+        ));
+        let group = bind_udp_group(0, 3).unwrap();
+        assert_eq!(group.len(), 3);
+        let port = group[0].local_addr().unwrap().port();
+        assert_ne!(port, 0);
+        for s in &group {
+            assert_eq!(s.local_addr().unwrap().port(), port);
+            assert!(socket2::SockRef::from(s).reuse_port().unwrap());
+        }
+        let single = bind_udp_group(0, 1).unwrap();
+        assert!(!socket2::SockRef::from(&single[0]).reuse_port().unwrap());
+        let s = group.into_iter().next().unwrap();
+        assert!(matches!(register_udp(s), Err(SysError::NoRuntime(_))));
     }
 
     #[tokio::test]

@@ -3,10 +3,10 @@
 //! messages per call; `UDP_GRO` lets the kernel hand over many datagrams of one flow as one
 //! message, with their size in a control message, and `recvmmsg` reads several per call.
 //!
-//! In: a tokio `UdpSocket` from [`crate::bind_udp`], buffers, a segment size, a destination.
-//! Out: bytes sent/received, the sender and the segment size of what was received. Each call
-//! goes through tokio's readiness (`try_io`/`async_io`), so they mix with the socket's own
-//! `send_to`/`recv_from`.
+//! In: a tokio `UdpSocket` from [`crate::bind_udp`] or [`crate::register_udp`], buffers, a
+//! segment size, a destination. Out: bytes sent/received, the sender and the segment size of
+//! what was received. Each call goes through tokio's readiness (`try_io`/`async_io`), so they
+//! mix with the socket's own `send_to`/`recv_from`.
 
 use std::io;
 use std::mem::{size_of, MaybeUninit};

@@ -648,3 +648,377 @@ fn forwarding_is_per_namespace() {
     })
     .unwrap();
 }
+
+/// The device's `IFF_*` flags as the kernel reports them (`/sys/class/net/NAME/tun_flags`;
+/// `ip netns exec` mounts the namespace's own /sys).
+fn tun_flags(ns: &TestNs, name: &str) -> u32 {
+    let path = format!("/sys/class/net/{name}/tun_flags");
+    let (ok, out) = ns.exec(&["cat", &path]);
+    assert!(ok, "{out}");
+    u32::from_str_radix(out.trim().trim_start_matches("0x"), 16).unwrap()
+}
+
+/// Polls until `name` is gone from the namespace (see tun_drop_deletes_interface_and_...:
+/// a child forked by another test thread may hold the last reference for a moment).
+fn assert_link_gone(ns: &TestNs, name: &str) {
+    let mut gone = ns.exec(&["ip", "link", "show", name]);
+    for _ in 0..100 {
+        if !gone.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        gone = ns.exec(&["ip", "link", "show", name]);
+    }
+    assert!(!gone.0, "{name} still exists: {}", gone.1);
+}
+
+const IFF_TUN: u32 = 0x0001;
+const IFF_MULTI_QUEUE: u32 = 0x0100;
+const IFF_NO_PI: u32 = 0x1000;
+const IFF_VNET_HDR: u32 = 0x4000;
+
+#[test]
+fn tun_open_queues_one_multi_queue_device() {
+    let Some(ns) = TestNs::new() else { return };
+    let queues = netns::run_in(&ns.name, || Tun::open_queues("weft0", 3, true).unwrap()).unwrap();
+    assert_eq!(queues.len(), 3);
+    let offloads = queues[0].offloads();
+    assert!(offloads.is_some());
+    for q in &queues {
+        assert_eq!(q.name(), "weft0");
+        assert_eq!(q.offloads(), offloads);
+    }
+    assert_eq!(
+        tun_flags(&ns, "weft0"),
+        IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE | IFF_VNET_HDR
+    );
+    let details = ns.ip(&["-d", "link", "show", "weft0"]);
+    assert!(details.contains("multi_queue"), "{details}");
+
+    netns::run_in(&ns.name, || {
+        // More queues attach to the existing multi-queue device.
+        let more = Tun::open_queues("weft0", 2, true).unwrap();
+        assert_eq!(more.len(), 2);
+        assert!(more.iter().all(|q| q.name() == "weft0"));
+        assert!(more.iter().all(|q| q.offloads() == offloads));
+        // A single-queue open of a multi-queue device is refused (plain error).
+        let e = Tun::open_queues("weft0", 1, true).unwrap_err();
+        assert!(!e.is_multi_queue_unsupported(), "{e}");
+        assert_eq!(e.errno(), Some(libc::EINVAL), "{e}");
+
+        // A multi-queue open of an existing single-queue device: MultiQueueUnsupported.
+        let single = Tun::open_queues("weft1", 1, false).unwrap();
+        let e = Tun::open_queues("weft1", 3, false).unwrap_err();
+        assert!(e.is_multi_queue_unsupported(), "{e}");
+        assert!(e.to_string().contains("IFF_MULTI_QUEUE"), "{e}");
+        drop(single);
+
+        // A name the kernel rejects (EINVAL from register_netdevice) is not mistaken for
+        // a multi-queue refusal.
+        let e = Tun::open_queues("a b", 2, false).unwrap_err();
+        assert!(!e.is_multi_queue_unsupported(), "{e}");
+
+        // Template names are resolved by the first queue and shared by the rest.
+        let t = Tun::open_queues("wq%d", 3, false).unwrap();
+        assert!(t[0].name().starts_with("wq"), "{}", t[0].name());
+        assert!(t
+            .iter()
+            .all(|q| q.name() == t[0].name() && q.offloads().is_none()));
+        let t = Tun::open_queues("", 2, false).unwrap();
+        assert!(t[0].name().starts_with("tun"), "{}", t[0].name());
+        assert!(t.iter().all(|q| q.name() == t[0].name()));
+    })
+    .unwrap();
+    assert_link_gone(&ns, "weft1");
+    assert_link_gone(&ns, "wq0");
+    let details = ns.ip(&["-d", "link", "show", "weft0"]);
+    assert!(details.contains("numqueues 3"), "{details}");
+
+    // Dropping some queues keeps the device; dropping the last deletes it.
+    let mut queues = queues;
+    queues.truncate(1);
+    assert!(ns.exec(&["ip", "link", "show", "weft0"]).0);
+    drop(queues);
+    assert_link_gone(&ns, "weft0");
+}
+
+#[test]
+fn tun_open_one_queue_is_create() {
+    let Some(ns) = TestNs::new() else { return };
+    let _keep = ns.block_on(|| async {
+        let q = Tun::open_queues("weft0", 1, true).unwrap();
+        assert_eq!(q.len(), 1);
+        let q0 = Tun::from_queue(q.into_iter().next().unwrap()).unwrap();
+        let c0 = Tun::create_offload("weft1").unwrap();
+        assert_eq!(q0.name(), "weft0");
+        assert!(q0.offloads().is_some());
+        assert_eq!(q0.offloads(), c0.offloads());
+
+        let q = Tun::open_queues("weft2", 1, false).unwrap();
+        let q2 = Tun::from_queue(q.into_iter().next().unwrap()).unwrap();
+        let c2 = Tun::create("weft3").unwrap();
+        assert_eq!(q2.offloads(), None);
+        assert_eq!(c2.offloads(), None);
+        (q0, c0, q2, c2)
+    });
+    assert_eq!(tun_flags(&ns, "weft0"), IFF_TUN | IFF_NO_PI | IFF_VNET_HDR);
+    assert_eq!(tun_flags(&ns, "weft0"), tun_flags(&ns, "weft1"));
+    assert_eq!(tun_flags(&ns, "weft2"), IFF_TUN | IFF_NO_PI);
+    assert_eq!(tun_flags(&ns, "weft2"), tun_flags(&ns, "weft3"));
+}
+
+/// A UDP datagram `src:sport -> dst:dport` with no checksum (0 is allowed over IPv4).
+fn udp4_packet(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
+    let total = (28 + payload.len()) as u16;
+    let mut pkt = vec![0x45, 0];
+    pkt.extend_from_slice(&total.to_be_bytes());
+    pkt.extend_from_slice(&[0, 1, 0x40, 0, 64, 17, 0, 0]);
+    pkt.extend_from_slice(&src);
+    pkt.extend_from_slice(&dst);
+    let c = checksum(&pkt);
+    pkt[10..12].copy_from_slice(&c.to_be_bytes());
+    pkt.extend_from_slice(&sport.to_be_bytes());
+    pkt.extend_from_slice(&dport.to_be_bytes());
+    pkt.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    pkt.extend_from_slice(&[0, 0]);
+    pkt.extend_from_slice(payload);
+    pkt
+}
+
+/// Drains every queue with `try_recv` until `want` datagrams `* -> 10.99.0.2:9` were seen,
+/// then once more after a pause; returns (payload, queue) in arrival order.
+async fn drain_queues(tuns: &[Tun], want: usize) -> Vec<(String, usize)> {
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 2048];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut extra_round = false;
+    loop {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        for (qi, t) in tuns.iter().enumerate() {
+            loop {
+                match t.try_recv(&mut buf) {
+                    Ok(n) => {
+                        let p = &buf[..n];
+                        if n > 28 && p[0] == 0x45 && p[9] == 17 && p[16..20] == [10, 99, 0, 2] {
+                            let payload = String::from_utf8_lossy(&p[28..]).into_owned();
+                            seen.push((payload, qi));
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("queue {qi}: {e}"),
+                }
+            }
+        }
+        if extra_round {
+            return seen;
+        }
+        if seen.len() >= want {
+            // Anything delivered twice would show up now.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            extra_round = true;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {want} datagrams arrived: {seen:?}",
+            seen.len()
+        );
+    }
+}
+
+#[test]
+fn tun_queues_spread_kernel_packets_by_flow() {
+    let Some(ns) = TestNs::new() else { return };
+    ns.block_on(|| async {
+        const QUEUES: usize = 4;
+        const FLOWS: usize = 16;
+        const PER_FLOW: usize = 5;
+        let nl = Netlink::new().unwrap();
+        let tuns: Vec<Tun> = Tun::open_queues("weft0", QUEUES, false)
+            .unwrap()
+            .into_iter()
+            .map(|q| Tun::from_queue(q).unwrap())
+            .collect();
+        nl.add_address("weft0", ip("10.99.0.1"), 24).await.unwrap();
+        nl.link_up("weft0").await.unwrap();
+
+        let socks: Vec<std::net::UdpSocket> = (0..FLOWS)
+            .map(|_| std::net::UdpSocket::bind("10.99.0.1:0").unwrap())
+            .collect();
+        for j in 0..PER_FLOW {
+            for (i, s) in socks.iter().enumerate() {
+                s.send_to(format!("flow{i:02}-{j}").as_bytes(), "10.99.0.2:9")
+                    .unwrap();
+            }
+        }
+        let seen = drain_queues(&tuns, FLOWS * PER_FLOW).await;
+        assert_eq!(seen.len(), FLOWS * PER_FLOW, "{seen:?}");
+        let mut queue_of = std::collections::HashMap::new();
+        let mut per_flow_seq = vec![Vec::new(); FLOWS];
+        for (payload, q) in &seen {
+            let (flow, seq) = payload
+                .strip_prefix("flow")
+                .unwrap()
+                .split_once('-')
+                .unwrap();
+            let flow: usize = flow.parse().unwrap();
+            let seq: usize = seq.parse().unwrap();
+            assert_eq!(
+                *queue_of.entry(flow).or_insert(*q),
+                *q,
+                "flow {flow} on two queues: {seen:?}"
+            );
+            per_flow_seq[flow].push(seq);
+        }
+        for (flow, seqs) in per_flow_seq.iter().enumerate() {
+            assert_eq!(
+                seqs,
+                &(0..PER_FLOW).collect::<Vec<_>>(),
+                "flow {flow}: each datagram exactly once, in order"
+            );
+        }
+        let mut used: Vec<usize> = queue_of.values().copied().collect();
+        used.sort_unstable();
+        used.dedup();
+        eprintln!("TUN flow -> queue: {queue_of:?}");
+        assert!(
+            used.len() > 1,
+            "all {FLOWS} flows on one queue: {queue_of:?}"
+        );
+
+        // The kernel's flow table: once userspace writes a packet of a flow (either direction:
+        // the hash is symmetric) on some queue, the kernel sends that flow's packets to it.
+        let flow = 0;
+        let from = queue_of[&flow];
+        let to = (from + 1) % QUEUES;
+        let sport = socks[flow].local_addr().unwrap().port();
+        let reply = udp4_packet([10, 99, 0, 2], 9, [10, 99, 0, 1], sport, b"reply");
+        tuns[to].send(&reply).await.unwrap();
+        let mut buf = [0u8; 64];
+        socks[flow]
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let (n, _) = socks[flow].recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"reply");
+        socks[flow].send_to(b"after-write", "10.99.0.2:9").unwrap();
+        let seen = drain_queues(&tuns, 1).await;
+        eprintln!("flow {flow}: queue {from} before writing on queue {to}, then {seen:?}");
+        assert_eq!(seen, vec![("after-write".to_string(), to)]);
+    });
+}
+
+#[test]
+fn udp_group_shares_one_port_by_flow() {
+    let Some(ns) = TestNs::new() else { return };
+    ns.block_on(|| async {
+        const SOCKETS: usize = 3;
+        const FLOWS: usize = 16;
+        const PER_FLOW: usize = 5;
+        let group = udp::bind_udp_group(0, SOCKETS).unwrap();
+        assert_eq!(group.len(), SOCKETS);
+        let port = group[0].local_addr().unwrap().port();
+        assert_ne!(port, 0);
+        for s in &group {
+            assert_eq!(
+                s.local_addr().unwrap(),
+                SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))
+            );
+            let sref = socket2::SockRef::from(s);
+            assert!(sref.reuse_port().unwrap());
+            assert!(!sref.only_v6().unwrap());
+            assert!(sref.recv_buffer_size().unwrap() >= udp::UDP_BUFFER_BYTES);
+            assert!(sref.send_buffer_size().unwrap() >= udp::UDP_BUFFER_BYTES);
+        }
+        let group: Vec<tokio::net::UdpSocket> = group
+            .into_iter()
+            .map(|s| udp::register_udp(s).unwrap())
+            .collect();
+
+        // Half the flows over IPv4, half over IPv6: the dual-stack group takes both.
+        let clients: Vec<std::net::UdpSocket> = (0..FLOWS)
+            .map(|i| {
+                let bind = if i % 2 == 0 { "127.0.0.1:0" } else { "[::1]:0" };
+                std::net::UdpSocket::bind(bind).unwrap()
+            })
+            .collect();
+        for j in 0..PER_FLOW {
+            for (i, c) in clients.iter().enumerate() {
+                let to = if i % 2 == 0 { "127.0.0.1" } else { "::1" };
+                c.send_to(format!("flow{i:02}-{j}").as_bytes(), (to, port))
+                    .unwrap();
+            }
+        }
+        let mut seen: Vec<(usize, usize, usize)> = Vec::new(); // (flow, seq, socket)
+        let mut buf = [0u8; 64];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while seen.len() < FLOWS * PER_FLOW {
+            assert!(tokio::time::Instant::now() < deadline, "{seen:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            for (si, s) in group.iter().enumerate() {
+                while let Ok((n, from)) = s.try_recv_from(&mut buf) {
+                    let text = std::str::from_utf8(&buf[..n]).unwrap();
+                    let (flow, seq) = text.strip_prefix("flow").unwrap().split_once('-').unwrap();
+                    let flow: usize = flow.parse().unwrap();
+                    assert_eq!(
+                        weft_sys::canonical(from),
+                        clients[flow].local_addr().unwrap()
+                    );
+                    seen.push((flow, seq.parse().unwrap(), si));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for s in &group {
+            assert!(s.try_recv_from(&mut buf).is_err(), "a datagram twice");
+        }
+        let mut socket_of = std::collections::HashMap::new();
+        for flow in 0..FLOWS {
+            let of_flow: Vec<_> = seen.iter().filter(|(f, _, _)| *f == flow).collect();
+            let seqs: Vec<usize> = of_flow.iter().map(|(_, s, _)| *s).collect();
+            assert_eq!(seqs, (0..PER_FLOW).collect::<Vec<_>>(), "flow {flow}");
+            let sock = of_flow[0].2;
+            assert!(
+                of_flow.iter().all(|(_, _, s)| *s == sock),
+                "flow {flow} on several sockets: {of_flow:?}"
+            );
+            socket_of.insert(flow, sock);
+        }
+        eprintln!("UDP flow -> socket: {socket_of:?}");
+        let mut used: Vec<usize> = socket_of.values().copied().collect();
+        used.sort_unstable();
+        used.dedup();
+        assert!(used.len() > 1, "all flows on one socket: {socket_of:?}");
+
+        // Replies go out of any member with the group's port.
+        let to = weft_sys::to_socket_family(clients[0].local_addr().unwrap(), true);
+        group[SOCKETS - 1].send_to(b"back", to).await.unwrap();
+        clients[0]
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let (n, from) = clients[0].recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"back");
+        assert_eq!(from.port(), port);
+
+        // A second group (or a single socket) cannot join or take the port.
+        assert!(udp::bind_udp_group(port, 2).is_err());
+        assert!(udp::bind_udp_group(port, 1).is_err());
+
+        // A port bound by a plain socket (dual-stack or IPv4 only) is an error, for one
+        // socket and for a group alike.
+        let plain6 = std::net::UdpSocket::bind("[::]:0").unwrap();
+        let p6 = plain6.local_addr().unwrap().port();
+        let plain4 = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let p4 = plain4.local_addr().unwrap().port();
+        for p in [p6, p4] {
+            assert!(udp::bind_udp_group(p, 1).is_err(), "port {p}");
+            assert!(udp::bind_udp_group(p, 2).is_err(), "port {p}");
+            assert!(weft_sys::bind_udp(p).is_err(), "port {p}");
+        }
+
+        // A fixed port works for a group; it is free again once the group is dropped.
+        drop(group);
+        let fixed = udp::bind_udp_group(port, 2).unwrap();
+        assert!(fixed.iter().all(|s| s.local_addr().unwrap().port() == port));
+        drop(fixed);
+        drop(weft_sys::bind_udp(port).unwrap());
+    });
+}

@@ -158,3 +158,80 @@ fn one_and_two_workers_interoperate() {
     transfer(&c, &pods[1], &pods[0], &marker, 5202);
     c.assert_pods_ping(&pods.iter().collect::<Vec<_>>());
 }
+
+/// CPU seconds (utime + stime) of each thread of `pid`, by thread name.
+fn thread_cpu(pid: u32) -> Vec<(String, f64)> {
+    let tick = 100.0; // USER_HZ
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in dir.flatten() {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        // Fields after the ")" that ends the name: state is 3rd, utime 14th, stime 15th.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        out.push((name.trim().to_string(), (num(11) + num(12)) / tick));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Figures, not a check: node 0 sends bulk TCP to node 1 and node 2 at once (their peers are in
+/// different shards), with one worker and then with two; prints the combined rate and the CPU
+/// seconds of each meshd thread on node 0. Release build:
+///   cargo build --release --workspace --bins &&
+///   cargo test --release -p weft-tests --test workers -- --ignored --nocapture --test-threads=1
+#[test]
+#[ignore]
+fn fan_out_figures() {
+    const FAN_BYTES: u64 = 600_000_000;
+    for w in ["1", "2", "1", "2", "1", "2"] {
+        let (c, pods) = start(&[w, "2", "2"]);
+        let marker = Marker::random();
+        let pid = c.node(0).meshd_pid().expect("meshd pid");
+        let before = thread_cpu(pid);
+        let t0 = std::time::Instant::now();
+        let bytes: Vec<u64> = std::thread::scope(|s| {
+            let hs: Vec<_> = (1..3)
+                .map(|k| {
+                    let (from, to, marker) = (&pods[0], &pods[k], &marker);
+                    s.spawn(move || {
+                        tcp_transfer(
+                            &from.ns,
+                            &to.ns,
+                            &to.ip_str(),
+                            &TcpOpts::new(FAN_BYTES, marker.hex())
+                                .port(5300 + k as u16)
+                                .timeout(Duration::from_secs(120)),
+                        )
+                        .map(|t| t.received)
+                        .unwrap_or(0)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(0)).collect()
+        });
+        let secs = t0.elapsed().as_secs_f64();
+        let after = thread_cpu(pid);
+        let total: u64 = bytes.iter().sum();
+        let cpu: Vec<String> = after
+            .iter()
+            .map(|(n, a)| {
+                let b = before.iter().find(|(m, _)| m == n).map_or(0.0, |x| x.1);
+                format!("{n} {:.2}", a - b)
+            })
+            .collect();
+        eprintln!(
+            "workers {w}: {total} bytes to two peers in {secs:.2} s = {:.3} Gbit/s; node 0 \
+             meshd thread CPU s: {}; workers {:?}",
+            total as f64 * 8.0 / secs / 1e9,
+            cpu.join(", "),
+            workers_of(&c, 0)
+        );
+    }
+}

@@ -3,7 +3,7 @@
 #   sudo scripts/test.sh
 # Steps: test dependencies (apt + boringtun-cli), fmt, clippy, the sans-IO dependency rule,
 # unit tests, a short fuzz run, virtual-clock tests, then the netns end-to-end tests (serial,
-# one thread), and the data-path ones of those again with offloads off.
+# one thread), and the data-path ones of those again with offloads off and one worker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"

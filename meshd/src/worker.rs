@@ -3,10 +3,11 @@
 //! their peer (see [`crate::shards`]), and writes what comes out through its own queue and
 //! socket. Workers share nothing else; the control plane reaches them only through the shards.
 //!
-//! The kernel keeps a flow on one TUN queue and everything from one remote endpoint on one
-//! socket of the `SO_REUSEPORT` group, and each worker handles what it reads in order, so the
-//! packets of a flow keep their order; each peer's `Tunn`s are used under its shard's lock, so
-//! different peers are encrypted on different cores at once.
+//! The kernel keeps everything from one remote endpoint on one socket of the `SO_REUSEPORT`
+//! group, and a flow on one TUN queue (moving it only when its replies are written through
+//! another queue, see ARCHITECTURE.md), and each worker handles what it reads in order, so
+//! the packets of a flow keep their order; each peer's `Tunn`s are used under its shard's lock,
+//! so different peers are encrypted on different cores at once.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;

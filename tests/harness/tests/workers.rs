@@ -235,3 +235,38 @@ fn fan_out_figures() {
         );
     }
 }
+
+/// One UDP flow at full rate (one-way: nothing of it is written back to the TUN, which would let
+/// the kernel steer it to the writer's queue) is read from one TUN queue, so one worker
+/// encrypts all of it and its packets cannot overtake each other between workers.
+#[test]
+fn one_flow_is_read_by_one_worker() {
+    let (c, pods) = start(&["2", "2"]);
+    let before: Vec<u64> = workers_of(&c, 0)
+        .iter()
+        .map(|w| count(w, "tunPackets"))
+        .collect();
+    let sent = udp_send(
+        &pods[0].ns,
+        &format!("{}:7200", pods[1].ip),
+        &UdpSend {
+            size: 64,
+            count: 200_000,
+            bind: Some(format!("{}:42000", pods[0].ip)),
+            ..UdpSend::default()
+        },
+    )
+    .expect("udp send");
+    let ws = workers_of(&c, 0);
+    let moved: Vec<u64> = ws
+        .iter()
+        .zip(&before)
+        .map(|(w, b)| count(w, "tunPackets") - b)
+        .collect();
+    eprintln!("sent {sent}; node 0 workers read {moved:?}");
+    assert_eq!(
+        moved.iter().filter(|m| **m > 100).count(),
+        1,
+        "one flow, one worker: {moved:?}"
+    );
+}

@@ -420,7 +420,6 @@ pub async fn run(mut cfg: Config) -> Result<()> {
             shards: shards.clone(),
             offload: cfg.offload,
             mtu: mtu as usize,
-            udp_v6,
             status,
             stop: stop_rx.clone(),
         };

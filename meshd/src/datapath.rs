@@ -173,6 +173,20 @@ pub struct DataPath {
     /// ones keep their buffers for reuse).
     batches: Vec<GsoBatch>,
     used: usize,
+    /// Which shard handles the next packet, and what the shards asked for.
+    cursor: ShardCursor,
+    /// The UDP socket is IPv6 (dual-stack): destinations are given as IPv4-mapped addresses.
+    udp_v6: bool,
+    /// Packets read from the TUN (after segmentation) and datagrams from the socket.
+    pub tun_packets: u64,
+    pub udp_datagrams: u64,
+    pub status: OffloadStatus,
+}
+
+/// Hands packets to the shard that owns their peer, starting with the shard used last, and
+/// collects what the shards ask for.
+#[derive(Default)]
+struct ShardCursor {
     /// What the shards asked for, taken under their locks, carried out at [`DataPath::flush`].
     outs: Vec<Output>,
     /// Packet buffers done with, handed back to the next shard locked.
@@ -180,8 +194,50 @@ pub struct DataPath {
     /// The shard locked last (tried first for the next packet).
     shard: u16,
     /// Times a packet had to go to another shard than the one locked.
-    pub shard_switches: u64,
-    pub status: OffloadStatus,
+    switches: u64,
+}
+
+impl ShardCursor {
+    /// Hands items `0..n` in order to `f` with a locked shard: the shard used last first (a
+    /// worker mostly serves the same peers), and whenever the node says an item belongs to
+    /// another shard, that shard from then on. Everything the shards ask for is taken into
+    /// `outs` under their locks; buffers done with go back to them.
+    fn run(&mut self, shards: &Shards, n: usize, mut f: impl FnMut(&mut Node, usize) -> Dispatch) {
+        let mut i = 0;
+        while i < n {
+            let mut node = shards.lock(self.shard);
+            for b in self.spare.drain(..) {
+                node.recycle(b);
+            }
+            let mut next = None;
+            while i < n {
+                match f(&mut node, i) {
+                    Dispatch::Shard(k) if k != self.shard && k < shards.count() => {
+                        next = Some(k);
+                        break;
+                    }
+                    Dispatch::Shard(k) => {
+                        // The owner disowning its own peer would be a bug in the node; skip
+                        // the item rather than hand it around for ever.
+                        tracing::warn!(shard = k, "packet sent back to its own shard; dropped");
+                        i += 1;
+                    }
+                    Dispatch::Done => i += 1,
+                }
+            }
+            while let Some(o) = node.poll_output() {
+                self.outs.push(o);
+            }
+            drop(node);
+            match next {
+                Some(k) => {
+                    self.shard = k;
+                    self.switches += 1;
+                }
+                None => break,
+            }
+        }
+    }
 }
 
 impl DataPath {
@@ -205,10 +261,10 @@ impl DataPath {
             ),
             batches: Vec::new(),
             used: 0,
-            outs: Vec::new(),
-            spare: Vec::new(),
-            shard: 0,
-            shard_switches: 0,
+            cursor: ShardCursor::default(),
+            udp_v6: weft_sys::udp::socket_is_v6(udp).unwrap_or(false),
+            tun_packets: 0,
+            udp_datagrams: 0,
             status: OffloadStatus {
                 tun: tun_flags(tun.offloads()),
                 udp_gso: gso,
@@ -220,7 +276,12 @@ impl DataPath {
 
     /// Starts with shard `i` (a worker's own).
     pub fn start_at(&mut self, i: u16) {
-        self.shard = i;
+        self.cursor.shard = i;
+    }
+
+    /// Times a packet belonged to another shard than the one locked.
+    pub fn shard_switches(&self) -> u64 {
+        self.cursor.switches
     }
 
     /// Whether UDP reads go through `recvmmsg` with `UDP_GRO` (else one `recvfrom` each).
@@ -239,12 +300,15 @@ impl DataPath {
         now: Instant,
     ) -> usize {
         if !self.vnet_hdr {
-            self.dispatch(shards, 1, |node, _| node.handle_tun(frame, now));
+            self.cursor
+                .run(shards, 1, |node, _| node.handle_tun(frame, now));
+            self.tun_packets += 1;
             return 1;
         }
         self.segments.clear();
         if let Err(e) = offload::segment(frame, mtu, &mut self.segments) {
             self.status.tun_refused += 1;
+            self.tun_packets += 1;
             tracing::debug!(error = %e, "TUN packet refused by segmentation");
             return 1;
         }
@@ -253,12 +317,12 @@ impl DataPath {
             self.status.tun_super_packets += 1;
             self.status.tun_super_segments += n as u64;
         }
-        let segments = std::mem::take(&mut self.segments);
-        self.dispatch(shards, n, |node, i| match segments.get(i) {
+        let segments = &self.segments;
+        self.cursor.run(shards, n, |node, i| match segments.get(i) {
             Some(p) => node.handle_tun(p, now),
             None => Dispatch::Done,
         });
-        self.segments = segments;
+        self.tun_packets += n as u64;
         n
     }
 
@@ -296,11 +360,14 @@ impl DataPath {
     ) -> usize {
         let from = weft_sys::canonical(from);
         if segment == 0 || segment >= buf.len() {
-            self.dispatch(shards, 1, |node, _| node.handle_udp(from, buf, now));
+            self.cursor
+                .run(shards, 1, |node, _| node.handle_udp(from, buf, now));
+            self.udp_datagrams += 1;
             return 1;
         }
         let n = buf.len().div_ceil(segment);
-        self.dispatch(shards, n, |node, i| {
+        self.udp_datagrams += n as u64;
+        self.cursor.run(shards, n, |node, i| {
             let start = i * segment;
             let end = (start + segment).min(buf.len());
             node.handle_udp(from, &buf[start..end], now)
@@ -310,71 +377,25 @@ impl DataPath {
         n
     }
 
-    /// Hands items `0..n` in order to `f` with a locked shard: the shard used last first (a
-    /// worker mostly serves the same peers), and whenever the node says an item belongs to
-    /// another shard, that shard from then on. Everything the shards ask for is taken into
-    /// `self.outs` under their locks; buffers done with go back to them.
-    fn dispatch(
-        &mut self,
-        shards: &Shards,
-        n: usize,
-        mut f: impl FnMut(&mut Node, usize) -> Dispatch,
-    ) {
-        let mut i = 0;
-        while i < n {
-            let mut node = shards.lock(self.shard);
-            for b in self.spare.drain(..) {
-                node.recycle(b);
-            }
-            let mut next = None;
-            while i < n {
-                match f(&mut node, i) {
-                    Dispatch::Shard(k) if k != self.shard && k < shards.count() => {
-                        next = Some(k);
-                        break;
-                    }
-                    Dispatch::Shard(k) => {
-                        // The owner disowning its own peer would be a bug in the node; skip
-                        // the item rather than hand it around for ever.
-                        tracing::warn!(shard = k, "packet sent back to its own shard; dropped");
-                        i += 1;
-                    }
-                    Dispatch::Done => i += 1,
-                }
-            }
-            while let Some(o) = node.poll_output() {
-                self.outs.push(o);
-            }
-            drop(node);
-            match next {
-                Some(k) => {
-                    self.shard = k;
-                    self.shard_switches += 1;
-                }
-                None => break,
-            }
-        }
-    }
-
     /// Carries out what the shards asked for since the last flush: datagrams to one peer go
     /// out in GSO batches, decrypted packets are coalesced before they are written to the TUN.
-    pub async fn flush(&mut self, tun: &Tun, udp: &UdpSocket, udp_v6: bool) {
-        let mut outs = std::mem::take(&mut self.outs);
+    pub async fn flush(&mut self, tun: &Tun, udp: &UdpSocket) {
+        let mut outs = std::mem::take(&mut self.cursor.outs);
         for o in outs.drain(..) {
             match o {
                 Output::Transmit { dst, payload } => {
-                    let to = weft_sys::to_socket_family(dst, udp_v6);
+                    let to = weft_sys::to_socket_family(dst, self.udp_v6);
                     self.transmit(udp, to, &payload).await;
-                    self.spare.push(payload);
+                    self.cursor.spare.push(payload);
                 }
                 Output::Deliver(p) => {
                     if let Some(p) = self.deliver(tun, p).await {
-                        self.spare.push(p);
+                        self.cursor.spare.push(p);
                     }
                 }
             }
         }
-        self.outs = outs;
+        self.cursor.outs = outs;
         self.finish(tun, udp).await;
     }
 
@@ -436,7 +457,7 @@ impl DataPath {
                 }
             }
         }
-        self.spare.append(&mut self.delivers);
+        self.cursor.spare.append(&mut self.delivers);
     }
 
     /// Sends the waiting batches with `sendmmsg` (as many calls as the kernel needs), each

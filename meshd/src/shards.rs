@@ -57,13 +57,8 @@ impl Shards {
     /// A peer change, applied to every shard. The shards hold the same peers, so they accept
     /// or refuse it alike; the first refusal is returned.
     pub fn apply(&self, cmd: Command) -> Result<(), NodeError> {
-        let mut first = Ok(());
-        for r in self.each(|n| n.apply(cmd.clone())) {
-            if first.is_ok() {
-                first = r;
-            }
-        }
-        first
+        // Every shard gets it (`each` runs them all) before the first refusal is returned.
+        self.each(|n| n.apply(cmd.clone())).into_iter().collect()
     }
 
     /// The configured peers (every shard has them all).
@@ -88,13 +83,9 @@ impl Shards {
     }
 
     pub fn set_next_key(&self, private: &PrivateKey) -> Result<(), NodeError> {
-        let mut first = Ok(());
-        for r in self.each(|n| n.set_next_key(private.clone())) {
-            if first.is_ok() {
-                first = r;
-            }
-        }
-        first
+        self.each(|n| n.set_next_key(private.clone()))
+            .into_iter()
+            .collect()
     }
 
     pub fn next_key(&self) -> Option<PublicKey> {

@@ -49,7 +49,6 @@ pub struct Worker {
     pub shards: Arc<Shards>,
     pub offload: bool,
     pub mtu: usize,
-    pub udp_v6: bool,
     pub status: Arc<Mutex<WorkerStatus>>,
     pub stop: watch::Receiver<bool>,
 }
@@ -109,7 +108,6 @@ async fn run(w: Worker) -> anyhow::Result<()> {
         shards,
         offload,
         mtu,
-        udp_v6,
         status,
         mut stop,
     } = w;
@@ -132,12 +130,8 @@ async fn run(w: Worker) -> anyhow::Result<()> {
         },
         65_600,
     );
-    let mut counts = WorkerStatus {
-        offload: dp.status.clone(),
-        ..WorkerStatus::default()
-    };
     if let Ok(mut s) = status.lock() {
-        *s = counts.clone();
+        s.offload = dp.status.clone();
     }
     loop {
         tokio::select! {
@@ -155,9 +149,8 @@ async fn run(w: Worker) -> anyhow::Result<()> {
                             Err(_) => break,
                         }
                     }
-                    counts.tun_packets += packets as u64;
-                    dp.flush(&tun, &udp, udp_v6).await;
-                    publish(&status, &counts, &dp);
+                    dp.flush(&tun, &udp).await;
+                    publish(&status, &dp);
                 }
                 Err(e) => tracing::warn!(error = %e, "reading the TUN"),
             },
@@ -174,9 +167,8 @@ async fn run(w: Worker) -> anyhow::Result<()> {
                             Err(_) => break,
                         }
                     }
-                    counts.udp_datagrams += packets as u64;
-                    dp.flush(&tun, &udp, udp_v6).await;
-                    publish(&status, &counts, &dp);
+                    dp.flush(&tun, &udp).await;
+                    publish(&status, &dp);
                 }
                 Err(e) => tracing::debug!(error = %e, "reading the UDP socket"),
             },
@@ -191,11 +183,11 @@ async fn run(w: Worker) -> anyhow::Result<()> {
 
 /// Copies the worker's counters out for `meshd status` (no allocation: an uncontended lock
 /// and some integers per wake-up).
-fn publish(status: &Mutex<WorkerStatus>, counts: &WorkerStatus, dp: &DataPath) {
+fn publish(status: &Mutex<WorkerStatus>, dp: &DataPath) {
     if let Ok(mut s) = status.lock() {
-        s.tun_packets = counts.tun_packets;
-        s.udp_datagrams = counts.udp_datagrams;
-        s.shard_switches = dp.shard_switches;
+        s.tun_packets = dp.tun_packets;
+        s.udp_datagrams = dp.udp_datagrams;
+        s.shard_switches = dp.shard_switches();
         s.offload.copy_counters(&dp.status);
     }
 }

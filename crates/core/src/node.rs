@@ -54,13 +54,8 @@ fn take_buf(free: &mut Vec<Vec<u8>>, len: usize) -> Vec<u8> {
 pub const QUEUE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(15);
 
 const MSG_HANDSHAKE_INIT: u8 = 1;
-const MSG_HANDSHAKE_RESPONSE: u8 = 2;
 const MSG_COOKIE_REPLY: u8 = 3;
 const MSG_DATA: u8 = 4;
-/// Sizes of the WireGuard messages (a data message: at least this).
-const HANDSHAKE_RESPONSE_LEN: usize = 92;
-const COOKIE_REPLY_LEN: usize = 64;
-const DATA_MIN_LEN: usize = 32;
 
 /// Where a packet has to be handled when the device is split into shards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,26 +84,27 @@ pub fn shard_of(name: &str, shards: u16) -> u16 {
 
 /// The shard a WireGuard datagram belongs to, from its receiver index (handshake response,
 /// cookie reply, data: `((receiver_idx >> 8) % shards)`), or None for a handshake initiation,
-/// a malformed datagram, or shards <= 1. Cheap: reads the header only (type byte and LE u32
-/// receiver index at the offsets of the WireGuard message formats). Must never panic on any input.
-///
-/// "Malformed" is what `Tunn::parse_incoming_packet` refuses (a type word other than 1..=4 with
-/// zero reserved bytes, or a length that is not the message's), plus anything longer than
-/// [`MAX_DATAGRAM`]: the shard that read such a datagram drops and counts it.
+/// a malformed datagram (what `Tunn::parse_incoming_packet` refuses, or longer than
+/// [`MAX_DATAGRAM`]: the shard that read it drops and counts it), or shards <= 1. Reads the
+/// header only; never panics.
 pub fn shard_of_datagram(datagram: &[u8], shards: u16) -> Option<u16> {
-    if shards <= 1 || datagram.len() > MAX_DATAGRAM {
+    if datagram.len() > MAX_DATAGRAM {
         return None;
     }
-    let word = |at: usize| -> Option<u32> {
-        let b: [u8; 4] = datagram.get(at..at.checked_add(4)?)?.try_into().ok()?;
-        Some(u32::from_le_bytes(b))
-    };
-    // The type word: the type byte and three reserved zero bytes.
-    let receiver = match (word(0)?, datagram.len()) {
-        (t, HANDSHAKE_RESPONSE_LEN) if t == u32::from(MSG_HANDSHAKE_RESPONSE) => word(8)?,
-        (t, COOKIE_REPLY_LEN) if t == u32::from(MSG_COOKIE_REPLY) => word(4)?,
-        (t, len) if t == u32::from(MSG_DATA) && len >= DATA_MIN_LEN => word(4)?,
-        _ => return None,
+    receiver_shard(&Tunn::parse_incoming_packet(datagram).ok()?, shards)
+}
+
+/// The shard named by a parsed message's receiver index (None for an initiation, which has
+/// none, or with shards <= 1).
+fn receiver_shard(p: &Packet<'_>, shards: u16) -> Option<u16> {
+    if shards <= 1 {
+        return None;
+    }
+    let receiver = match p {
+        Packet::HandshakeInit(_) => return None,
+        Packet::HandshakeResponse(r) => r.receiver_idx,
+        Packet::PacketCookieReply(c) => c.receiver_idx,
+        Packet::PacketData(d) => d.receiver_idx,
     };
     // The remainder is below `shards`, so it fits.
     Some(((receiver >> 8) % u32::from(shards)) as u16)
@@ -1059,11 +1055,6 @@ impl Node {
         if datagram.len() > MAX_DATAGRAM {
             return self.dropped(None, DropReason::Oversize);
         }
-        if let Some(k) = shard_of_datagram(datagram, self.shard_count) {
-            if k != self.shard_index {
-                return Dispatch::Shard(k);
-            }
-        }
         let mut buf = std::mem::take(&mut self.scratch);
         if buf.len() < datagram.len() + MIN_BUF {
             buf.resize(datagram.len() + MIN_BUF, 0);
@@ -1111,6 +1102,12 @@ impl Node {
             Ok(p) => p,
             Err(_) => return self.dropped(None, DropReason::InvalidPacket),
         };
+        // A response, cookie reply or data message names its shard in the receiver index.
+        if let Some(k) = receiver_shard(&parsed, self.shard_count) {
+            if k != self.shard_index {
+                return Dispatch::Shard(k);
+            }
+        }
         let target = match parsed {
             Packet::HandshakeInit(_) => {
                 // Addressed to one of our keys: the one whose MAC1 verifies.
@@ -1447,6 +1444,12 @@ fn reason_for(e: &WireGuardError) -> DropReason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MSG_HANDSHAKE_RESPONSE: u8 = 2;
+    /// Sizes of the WireGuard messages (a data message: at least this).
+    const HANDSHAKE_RESPONSE_LEN: usize = 92;
+    const COOKIE_REPLY_LEN: usize = 64;
+    const DATA_MIN_LEN: usize = 32;
     use crate::peer::PeerConfig;
 
     fn ipv4_packet(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
@@ -1805,9 +1808,39 @@ mod tests {
         assert_eq!(peer.endpoint, Some(second));
     }
 
+    /// What the helpers shared by [`Net`] and [`ShardedNet`] need of a test network.
+    trait TestNet {
+        fn node_count(&self) -> usize;
+        /// Node `i` reads `pkt` from its TUN.
+        fn send(&mut self, i: usize, pkt: &[u8], now: Instant);
+        /// Moves datagrams between nodes until nothing is left in flight.
+        fn settle(&mut self, now: Instant);
+        fn last_delivered(&self, j: usize) -> Option<&Vec<u8>>;
+        /// Node `j` learns a peer's new config.
+        fn update(&mut self, j: usize, cfg: &PeerConfig);
+    }
+
+    impl TestNet for Net {
+        fn node_count(&self) -> usize {
+            self.nodes.len()
+        }
+        fn send(&mut self, i: usize, pkt: &[u8], now: Instant) {
+            self.nodes[i].1.handle_tun(pkt, now);
+        }
+        fn settle(&mut self, now: Instant) {
+            self.run(now);
+        }
+        fn last_delivered(&self, j: usize) -> Option<&Vec<u8>> {
+            self.delivered[j].last()
+        }
+        fn update(&mut self, j: usize, cfg: &PeerConfig) {
+            self.nodes[j].1.update_peer(cfg.clone()).expect("update");
+        }
+    }
+
     /// Sends one packet from every node to every other and checks each arrived.
-    fn all_pairs_deliver(net: &mut Net, now: Instant, tag: &str) {
-        let n = net.nodes.len();
+    fn all_pairs_deliver(net: &mut impl TestNet, now: Instant, tag: &str) {
+        let n = net.node_count();
         for i in 0..n {
             for j in 0..n {
                 if i == j {
@@ -1818,10 +1851,10 @@ mod tests {
                     [10, 42, j as u8 + 1, 7],
                     format!("{tag} {i}->{j}").as_bytes(),
                 );
-                net.nodes[i].1.handle_tun(&p, now);
-                net.run(now);
+                net.send(i, &p, now);
+                net.settle(now);
                 assert_eq!(
-                    net.delivered[j].last(),
+                    net.last_delivered(j),
                     Some(&p),
                     "{tag}: {i} -> {j} not delivered"
                 );
@@ -1842,10 +1875,10 @@ mod tests {
     }
 
     /// Tells every other node about node `i`'s config.
-    fn announce(net: &mut Net, cfgs: &[PeerConfig], i: usize) {
-        for j in 0..net.nodes.len() {
+    fn announce(net: &mut impl TestNet, cfgs: &[PeerConfig], i: usize) {
+        for j in 0..net.node_count() {
             if j != i {
-                net.nodes[j].1.update_peer(cfgs[i].clone()).expect("update");
+                net.update(j, &cfgs[i]);
             }
         }
     }
@@ -2215,6 +2248,24 @@ mod tests {
         tun_turn: usize,
     }
 
+    impl TestNet for ShardedNet {
+        fn node_count(&self) -> usize {
+            self.nodes.len()
+        }
+        fn send(&mut self, i: usize, pkt: &[u8], now: Instant) {
+            self.tun(i, pkt, now);
+        }
+        fn settle(&mut self, now: Instant) {
+            self.run(now);
+        }
+        fn last_delivered(&self, j: usize) -> Option<&Vec<u8>> {
+            self.delivered[j].last()
+        }
+        fn update(&mut self, j: usize, cfg: &PeerConfig) {
+            self.each(j, |n| n.update_peer(cfg.clone()).expect("update"));
+        }
+    }
+
     /// `n` names such that the first `count` are owned by shards 0, 1, .. `count - 1`.
     fn spread_names(n: usize, count: u16) -> Vec<String> {
         let mut names: Vec<String> = Vec::new();
@@ -2412,39 +2463,6 @@ mod tests {
             self.nodes[i].1[s].peer(name).expect("peer")
         }
 
-        /// Tells every other node about node `i`'s config.
-        fn announce(&mut self, cfgs: &[PeerConfig], i: usize) {
-            for j in 0..self.nodes.len() {
-                if j != i {
-                    self.each(j, |n| n.update_peer(cfgs[i].clone()).expect("update"));
-                }
-            }
-        }
-
-        /// Sends one packet from every node to every other and checks each arrived.
-        fn all_pairs_deliver(&mut self, now: Instant, tag: &str) {
-            let n = self.nodes.len();
-            for i in 0..n {
-                for j in 0..n {
-                    if i == j {
-                        continue;
-                    }
-                    let p = ipv4_packet(
-                        [10, 42, i as u8 + 1, 5],
-                        [10, 42, j as u8 + 1, 7],
-                        format!("{tag} {i}->{j}").as_bytes(),
-                    );
-                    self.tun(i, &p, now);
-                    self.run(now);
-                    assert_eq!(
-                        self.delivered[j].last(),
-                        Some(&p),
-                        "{tag}: {i} -> {j} not delivered"
-                    );
-                }
-            }
-        }
-
         /// Every peer has slots (with a session) in its owner shard only, and every shard's
         /// indices name it.
         fn check_ownership(&self) {
@@ -2501,9 +2519,9 @@ mod tests {
             let names = spread_names(5, count);
             let (mut net, _) = ShardedNet::full_mesh(&names, count);
             net.run(now);
-            net.all_pairs_deliver(now, "sharded");
+            all_pairs_deliver(&mut net, now, "sharded");
             // And again, now that every session is up.
-            net.all_pairs_deliver(now, "again");
+            all_pairs_deliver(&mut net, now, "again");
             net.check_ownership();
             assert_eq!(net.drops_total(), 0, "{count}: {:?}", net.all_drops());
             for i in 0..net.nodes.len() {
@@ -2526,7 +2544,7 @@ mod tests {
         let names = spread_names(4, 2);
         let (mut net, _) = ShardedNet::full_mesh(&names, 2);
         net.run(now);
-        net.all_pairs_deliver(now, "spread");
+        all_pairs_deliver(&mut net, now, "spread");
         for i in 0..net.nodes.len() {
             for s in 0..2 {
                 let owned = net.nodes[i].1[s].peer_status().len();
@@ -2600,15 +2618,15 @@ mod tests {
         let names = spread_names(4, 2);
         let (mut net, mut cfgs) = ShardedNet::full_mesh(&names, 2);
         net.run(now);
-        net.all_pairs_deliver(now, "before");
+        all_pairs_deliver(&mut net, now, "before");
 
         let old = cfgs[0].public_key;
         let next = PrivateKey::generate();
         let next_pub = next.public_key();
         net.each(0, |n| n.set_next_key(next.clone()).expect("next key"));
         cfgs[0].next_public_key = Some(next_pub);
-        net.announce(&cfgs, 0);
-        net.all_pairs_deliver(now, "announced");
+        announce(&mut net, &cfgs, 0);
+        all_pairs_deliver(&mut net, now, "announced");
         net.each(0, Node::initiate_next);
         net.run(now);
         let progress = net.rotation_progress(0);
@@ -2617,19 +2635,19 @@ mod tests {
             progress.values().all(|p| *p != PeerRotation::Handshaking),
             "{progress:?}"
         );
-        net.all_pairs_deliver(now, "handshaken");
+        all_pairs_deliver(&mut net, now, "handshaken");
         let progress = net.rotation_progress(0);
         assert!(
             progress.values().all(|p| *p == PeerRotation::Moved),
             "{progress:?}"
         );
         net.each(0, |n| assert!(n.promote_next_key()));
-        net.all_pairs_deliver(now, "retired here, not yet announced");
+        all_pairs_deliver(&mut net, now, "retired here, not yet announced");
         cfgs[0].public_key = next_pub;
         cfgs[0].next_public_key = None;
         cfgs[0].key_generation += 1;
-        net.announce(&cfgs, 0);
-        net.all_pairs_deliver(now, "after");
+        announce(&mut net, &cfgs, 0);
+        all_pairs_deliver(&mut net, now, "after");
         for j in 1..names.len() {
             assert_eq!(net.owned_peer(j, &names[0]).slots.len(), 1);
         }

@@ -130,15 +130,21 @@ fn icmp_echo_request(src: [u8; 4], dst: [u8; 4], id: u16, seq: u16) -> Vec<u8> {
     icmp.extend_from_slice(payload);
     let c = checksum(&icmp);
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
-    let total = (20 + icmp.len()) as u16;
+    let mut pkt = ipv4_header(src, dst, 1, icmp.len());
+    pkt.extend_from_slice(&icmp);
+    pkt
+}
+
+/// An IPv4 header (ID 1, DF, TTL 64, checksum set) for `payload_len` bytes of `proto`.
+fn ipv4_header(src: [u8; 4], dst: [u8; 4], proto: u8, payload_len: usize) -> Vec<u8> {
+    let total = (20 + payload_len) as u16;
     let mut pkt = vec![0x45, 0];
     pkt.extend_from_slice(&total.to_be_bytes());
-    pkt.extend_from_slice(&[0, 1, 0x40, 0, 64, 1, 0, 0]);
+    pkt.extend_from_slice(&[0, 1, 0x40, 0, 64, proto, 0, 0]);
     pkt.extend_from_slice(&src);
     pkt.extend_from_slice(&dst);
     let c = checksum(&pkt);
     pkt[10..12].copy_from_slice(&c.to_be_bytes());
-    pkt.extend_from_slice(&icmp);
     pkt
 }
 
@@ -769,14 +775,7 @@ fn tun_open_one_queue_is_create() {
 
 /// A UDP datagram `src:sport -> dst:dport` with no checksum (0 is allowed over IPv4).
 fn udp4_packet(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
-    let total = (28 + payload.len()) as u16;
-    let mut pkt = vec![0x45, 0];
-    pkt.extend_from_slice(&total.to_be_bytes());
-    pkt.extend_from_slice(&[0, 1, 0x40, 0, 64, 17, 0, 0]);
-    pkt.extend_from_slice(&src);
-    pkt.extend_from_slice(&dst);
-    let c = checksum(&pkt);
-    pkt[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut pkt = ipv4_header(src, dst, 17, 8 + payload.len());
     pkt.extend_from_slice(&sport.to_be_bytes());
     pkt.extend_from_slice(&dport.to_be_bytes());
     pkt.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());

@@ -956,12 +956,29 @@ pub fn peer_of<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
         .find(|p| p["name"].as_str() == Some(name))
 }
 
+/// Counter `name` of a part of a meshd status JSON (e.g. `offload`, one of `workers`);
+/// panics when it is missing.
+pub fn counter_of(part: &Value, name: &str) -> u64 {
+    part.get(name)
+        .and_then(|x| x.as_u64())
+        .unwrap_or_else(|| panic!("no counter {name} in {part}"))
+}
+
 /// Device-wide drop counter `reason` from a meshd status JSON (0 when absent).
 pub fn drops_of(status: &Value, reason: &str) -> u64 {
     status["drops"][reason].as_u64().unwrap_or(0)
 }
 
 impl Node {
+    /// Part `key` of this node's meshd status JSON (`offload`, `workers`, ...); panics when
+    /// the status cannot be read or lacks it.
+    pub fn status_part(&self, key: &str) -> Value {
+        let st = self.status_json().expect("status");
+        st.get(key)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {key} in status of {}: {st}", self.name))
+    }
+
     // ---------------- pods ----------------
 
     /// Adds pod `k` with the cluster's pod MTU: namespace, veth, 10.42.(i+1).(10+k)/32, default

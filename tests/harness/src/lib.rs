@@ -31,8 +31,8 @@ pub mod util;
 
 pub use capture::{parse_pcap, Capture, Marker, Packet, Packets};
 pub use cluster::{
-    drops_of, harness_namespaces, peer_of, wg_genkey, wg_pubkey, wg_quick_values, Cluster,
-    ClusterOpts, Node, Pod, RecordSpec, Registry, WgImpl, WgKeys, WgPeer, CLUSTER_CIDR,
+    counter_of, drops_of, harness_namespaces, peer_of, wg_genkey, wg_pubkey, wg_quick_values,
+    Cluster, ClusterOpts, Node, Pod, RecordSpec, Registry, WgImpl, WgKeys, WgPeer, CLUSTER_CIDR,
     LOW_ORDER_KEY, MESH_PORT,
 };
 pub use cni::{
@@ -45,7 +45,7 @@ pub use etcd::{
     ETCD_CLIENT_PORT, ETCD_PEER_PORT, NO_USER_CN,
 };
 pub use traffic::{
-    ping, sh_in, tcp_transfer, udp_send, BgPing, PingOpts, PingResult, TcpOpts, TcpResult,
-    UdpReceived, UdpReceiver, UdpSend,
+    assert_tcp_intact, ping, sh_in, tcp_transfer, udp_send, BgPing, PingOpts, PingResult, TcpOpts,
+    TcpResult, UdpReceived, UdpReceiver, UdpSend,
 };
 pub use util::{set_bin_dir, set_nettool, wait_for, wait_until, workspace_bin};

@@ -639,6 +639,34 @@ pub fn tcp_port_open(ns: &str, ip: &str, port: u16) -> bool {
         .unwrap_or(false)
 }
 
+/// `o.bytes` of `o.marker` over TCP from pod `from` to pod `to`: asserts that every byte arrived
+/// and every marker intact, and prints the rate.
+pub fn assert_tcp_intact(
+    c: &crate::Cluster,
+    from: &crate::Pod,
+    to: &crate::Pod,
+    o: &TcpOpts,
+) -> TcpResult {
+    let t = tcp_transfer(&from.ns, &to.ns, &to.ip_str(), o)
+        .unwrap_or_else(|e| panic!("tcp {} -> {}: {e:#}\n{}", from.ip, to.ip, c.debug_report()));
+    assert!(t.complete(), "tcp {} -> {}: {t:?}", from.ip, to.ip);
+    let want = o.bytes / o.marker.len() as u64;
+    assert!(
+        t.marker_count >= want,
+        "{} markers of {want} arrived intact: {t:?}",
+        t.marker_count
+    );
+    eprintln!(
+        "{} -> {}: {} bytes in {:.2} s ({:.2} Gbit/s)",
+        from.ip,
+        to.ip,
+        t.received,
+        t.secs,
+        t.received as f64 * 8.0 / t.secs / 1e9
+    );
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

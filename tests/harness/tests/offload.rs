@@ -7,7 +7,9 @@
 //!   cargo build --workspace --bins && cargo test -p weft-tests --test offload -- --test-threads=1
 
 use std::time::Duration;
-use weft_tests::{tcp_transfer, udp_send, Cluster, Marker, Pod, TcpOpts, UdpReceiver, UdpSend};
+use weft_tests::{
+    assert_tcp_intact, counter_of, udp_send, Cluster, Marker, Pod, TcpOpts, UdpReceiver, UdpSend,
+};
 
 const READY: Duration = Duration::from_secs(20);
 const BYTES: u64 = 40_000_000;
@@ -31,16 +33,7 @@ fn start(modes: [&str; 2]) -> (Cluster, Vec<Pod>) {
 }
 
 fn offload_status(c: &Cluster, i: usize) -> serde_json::Value {
-    let st = c.node(i).status_json().expect("status");
-    st.get("offload")
-        .cloned()
-        .unwrap_or_else(|| panic!("no offload in status of node {i}: {st}"))
-}
-
-fn counter(v: &serde_json::Value, name: &str) -> u64 {
-    v.get(name)
-        .and_then(|x| x.as_u64())
-        .unwrap_or_else(|| panic!("no counter {name} in {v}"))
+    c.node(i).status_part("offload")
 }
 
 /// `TcpInCsumErrors` (and `InCsumErrors` of UDP) of a namespace's kernel, from /proc/net/snmp.
@@ -64,27 +57,11 @@ fn csum_errors(ns: &str) -> u64 {
 /// `BYTES` of the marker from `from` to `to`; every byte arrives (sent = received and the
 /// receiver counts every marker).
 fn transfer(c: &Cluster, from: &Pod, to: &Pod, marker: &Marker) {
-    let t = tcp_transfer(
-        &from.ns,
-        &to.ns,
-        &to.ip_str(),
+    assert_tcp_intact(
+        c,
+        from,
+        to,
         &TcpOpts::new(BYTES, marker.hex()).timeout(Duration::from_secs(60)),
-    )
-    .unwrap_or_else(|e| panic!("tcp {} -> {}: {e:#}\n{}", from.ip, to.ip, c.debug_report()));
-    assert!(t.complete(), "tcp {} -> {}: {t:?}", from.ip, to.ip);
-    let want = BYTES / marker.hex().len() as u64;
-    assert!(
-        t.marker_count >= want,
-        "{} markers of {want} arrived intact: {t:?}",
-        t.marker_count
-    );
-    eprintln!(
-        "{} -> {}: {} bytes in {:.2} s ({:.2} Gbit/s)",
-        from.ip,
-        to.ip,
-        t.received,
-        t.secs,
-        t.received as f64 * 8.0 / t.secs / 1e9
     );
 }
 
@@ -115,17 +92,17 @@ fn offloads_on_carry_bulk_tcp_through_every_offload() {
             "udpGroReads",
             "tunCoalescedWrites",
         ] {
-            assert!(counter(&st, name) > 0, "node {i}: {name} is 0: {st}");
+            assert!(counter_of(&st, name) > 0, "node {i}: {name} is 0: {st}");
         }
         assert!(
-            counter(&st, "tunSuperSegments") > counter(&st, "tunSuperPackets"),
+            counter_of(&st, "tunSuperSegments") > counter_of(&st, "tunSuperPackets"),
             "node {i}: {st}"
         );
         assert!(
-            counter(&st, "udpGsoDatagrams") > counter(&st, "udpGsoSends"),
+            counter_of(&st, "udpGsoDatagrams") > counter_of(&st, "udpGsoSends"),
             "node {i}: {st}"
         );
-        assert_eq!(counter(&st, "tunRefused"), 0, "node {i}: {st}");
+        assert_eq!(counter_of(&st, "tunRefused"), 0, "node {i}: {st}");
     }
     // A burst of UDP datagrams: the receiving node coalesces them into USO super-packets (its
     // TUN accepted USO) and the kernel cuts them back into the very same datagrams. A burst
@@ -133,8 +110,8 @@ fn offloads_on_carry_bulk_tcp_through_every_offload() {
     // checked: every datagram intact, and coalesced writes that carried them.
     let st1 = offload_status(&c, 1);
     if st1["tun"].as_str().unwrap_or_default().contains("uso4") {
-        let writes = counter(&st1, "tunCoalescedWrites");
-        let packets = counter(&st1, "tunCoalescedPackets");
+        let writes = counter_of(&st1, "tunCoalescedWrites");
+        let packets = counter_of(&st1, "tunCoalescedPackets");
         let rx = UdpReceiver::start(
             &pods[1].ns,
             &format!("{}:7000", pods[1].ip),
@@ -167,11 +144,11 @@ fn offloads_on_carry_bulk_tcp_through_every_offload() {
             "datagram sizes changed: {got:?}"
         );
         assert!(
-            counter(&st1, "tunCoalescedWrites") > writes,
+            counter_of(&st1, "tunCoalescedWrites") > writes,
             "no UDP coalescing on node 1: {st1}"
         );
         assert!(
-            counter(&st1, "tunCoalescedPackets") - packets >= got.received,
+            counter_of(&st1, "tunCoalescedPackets") - packets >= got.received,
             "fewer datagrams coalesced than received: {st1}"
         );
     }
@@ -200,11 +177,11 @@ fn offload_off_is_the_plain_path_and_interoperates() {
         "tunCoalescedWrites",
         "tunRefused",
     ] {
-        assert_eq!(counter(&off, name), 0, "node 0 (off): {name}: {off}");
+        assert_eq!(counter_of(&off, name), 0, "node 0 (off): {name}: {off}");
     }
     let on = offload_status(&c, 1);
     eprintln!("node 1 (on) offload: {on}");
-    assert!(counter(&on, "tunSuperPackets") > 0, "node 1 (on): {on}");
+    assert!(counter_of(&on, "tunSuperPackets") > 0, "node 1 (on): {on}");
     let after = [csum_errors(&pods[0].ns), csum_errors(&pods[1].ns)];
     assert_eq!(before, after, "checksum errors in the pods' kernels");
 }

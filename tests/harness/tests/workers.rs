@@ -6,7 +6,10 @@
 //!   cargo build --workspace --bins && cargo test -p weft-tests --test workers -- --test-threads=1
 
 use std::time::Duration;
-use weft_tests::{tcp_transfer, udp_send, Cluster, Marker, Pod, TcpOpts, UdpReceiver, UdpSend};
+use weft_tests::{
+    assert_tcp_intact, counter_of, tcp_transfer, udp_send, Cluster, Marker, Pod, TcpOpts,
+    UdpReceiver, UdpSend,
+};
 
 const READY: Duration = Duration::from_secs(20);
 const BYTES: u64 = 20_000_000;
@@ -32,36 +35,21 @@ fn start(workers: &[&str]) -> (Cluster, Vec<Pod>) {
 }
 
 fn workers_of(c: &Cluster, i: usize) -> Vec<serde_json::Value> {
-    let st = c.node(i).status_json().expect("status");
-    st.get("workers")
-        .and_then(|w| w.as_array())
+    let w = c.node(i).status_part("workers");
+    w.as_array()
         .cloned()
-        .unwrap_or_else(|| panic!("no workers in status of node {i}: {st}"))
-}
-
-fn count(w: &serde_json::Value, name: &str) -> u64 {
-    w.get(name)
-        .and_then(|x| x.as_u64())
-        .unwrap_or_else(|| panic!("no {name} in {w}"))
+        .unwrap_or_else(|| panic!("workers of node {i} is not a list: {w}"))
 }
 
 /// `BYTES` of the marker from `from` to `to`, every byte intact.
 fn transfer(c: &Cluster, from: &Pod, to: &Pod, marker: &Marker, port: u16) {
-    let t = tcp_transfer(
-        &from.ns,
-        &to.ns,
-        &to.ip_str(),
+    assert_tcp_intact(
+        c,
+        from,
+        to,
         &TcpOpts::new(BYTES, marker.hex())
             .port(port)
             .timeout(Duration::from_secs(60)),
-    )
-    .unwrap_or_else(|e| panic!("tcp {} -> {}: {e:#}\n{}", from.ip, to.ip, c.debug_report()));
-    assert!(t.complete(), "tcp {} -> {}: {t:?}", from.ip, to.ip);
-    let want = BYTES / marker.hex().len() as u64;
-    assert!(
-        t.marker_count >= want,
-        "{} markers of {want} arrived intact: {t:?}",
-        t.marker_count
     );
 }
 
@@ -91,7 +79,7 @@ fn two_workers_share_the_flows_and_lose_nothing() {
     .expect("udp receiver");
     let before: u64 = workers_of(&c, 0)
         .iter()
-        .map(|w| count(w, "tunPackets"))
+        .map(|w| counter_of(w, "tunPackets"))
         .sum();
     let cap = c.capture_underlay("").expect("underlay capture");
     let mut sent = 0;
@@ -118,7 +106,7 @@ fn two_workers_share_the_flows_and_lose_nothing() {
     // Both TUN queues of node 0 carried some of the flows.
     let ws = workers_of(&c, 0);
     eprintln!("node 0 workers: {ws:?}");
-    let after: u64 = ws.iter().map(|w| count(w, "tunPackets")).sum();
+    let after: u64 = ws.iter().map(|w| counter_of(w, "tunPackets")).sum();
     assert!(
         after - before >= sent,
         "node 0 read {} packets for {sent} datagrams",
@@ -126,7 +114,7 @@ fn two_workers_share_the_flows_and_lose_nothing() {
     );
     for (k, w) in ws.iter().enumerate() {
         assert!(
-            count(w, "tunPackets") > 0,
+            counter_of(w, "tunPackets") > 0,
             "worker {k} of node 0 read nothing: {ws:?}"
         );
     }
@@ -140,7 +128,7 @@ fn two_workers_share_the_flows_and_lose_nothing() {
     });
     for i in 1..3 {
         let ws = workers_of(&c, i);
-        let udp: u64 = ws.iter().map(|w| count(w, "udpDatagrams")).sum();
+        let udp: u64 = ws.iter().map(|w| counter_of(w, "udpDatagrams")).sum();
         assert!(udp > 0, "node {i} decrypted nothing: {ws:?}");
     }
     let frames = cap.stop().expect("stop capture");
@@ -244,7 +232,7 @@ fn one_flow_is_read_by_one_worker() {
     let (c, pods) = start(&["2", "2"]);
     let before: Vec<u64> = workers_of(&c, 0)
         .iter()
-        .map(|w| count(w, "tunPackets"))
+        .map(|w| counter_of(w, "tunPackets"))
         .collect();
     let sent = udp_send(
         &pods[0].ns,
@@ -261,7 +249,7 @@ fn one_flow_is_read_by_one_worker() {
     let moved: Vec<u64> = ws
         .iter()
         .zip(&before)
-        .map(|(w, b)| count(w, "tunPackets") - b)
+        .map(|(w, b)| counter_of(w, "tunPackets") - b)
         .collect();
     eprintln!("sent {sent}; node 0 workers read {moved:?}");
     assert_eq!(

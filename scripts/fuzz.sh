@@ -9,7 +9,7 @@ secs="${1:-30}"
 case "$secs" in
     ''|*[!0-9]*) echo "usage: $0 SECONDS" >&2; exit 2 ;;
 esac
-cd "$(dirname "$0")/../fuzz"
+cd "$(dirname "$0")/../fuzz" || exit 1
 export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
 if ! rustup toolchain list | grep -q '^nightly'; then
     echo "fuzzing needs a nightly toolchain: rustup toolchain install nightly" >&2

@@ -3,7 +3,8 @@
 # Idempotent, non-interactive, run as root:  sudo scripts/install-test-deps.sh
 #   - Debian packages: wireguard-go wireguard-tools iperf3 tcpdump iputils-ping iproute2 procps
 #     psmisc nftables (apt-get update + install only when one of them is missing)
-#   - etcd-server etcd-client (a real etcd for the etcd registry tests) and protobuf-compiler
+#   - shellcheck (CI checks the shell scripts), curl
+#   - etcd-server etcd-client (a real etcd for the etcd and kube registry tests) and protobuf-compiler
 #     (protoc, needed to build the etcd-client crate); openssl (test certificates for etcd TLS)
 #   - containernetworking-plugins (reference CNI plugins in /usr/lib/cni: ptp, host-local,
 #     portmap, bandwidth, loopback; they speak CNI up to 1.0.0) and iptables (portmap, ptp ipMasq)
@@ -19,7 +20,8 @@ log() { echo "install-test-deps: $*" >&2; }
 
 export DEBIAN_FRONTEND=noninteractive
 PKGS=(wireguard-go wireguard-tools iperf3 tcpdump iputils-ping iproute2 procps psmisc nftables
-      containernetworking-plugins iptables etcd-server etcd-client protobuf-compiler openssl)
+      containernetworking-plugins iptables etcd-server etcd-client protobuf-compiler openssl
+      shellcheck curl)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -39,7 +41,7 @@ else
     done
 fi
 
-for b in wireguard-go wg iperf3 tcpdump ping ip tc nft iptables etcd etcdctl protoc openssl; do
+for b in wireguard-go wg iperf3 tcpdump ping ip tc nft iptables etcd etcdctl protoc openssl shellcheck curl; do
     command -v "$b" >/dev/null 2>&1 || die "$b not found on PATH after installing packages"
 done
 

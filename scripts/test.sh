@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The one command that installs what the tests need and runs them all (as root):
 #   sudo scripts/test.sh
-# Steps: test dependencies (apt + boringtun-cli), fmt, clippy, the sans-IO dependency rule,
-# unit tests, a short fuzz run, virtual-clock tests, then the netns end-to-end tests (serial,
-# one thread), and the data-path ones of those again with offloads off and one worker.
+# Steps: test dependencies (apt + boringtun-cli), the Kubernetes binaries (built once, cached),
+# the shell-script lint, fmt, clippy, the sans-IO dependency rule, unit tests (they include the check that
+# deploy/crds is what the Rust types generate), a short fuzz run, virtual-clock tests, then the
+# netns end-to-end tests (serial, one thread; they include the real kube-apiserver tier), and
+# the data-path ones of those again with offloads off and one worker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
@@ -13,6 +15,20 @@ step() { echo; echo "=== $* ($(( $(date +%s) - start ))s)"; }
 
 step "install test dependencies"
 scripts/install-test-deps.sh
+
+step "Kubernetes v1.37.2 binaries (kube-apiserver, kube-controller-manager, kubectl; cached)"
+# Built once from the Go module proxy into /var/cache/weft/kubernetes/VERSION (~14 min cold on
+# 2 cores, nothing when cached); the kube test tier runs them.
+WEFT_KUBE_BIN=$(scripts/kube-bins.sh)
+export WEFT_KUBE_BIN
+"$WEFT_KUBE_BIN/kube-apiserver" --version
+"$WEFT_KUBE_BIN/kubectl" version --client
+
+step "shellcheck"
+shellcheck scripts/*.sh deploy/image/*.sh deploy/etcd/*.sh tests/e2e/*.sh
+
+step "the kustomize base builds (kubectl kustomize deploy/)"
+"$WEFT_KUBE_BIN/kubectl" kustomize deploy/ >/dev/null
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

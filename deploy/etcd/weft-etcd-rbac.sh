@@ -172,8 +172,8 @@ ensure_role() {
     section=
     while IFS= read -r line; do
         case $line in
-        "KV Read:") section=read ;;
-        "KV Write:") section=write ;;
+        "KV Read:") section="read" ;;
+        "KV Write:") section="write" ;;
         $'\t'*)
             line=${line#$'\t'}
             if [ "$section" = read ]; then

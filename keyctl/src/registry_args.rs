@@ -34,8 +34,10 @@ pub fn bad(flag: &'static str, reason: impl Into<String>) -> UsageError {
 
 #[derive(Debug, Clone, Args)]
 pub struct RegistryArgs {
-    /// The registry meshd uses: dir:PATH or etcd://HOST:PORT[,HOST:PORT...] (etcds:// or
-    /// --etcd-ca for TLS; user and password from WEFT_ETCD_USERNAME / WEFT_ETCD_PASSWORD).
+    /// The registry meshd uses: dir:PATH, etcd://HOST:PORT[,HOST:PORT...] (etcds:// or
+    /// --etcd-ca for TLS; user and password from WEFT_ETCD_USERNAME / WEFT_ETCD_PASSWORD) or
+    /// kube (the Kubernetes API server of --kubeconfig / KUBECONFIG; needs the weft-admin
+    /// ClusterRole, see deploy/README.md).
     #[arg(
         long,
         env = "WEFT_REGISTRY",
@@ -54,6 +56,13 @@ pub struct RegistryArgs {
     /// etcd registry: client key (PEM) for mutual TLS; needs --etcd-cert.
     #[arg(long, env = "WEFT_ETCD_KEY")]
     pub etcd_key: Option<PathBuf>,
+    /// kube registry: a kubeconfig file. Absent: KUBECONFIG, else ~/.kube/config, else the
+    /// in-cluster ServiceAccount.
+    #[arg(long, env = "WEFT_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// kube registry: the API server's address (https://HOST:PORT), replacing the kubeconfig's.
+    #[arg(long, env = "WEFT_KUBE_API_SERVER")]
+    pub kube_api_server: Option<String>,
 }
 
 impl RegistryArgs {
@@ -69,7 +78,16 @@ impl RegistryArgs {
         )
         .map_err(|(flag, reason)| bad(flag, reason))?;
         let spec = self.registry.trim().to_string();
+        let kube = weft_registry::KubeOptions {
+            kubeconfig: self.kubeconfig.clone(),
+            api_server: self.kube_api_server.clone(),
+            field_manager: "keyctl".into(),
+            node: None,
+            ..weft_registry::KubeOptions::default()
+        };
+        kube.check().map_err(|(flag, reason)| bad(flag, reason))?;
         match spec.split_once(':') {
+            _ if weft_registry::is_kube_spec(&spec) => {}
             Some(("dir", path)) if !path.is_empty() => {
                 if !std::path::Path::new(path).is_dir() {
                     return Err(bad(
@@ -92,16 +110,10 @@ impl RegistryArgs {
                     ));
                 }
             }
-            Some(("k8s" | "kubernetes" | "crd", _)) => {
-                return Err(bad(
-                    "registry",
-                    "only dir:PATH and etcd://HOST:PORT are supported by this build",
-                ))
-            }
             _ => {
                 return Err(bad(
                     "registry",
-                    "expected dir:PATH or etcd://HOST:PORT[,HOST:PORT...]",
+                    "expected dir:PATH, etcd://HOST:PORT[,HOST:PORT...] or kube",
                 ))
             }
         }
@@ -112,7 +124,7 @@ impl RegistryArgs {
             key_file: self.etcd_key.clone(),
             ..EtcdOptions::from_env()
         };
-        Ok((spec, OpenOptions { etcd }))
+        Ok((spec, OpenOptions { etcd, kube }))
     }
 
     /// Opens the registry after [`RegistryArgs::validate`] (needs a tokio runtime for etcd).
@@ -157,7 +169,8 @@ mod tests {
             (&["--registry", "dir:/nonexistent/weft"], "registry"),
             (&["--registry", "etcd://127.0.0.1"], "registry"),
             (&["--registry", "etcds://127.0.0.1:2379"], "etcd-ca"),
-            (&["--registry", "k8s:"], "registry"),
+            (&["--registry", "kube:x"], "registry"),
+            (&["--kubeconfig", "/nonexistent/kc"], "kubeconfig"),
             (&["--registry", "/tmp"], "registry"),
             (&["--etcd-prefix", "weft"], "etcd-prefix"),
             (&["--etcd-ca", "/nonexistent/ca.pem"], "etcd-ca"),

@@ -96,6 +96,7 @@ impl Backend {
                 prefix: "/t".into(),
                 ..EtcdOptions::default()
             },
+            ..Default::default()
         };
         weft_registry::open_with(&self.spec(), &opts).expect("open registry")
     }

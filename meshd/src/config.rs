@@ -11,12 +11,14 @@ use weft_core::record::check_name;
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
-    /// This node's name (a lowercase DNS name). Default: the hostname.
+    /// This node's name (a lowercase DNS name). Default: `NODE_NAME` (the downward API in the
+    /// DaemonSet), else the hostname.
     #[arg(long, env = "WEFT_NODE_NAME")]
     pub node_name: Option<String>,
-    /// Where node records live: dir:PATH (a directory shared by all nodes) or
+    /// Where node records live: dir:PATH (a directory shared by all nodes),
     /// etcd://HOST:PORT[,HOST:PORT...] (etcds:// or --etcd-ca for TLS; user and password from
-    /// WEFT_ETCD_USERNAME / WEFT_ETCD_PASSWORD).
+    /// WEFT_ETCD_USERNAME / WEFT_ETCD_PASSWORD) or kube (the Kubernetes API server: custom
+    /// resources of group weft.dev; see --kubeconfig and --kube-api-server).
     #[arg(
         long,
         env = "WEFT_REGISTRY",
@@ -104,6 +106,38 @@ pub struct RunArgs {
     /// while meshd runs; the record disappears this long after meshd dies).
     #[arg(long, env = "WEFT_ETCD_LEASE_TTL", default_value_t = 60)]
     pub etcd_lease_ttl: u64,
+    /// kube registry: a kubeconfig file. Absent: KUBECONFIG, else the in-cluster ServiceAccount
+    /// token (the DaemonSet's).
+    #[arg(long, env = "WEFT_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// kube registry: the API server's real address, https://HOST:PORT, replacing the
+    /// kubeconfig's or the in-cluster one (the `kubernetes` Service IP may not route before the
+    /// network plugin is up).
+    #[arg(long, env = "WEFT_KUBE_API_SERVER")]
+    pub kube_api_server: Option<String>,
+    /// Serve /healthz (liveness) and /readyz (TUN up, routes installed, registry synced) over
+    /// HTTP on ADDR:PORT, for the kubelet's probes. Absent: off.
+    #[arg(long, env = "WEFT_HEALTH_LISTEN")]
+    pub health_listen: Option<String>,
+}
+
+/// Settings of the kube registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeConfig {
+    pub kubeconfig: Option<PathBuf>,
+    pub api_server: Option<String>,
+}
+
+impl KubeConfig {
+    /// The registry options for node `node` (owner of what it writes), field manager `meshd`.
+    pub fn options(&self, node: &str) -> weft_registry::KubeOptions {
+        weft_registry::KubeOptions {
+            kubeconfig: self.kubeconfig.clone(),
+            api_server: self.api_server.clone(),
+            node: Some(node.to_string()),
+            ..weft_registry::KubeOptions::default()
+        }
+    }
 }
 
 /// Settings of the etcd registry (unused with dir:). The user name and password are not here:
@@ -151,6 +185,10 @@ pub struct Config {
     pub persistent_keepalive: Option<u16>,
     pub json_logs: bool,
     pub etcd: EtcdConfig,
+    /// Set with `--registry kube`.
+    pub kube: Option<KubeConfig>,
+    /// `--health-listen`.
+    pub health_listen: Option<SocketAddr>,
     /// `--key-max-age`: rotate by itself past this age.
     pub key_max_age: Option<std::time::Duration>,
     /// `--cluster-secret-file`, read and checked.
@@ -326,13 +364,31 @@ impl RunArgs {
     pub fn validate(&self) -> Result<Config, ConfigError> {
         let node_name = match &self.node_name {
             Some(n) => n.clone(),
-            None => hostname().ok_or_else(|| bad("node-name", "no hostname; set --node-name"))?,
+            None => match std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()) {
+                Some(n) => n.to_lowercase(),
+                None => {
+                    hostname().ok_or_else(|| bad("node-name", "no hostname; set --node-name"))?
+                }
+            },
         };
         check_name(&node_name).map_err(|e| bad("node-name", e.to_string()))?;
 
         let registry = self.registry.trim().to_string();
         let etcd = self.validate_etcd()?;
+        let kube_config = KubeConfig {
+            kubeconfig: self.kubeconfig.clone(),
+            api_server: self.kube_api_server.clone(),
+        };
+        weft_registry::KubeOptions {
+            kubeconfig: kube_config.kubeconfig.clone(),
+            api_server: kube_config.api_server.clone(),
+            ..Default::default()
+        }
+        .check()
+        .map_err(|(flag, reason)| bad(flag, reason))?;
+        let kube = weft_registry::is_kube_spec(&registry).then_some(kube_config);
         match registry.split_once(':') {
+            _ if kube.is_some() => {}
             Some(("dir", path)) if !path.is_empty() => {}
             Some(("etcd" | "etcds", _)) => {
                 // The error names the problem without quoting the spec (it may hold secrets).
@@ -349,18 +405,10 @@ impl RunArgs {
                     ));
                 }
             }
-            Some(("k8s" | "kubernetes", _)) => {
-                return Err(bad(
-                    "registry",
-                    format!(
-                    "{registry:?}: only dir:PATH and etcd://HOST:PORT are supported by this build"
-                ),
-                ))
-            }
             _ => {
                 return Err(bad(
                     "registry",
-                    "expected dir:PATH or etcd://HOST:PORT[,HOST:PORT...]",
+                    "expected dir:PATH, etcd://HOST:PORT[,HOST:PORT...] or kube",
                 ))
             }
         }
@@ -543,7 +591,18 @@ impl RunArgs {
             other => return Err(bad("offload", format!("{other:?}: use on or off"))),
         };
         let workers = parse_workers(&self.workers).map_err(|e| bad("workers", e))?;
+        let health_listen = self
+            .health_listen
+            .as_deref()
+            .map(|h| {
+                h.trim()
+                    .parse::<SocketAddr>()
+                    .map_err(|_| bad("health-listen", format!("{h:?} is not ADDR:PORT")))
+            })
+            .transpose()?;
         Ok(Config {
+            kube,
+            health_listen,
             workers,
             key_max_age,
             cluster_secret,
@@ -658,7 +717,12 @@ mod tests {
                 "registry",
             ),
             (&["--registry", "etcds://127.0.0.1:2379"], "etcd-ca"),
-            (&["--registry", "k8s:"], "registry"),
+            (&["--registry", "kube:x"], "registry"),
+            (
+                &["--registry", "kube", "--kube-api-server", "http://x"],
+                "kube-api-server",
+            ),
+            (&["--health-listen", "nope"], "health-listen"),
             (&["--registry", "/tmp/x"], "registry"),
             (&["--etcd-prefix", "weft"], "etcd-prefix"),
             (&["--etcd-prefix", "/weft/"], "etcd-prefix"),

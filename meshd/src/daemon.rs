@@ -98,6 +98,8 @@ struct Daemon {
     self_revoked: Option<String>,
     /// This node's link health report (`health/NAME`) and its writer.
     health: Health,
+    /// What the kubelet's probes see (`--health-listen`).
+    ready: Arc<crate::probes::Readiness>,
     /// The data-path workers.
     workers: Workers,
 }
@@ -116,6 +118,8 @@ const HEALTH_CHECK: Duration = Duration::from_secs(2);
 /// A report is written at least this often even when nothing changed (readers call a report
 /// stale after three of these).
 const HEALTH_INTERVAL: Duration = Duration::from_secs(30);
+/// Without heartbeats ([`Registry::heartbeats`]): the least time between two report writes.
+const HEALTH_MIN_GAP: Duration = Duration::from_secs(10);
 
 /// The write state of the peer cache. It is written at most once per [`PEER_CACHE_INTERVAL`] (a
 /// burst of registry events costs one write, not one per event), and at shutdown.
@@ -210,8 +214,32 @@ pub async fn run(mut cfg: Config) -> Result<()> {
             .with_context(|| format!("installing unreachable route for {c}"))?;
     }
 
+    // Probes bind first: a port in use is a start-up error, before any TUN exists.
+    let probes = match cfg.health_listen {
+        Some(addr) => Some(
+            crate::probes::bind(addr)
+                .await
+                .with_context(|| format!("binding --health-listen {addr}"))?,
+        ),
+        None => None,
+    };
+    let ready = Arc::new(crate::probes::Readiness::default());
+    ready.tick();
+    if let Some(l) = probes {
+        crate::probes::spawn(l, ready.clone());
+    }
+    // --registry kube: the endpoint and pod ranges may come from this node's Node.
+    let (kube, node_endpoints) = if cfg.kube.is_some() {
+        let (k, from) = crate::kube::start(&mut cfg).await?;
+        (Some(k), from.endpoints)
+    } else {
+        (None, None)
+    };
+
     let underlay = nl.default_route_source().await.ok().flatten();
-    let endpoints = if cfg.endpoints.is_empty() {
+    let endpoints = if let (true, Some(eps)) = (cfg.endpoints.is_empty(), &node_endpoints) {
+        eps.clone()
+    } else if cfg.endpoints.is_empty() {
         match &underlay {
             Some((_, ip, _)) => vec![std::net::SocketAddr::new(*ip, cfg.listen_port)],
             None => anyhow::bail!(
@@ -230,13 +258,17 @@ pub async fn run(mut cfg: Config) -> Result<()> {
     let fwd = weft_sys::enable_forwarding(has_v6).context("enabling forwarding")?;
     tracing::debug!(?fwd, "forwarding");
 
-    let registry = weft_registry::open_with(
-        &cfg.registry,
-        &weft_registry::OpenOptions {
-            etcd: cfg.etcd.options(),
-        },
-    )
-    .context("opening the registry")?;
+    let registry: Arc<dyn Registry> = match &kube {
+        Some(k) => k.clone(),
+        None => weft_registry::open_with(
+            &cfg.registry,
+            &weft_registry::OpenOptions {
+                etcd: cfg.etcd.options(),
+                ..Default::default()
+            },
+        )
+        .context("opening the registry")?,
+    };
     // Without --pod-cidr, claim a block first: everything below (the mesh address, the record,
     // node.json for the CNI plugin) needs it.
     let claim = match cfg.alloc.clone() {
@@ -338,6 +370,9 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         }
     }
     nl.link_up(&ifname).await.context("bringing the TUN up")?;
+    ready
+        .tun_up
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let sockets = weft_sys::udp::bind_udp_group(cfg.listen_port, queues.len())
         .with_context(|| format!("binding UDP port {}", cfg.listen_port))?;
     let control_udp = sockets
@@ -464,6 +499,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         self_revoked: None,
         health: Health::default(),
         workers,
+        ready,
     };
     d.check_self_revoked();
     if !cached.is_empty() {
@@ -491,6 +527,19 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         d.claim_state = Some(state);
     }
     d.spawn_publish();
+    if let Some(k) = kube {
+        crate::kube::spawn_node_watch(
+            k,
+            d.own.name.clone(),
+            d.cfg.listen_port,
+            if d.cfg.endpoints.is_empty() {
+                d.own.endpoints.clone()
+            } else {
+                Vec::new()
+            },
+            d.own.pod_cidrs.clone(),
+        );
+    }
     tracing::info!(
         interface = %ifname, mtu, port = d.cfg.listen_port,
         endpoints = ?d.own.endpoints, pod_cidrs = ?d.own.pod_cidrs, "meshd running"
@@ -504,6 +553,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         tokio::select! {
             Some((index, why)) = done_rx.recv() => break Exit::WorkerEnded(index, why),
             _ = tick.tick() => {
+                d.ready.tick();
                 d.shards.handle_timeout(Instant::now());
                 d.flush();
                 d.save_peer_cache(false);
@@ -821,10 +871,22 @@ impl Daemon {
             unix_now(),
             HEALTH_INTERVAL.as_secs(),
         );
-        let due = self
-            .health
-            .written
-            .is_none_or(|t| now.duration_since(t) >= HEALTH_INTERVAL);
+        // Registries whose readers tell presence otherwise (kube: the Node's Ready condition)
+        // get no periodic rewrites, and a changed report at most every HEALTH_MIN_GAP.
+        let heartbeats = self.registry.heartbeats();
+        if !heartbeats
+            && self
+                .health
+                .written
+                .is_some_and(|t| now.duration_since(t) < HEALTH_MIN_GAP)
+        {
+            return;
+        }
+        let due = heartbeats
+            && self
+                .health
+                .written
+                .is_none_or(|t| now.duration_since(t) >= HEALTH_INTERVAL);
         let changed = self
             .health
             .published
@@ -1095,6 +1157,9 @@ impl Daemon {
             Event::Reset { items, .. } => {
                 self.records = items.into_iter().map(|r| (r.name.clone(), r)).collect();
                 self.nodes_known = true;
+                self.ready
+                    .registry_synced
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 let was_down = !self.connectivity.starts_with("connected");
                 self.connectivity = "connected".into();
                 // After an outage, write our record again in case the registry lost it; a
@@ -1199,6 +1264,11 @@ impl Daemon {
         }
         self.flush();
         self.sync_routes().await;
+        if self.nodes_known {
+            self.ready
+                .routes
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     fn src_for(&self, dst: &IpNet) -> Option<IpAddr> {

@@ -25,7 +25,9 @@
 //! - A request etcd refuses for lack of permission (an RBAC role that does not cover the key,
 //!   see deploy/etcd/README.md) is [`RegistryError::PermissionDenied`], naming the user.
 
-use crate::{check_object_name, Connectivity, Kind, RawEvent, Registry, RegistryError, Revision};
+use crate::{
+    check_object_name, check_size, Connectivity, Kind, RawEvent, Registry, RegistryError, Revision,
+};
 use crate::{Snapshot, WatchStream, MAX_OBJECT_BYTES};
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
@@ -770,17 +772,6 @@ impl Registry for EtcdRegistry {
         tokio::spawn(run_watch(self.inner.clone(), kind, tx));
         Ok(WatchStream::new(rx))
     }
-}
-
-fn check_size(kind: Kind, name: &str, value: &[u8]) -> Result<(), RegistryError> {
-    if value.len() > MAX_OBJECT_BYTES {
-        return Err(RegistryError::TooLarge {
-            kind,
-            name: name.to_string(),
-            size: value.len(),
-        });
-    }
-    Ok(())
 }
 
 /// Why a watch session ended.

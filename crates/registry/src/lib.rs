@@ -20,6 +20,7 @@
 pub mod claims;
 pub mod dir;
 pub mod etcd;
+pub mod kube;
 mod typed;
 
 use std::fmt;
@@ -28,6 +29,7 @@ use std::sync::Arc;
 
 pub use dir::{DirOptions, DirRegistry};
 pub use etcd::{EtcdOptions, EtcdRegistry};
+pub use kube::{KubeOptions, KubeRegistry};
 pub use typed::{
     delete_node, get_node, list_nodes, nodes, put_node, put_own_node, put_owned_object,
     watch_nodes, Event, Object, Typed, TypedWatch,
@@ -172,10 +174,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub enum RegistryError {
     #[error("registry spec {spec:?} is malformed: {reason}")]
     BadSpec { spec: String, reason: String },
-    #[error("registry scheme `{scheme}` is not supported yet in this build (supported: dir:PATH, etcd://HOST:PORT[,HOST:PORT...])")]
+    #[error("registry scheme `{scheme}` is not supported (supported: dir:PATH, etcd://HOST:PORT[,HOST:PORT...], kube)")]
     NotSupportedYet { scheme: String },
     #[error(
-        "unknown registry scheme `{scheme}` (supported: dir:PATH, etcd://HOST:PORT[,HOST:PORT...])"
+        "unknown registry scheme `{scheme}` (supported: dir:PATH, etcd://HOST:PORT[,HOST:PORT...], kube)"
     )]
     UnknownScheme { scheme: String },
     #[error("invalid object name {name:?} in {kind}: {reason}")]
@@ -257,6 +259,18 @@ pub fn check_object_name(kind: Kind, name: &str) -> Result<(), RegistryError> {
     })
 }
 
+/// Checks a value's size against [`MAX_OBJECT_BYTES`].
+pub(crate) fn check_size(kind: Kind, name: &str, value: &[u8]) -> Result<(), RegistryError> {
+    if value.len() > MAX_OBJECT_BYTES {
+        return Err(RegistryError::TooLarge {
+            kind,
+            name: name.to_string(),
+            size: value.len(),
+        });
+    }
+    Ok(())
+}
+
 /// The raw, backend-neutral registry interface. Object-safe: hold it as `Arc<dyn Registry>`.
 ///
 /// Names are checked with [`check_object_name`] by every backend; values are opaque bytes of at
@@ -285,6 +299,14 @@ pub trait Registry: Send + Sync + fmt::Debug {
         value: &[u8],
     ) -> Result<Revision, RegistryError> {
         self.put(kind, name, value).await
+    }
+
+    /// Whether objects should be rewritten now and then to show that their writer lives (the
+    /// health reports' `reportedAt`). `false` for registries whose readers learn presence
+    /// otherwise (kube: the Node's Ready condition), where every rewrite would be load for
+    /// nothing.
+    fn heartbeats(&self) -> bool {
+        true
     }
 
     /// Reads one object; `None` if it does not exist.
@@ -327,6 +349,7 @@ pub trait Registry: Send + Sync + fmt::Debug {
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
     pub etcd: EtcdOptions,
+    pub kube: KubeOptions,
 }
 
 /// Opens a registry from its spec, with the etcd credentials from the environment
@@ -336,17 +359,21 @@ pub fn open(spec: &str) -> Result<Arc<dyn Registry>, RegistryError> {
         spec,
         &OpenOptions {
             etcd: EtcdOptions::from_env(),
+            kube: KubeOptions::default(),
         },
     )
 }
 
 /// Opens a registry from its spec.
 ///
-/// Supported: `dir:PATH` (created if missing) and `etcd://HOST:PORT[,HOST:PORT...]` (`etcds://`
-/// for TLS; TLS is also used whenever a CA file is set). Recognised but not in this build:
-/// `k8s:` / `kubernetes:` / `crd:`. Errors never contain credentials.
+/// Supported: `dir:PATH` (created if missing), `etcd://HOST:PORT[,HOST:PORT...]` (`etcds://`
+/// for TLS; TLS is also used whenever a CA file is set) and `kube` (the Kubernetes API server of
+/// [`OpenOptions::kube`]). Errors never contain credentials.
 pub fn open_with(spec: &str, options: &OpenOptions) -> Result<Arc<dyn Registry>, RegistryError> {
     let spec = spec.trim();
+    if is_kube_spec(spec) {
+        return Ok(Arc::new(KubeRegistry::open(options.kube.clone())?));
+    }
     let Some((scheme, rest)) = spec.split_once(':') else {
         return Err(RegistryError::BadSpec {
             spec: redact(spec),
@@ -372,13 +399,22 @@ pub fn open_with(spec: &str, options: &OpenOptions) -> Result<Arc<dyn Registry>,
             )?))
         }
         // Only the scheme goes into the error: the rest may hold credentials.
-        "k8s" | "kubernetes" | "crd" => Err(RegistryError::NotSupportedYet {
+        "kube" | "k8s" | "kubernetes" | "crd" => Err(RegistryError::NotSupportedYet {
             scheme: scheme.to_string(),
         }),
         _ => Err(RegistryError::UnknownScheme {
             scheme: scheme.to_string(),
         }),
     }
+}
+
+/// Whether a spec names the Kubernetes backend: `kube` (or `kube:`, `k8s`, `kubernetes`).
+/// Where the API server is comes from [`KubeOptions`], never from the spec.
+pub fn is_kube_spec(spec: &str) -> bool {
+    matches!(
+        spec.trim(),
+        "kube" | "kube:" | "k8s" | "k8s:" | "kubernetes" | "kubernetes:"
+    )
 }
 
 /// Checks an `etcd://` / `etcds://` spec without opening it: (scheme, endpoints).
@@ -444,8 +480,9 @@ mod tests {
             tls_without_ca.to_string().contains("CA"),
             "{tls_without_ca}"
         );
+        assert!(is_kube_spec("kube") && is_kube_spec("kube:") && !is_kube_spec("kube:x"));
         assert!(matches!(
-            open("k8s:"),
+            open("kube:https://x"),
             Err(RegistryError::NotSupportedYet { .. })
         ));
         assert!(matches!(

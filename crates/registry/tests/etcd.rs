@@ -111,7 +111,14 @@ impl Etcd {
     }
 
     fn open(&self, opts: EtcdOptions) -> Arc<dyn Registry> {
-        weft_registry::open_with(&self.spec(), &OpenOptions { etcd: opts }).expect("open etcd")
+        weft_registry::open_with(
+            &self.spec(),
+            &OpenOptions {
+                etcd: opts,
+                ..Default::default()
+            },
+        )
+        .expect("open etcd")
     }
 }
 
@@ -542,6 +549,7 @@ async fn tls_with_client_certificates() {
                     request_timeout: Duration::from_secs(1),
                     ..EtcdOptions::default()
                 },
+                ..Default::default()
             },
         )
         .expect("open")

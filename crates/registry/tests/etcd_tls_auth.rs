@@ -197,7 +197,14 @@ impl Etcd {
     }
 
     fn open(&self, opts: EtcdOptions) -> Arc<dyn Registry> {
-        weft_registry::open_with(&self.spec(), &OpenOptions { etcd: opts }).expect("open etcd")
+        weft_registry::open_with(
+            &self.spec(),
+            &OpenOptions {
+                etcd: opts,
+                ..Default::default()
+            },
+        )
+        .expect("open etcd")
     }
 
     /// Registry options with the CA and the client certificate of `cn`.
@@ -267,6 +274,7 @@ async fn server_tls_with_ca_only_and_wrong_ca() {
         &format!("etcds://127.0.0.1:{}", etcd.port),
         &OpenOptions {
             etcd: with_ca("ca.pem"),
+            ..Default::default()
         },
     )
     .expect("open etcds://");

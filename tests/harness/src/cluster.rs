@@ -319,6 +319,8 @@ pub struct Node {
     claiming: std::sync::atomic::AtomicBool,
     /// The range meshd claimed and its mesh address (see [`Node::current_pod_cidr`]).
     claimed: Mutex<Option<(String, Ipv4Addr)>>,
+    /// Default flags left out of meshd's command line ([`Node::omit_default_args`]).
+    omitted: Mutex<Vec<String>>,
 }
 
 /// The whole test topology. Dropping it kills every process and deletes every namespace.
@@ -523,6 +525,7 @@ impl Cluster {
                 wg: Mutex::new(None),
                 claiming: Default::default(),
                 claimed: Mutex::new(None),
+                omitted: Mutex::new(Vec::new()),
             };
             c.nodes.push(node);
             run_args("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
@@ -1221,8 +1224,9 @@ impl Node {
     fn meshd_argv(&self, extra: &[String]) -> Vec<String> {
         let mut v = vec!["run".to_string()];
         let claiming = self.claiming.load(std::sync::atomic::Ordering::Relaxed);
+        let omitted = self.omitted.lock().map(|o| o.clone()).unwrap_or_default();
         for (k, val) in self.meshd_default_args() {
-            if claiming && k == "--pod-cidr" {
+            if claiming && k == "--pod-cidr" || omitted.contains(&k) {
                 continue;
             }
             let overridden = extra
@@ -1255,6 +1259,18 @@ impl Node {
         }
         self.start_meshd(extra)?;
         self.refresh_claimed()
+    }
+
+    /// From the next start on, meshd runs without these default flags (for example `--endpoint`
+    /// and `--pod-cidr`, which `--registry kube` takes from the Node object). With
+    /// `--pod-cidr` among them, read the range meshd chose with [`Node::refresh_claimed`].
+    pub fn omit_default_args(&self, flags: &[&str]) {
+        if let Ok(mut o) = self.omitted.lock() {
+            *o = flags.iter().map(|f| f.to_string()).collect();
+        }
+        if flags.contains(&"--pod-cidr") {
+            self.set_claiming(true);
+        }
     }
 
     /// From the next start on, meshd runs without `--pod-cidr` (it claims a range); after it is
@@ -1879,6 +1895,7 @@ mod tests {
             wg: Mutex::new(None),
             claiming: Default::default(),
             claimed: Mutex::new(None),
+            omitted: Mutex::new(Vec::new()),
         };
         let v = n.meshd_argv(&[
             "--listen-port".into(),

@@ -26,6 +26,7 @@ pub mod capture;
 pub mod cluster;
 pub mod cni;
 pub mod etcd;
+pub mod kube;
 pub mod traffic;
 pub mod util;
 

@@ -407,6 +407,7 @@ fn render_links(links: &[LinkRow]) -> String {
             Some(LinkState::Up) => "up".into(),
             Some(LinkState::Idle) => "idle".into(),
             Some(LinkState::NoHandshake) => "NO HANDSHAKE".into(),
+            Some(LinkState::Unanswered) => "UNANSWERED".into(),
         };
         rows.push([
             l.node.clone(),

@@ -77,6 +77,15 @@ pub struct RunArgs {
     /// must not be readable by group or others. It never enters the registry.
     #[arg(long, env = "WEFT_CLUSTER_SECRET_FILE")]
     pub cluster_secret_file: Option<PathBuf>,
+    /// With --cluster-secret-file: a missing file means "no cluster PSK" (logged) instead of an
+    /// error, for a DaemonSet whose Secret volume is optional. A file that exists is checked
+    /// as always.
+    #[arg(long, env = "WEFT_CLUSTER_SECRET_OPTIONAL")]
+    pub cluster_secret_optional: bool,
+    /// Where the sysctl tree is (meshd turns on IP forwarding there when it is off): /proc/sys,
+    /// or in an unprivileged container the host's mounted writable, e.g. /host/proc/sys.
+    #[arg(long, env = "WEFT_PROC_SYS_DIR", default_value = "/proc/sys")]
+    pub proc_sys_dir: PathBuf,
     /// TUN offloads: `on` (TSO/USO super-packets from the kernel, segmented by meshd, and
     /// received TCP segments coalesced before they go to the kernel; each falls back when the
     /// kernel lacks it) or `off` (one plain packet per read and write).
@@ -185,6 +194,8 @@ pub struct Config {
     pub persistent_keepalive: Option<u16>,
     pub json_logs: bool,
     pub etcd: EtcdConfig,
+    /// `--proc-sys-dir`.
+    pub proc_sys_dir: PathBuf,
     /// Set with `--registry kube`.
     pub kube: Option<KubeConfig>,
     /// `--health-listen`.
@@ -341,6 +352,16 @@ fn hostname() -> Option<String> {
     std::str::from_utf8(&buf[..end])
         .ok()
         .map(|s| s.to_lowercase())
+}
+
+/// `IP:PORT`, `[IPv6]:PORT`, or a bare `IPv6:PORT` (what `$(NODE_IP):9464` gives in a
+/// DaemonSet on an IPv6 node).
+fn parse_listen(s: &str) -> Option<SocketAddr> {
+    let s = s.trim();
+    s.parse().ok().or_else(|| {
+        let (ip, port) = s.rsplit_once(':')?;
+        Some(SocketAddr::new(ip.parse().ok()?, port.parse().ok()?))
+    })
 }
 
 fn parse_cidr(flag: &'static str, s: &str) -> Result<IpNet, ConfigError> {
@@ -580,11 +601,14 @@ impl RunArgs {
                 Some(d)
             }
         };
-        let cluster_secret = self
-            .cluster_secret_file
-            .as_deref()
-            .map(read_secret_file)
-            .transpose()?;
+        let cluster_secret = match self.cluster_secret_file.as_deref() {
+            Some(p) if self.cluster_secret_optional && !p.exists() => {
+                tracing::info!(file = %p.display(), "no cluster secret file (optional): no cluster PSK");
+                None
+            }
+            Some(p) => Some(read_secret_file(p)?),
+            None => None,
+        };
         let offload = match self.offload.trim() {
             "on" => true,
             "off" => false,
@@ -595,12 +619,15 @@ impl RunArgs {
             .health_listen
             .as_deref()
             .map(|h| {
-                h.trim()
-                    .parse::<SocketAddr>()
-                    .map_err(|_| bad("health-listen", format!("{h:?} is not ADDR:PORT")))
+                parse_listen(h)
+                    .ok_or_else(|| bad("health-listen", format!("{h:?} is not ADDR:PORT")))
             })
             .transpose()?;
+        if !self.proc_sys_dir.is_absolute() {
+            return Err(bad("proc-sys-dir", "must be an absolute path"));
+        }
         Ok(Config {
+            proc_sys_dir: self.proc_sys_dir.clone(),
             kube,
             health_listen,
             workers,
@@ -723,6 +750,7 @@ mod tests {
                 "kube-api-server",
             ),
             (&["--health-listen", "nope"], "health-listen"),
+            (&["--proc-sys-dir", "proc"], "proc-sys-dir"),
             (&["--registry", "/tmp/x"], "registry"),
             (&["--etcd-prefix", "weft"], "etcd-prefix"),
             (&["--etcd-prefix", "/weft/"], "etcd-prefix"),
@@ -837,5 +865,25 @@ mod tests {
                 "{name}: error shows the secret"
             );
         }
+    }
+
+    #[test]
+    fn listen_addresses_and_optional_secret() {
+        assert_eq!(parse_listen("10.0.0.1:9464"), "10.0.0.1:9464".parse().ok());
+        assert_eq!(
+            parse_listen("[fd00::1]:9464"),
+            "[fd00::1]:9464".parse().ok()
+        );
+        assert_eq!(parse_listen("fd00::1:9464"), "[fd00::1]:9464".parse().ok());
+        assert_eq!(parse_listen("nope"), None);
+        let missing = "/nonexistent/weft/secret";
+        assert!(parse(&["--cluster-secret-file", missing]).is_err());
+        let cfg = parse(&[
+            "--cluster-secret-file",
+            missing,
+            "--cluster-secret-optional",
+        ])
+        .expect("optional secret");
+        assert!(cfg.cluster_secret.is_none());
     }
 }

@@ -107,6 +107,8 @@ struct Daemon {
 /// The link health report last written, when, and the task writing one.
 #[derive(Default)]
 struct Health {
+    /// Which links send without hearing back.
+    links: weft_core::health::LinkWatch,
     published: Option<weft_core::health::HealthReport>,
     checked: Option<Instant>,
     written: Option<Instant>,
@@ -255,7 +257,8 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         (None, None) => 1420,
     };
     let has_v6 = cfg.pod_cidrs.iter().any(|c| matches!(c, IpNet::V6(_)));
-    let fwd = weft_sys::enable_forwarding(has_v6).context("enabling forwarding")?;
+    let fwd = weft_sys::enable_forwarding_in(&cfg.proc_sys_dir, has_v6)
+        .with_context(|| format!("enabling forwarding under {}", cfg.proc_sys_dir.display()))?;
     tracing::debug!(?fwd, "forwarding");
 
     let registry: Arc<dyn Registry> = match &kube {
@@ -865,9 +868,12 @@ impl Daemon {
             return;
         }
         self.health.checked = Some(now);
-        let report = weft_core::health::HealthReport::from_status(
+        let peers = self.shards.peer_status();
+        let unanswered = self.health.links.observe(now, &peers);
+        let report = weft_core::health::HealthReport::from_status_watched(
             &self.own.name,
-            &self.shards.peer_status(),
+            &peers,
+            &unanswered,
             unix_now(),
             HEALTH_INTERVAL.as_secs(),
         );

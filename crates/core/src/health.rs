@@ -24,6 +24,74 @@ pub enum LinkState {
     Idle,
     /// No handshake ever completed with this peer since meshd started.
     NoHandshake,
+    /// This node sends to the peer but has heard nothing back for [`UNANSWERED_AFTER_SECS`]
+    /// (a WireGuard peer answers data with a keepalive within 10 s): the link is down, however
+    /// recent its last handshake.
+    Unanswered,
+}
+
+/// A link that sent and heard nothing back for this long is [`LinkState::Unanswered`]:
+/// WireGuard's keepalive timeout (10 s) plus its rekey timeout (5 s), after which the kernel
+/// implementation also gives up on the session and handshakes again.
+pub const UNANSWERED_AFTER_SECS: u64 = 15;
+
+/// Tells from the byte counters of successive looks which links send without hearing back.
+/// In: every peer's status and the time of each look. Out: the peers whose links are
+/// unanswered now. Sans-IO: the caller owns the clock.
+#[derive(Debug, Default, Clone)]
+pub struct LinkWatch {
+    /// Per peer: the counters last seen, when rx last grew, and since when tx has grown
+    /// without rx growing (None: rx kept up).
+    seen: std::collections::BTreeMap<String, Seen>,
+}
+
+#[derive(Debug, Clone)]
+struct Seen {
+    rx: u64,
+    tx: u64,
+    /// The first look at which tx had grown while rx had not, since rx last grew.
+    unanswered_since: Option<std::time::Instant>,
+}
+
+impl LinkWatch {
+    /// Takes one look at the peers at `now`; returns the peers unanswered for at least
+    /// [`UNANSWERED_AFTER_SECS`]. Peers that are gone are forgotten.
+    pub fn observe(
+        &mut self,
+        now: std::time::Instant,
+        peers: &[PeerStatus],
+    ) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        let mut next = std::collections::BTreeMap::new();
+        for p in peers {
+            let seen = match self.seen.remove(&p.name) {
+                None => Seen {
+                    rx: p.rx_bytes,
+                    tx: p.tx_bytes,
+                    unanswered_since: None,
+                },
+                Some(mut s) => {
+                    if p.rx_bytes != s.rx {
+                        // Heard something (or the counters restarted): answered.
+                        s.unanswered_since = None;
+                    } else if p.tx_bytes > s.tx && s.unanswered_since.is_none() {
+                        s.unanswered_since = Some(now);
+                    }
+                    s.rx = p.rx_bytes;
+                    s.tx = p.tx_bytes;
+                    s
+                }
+            };
+            if seen.unanswered_since.is_some_and(|t| {
+                now.saturating_duration_since(t).as_secs() >= UNANSWERED_AFTER_SECS
+            }) {
+                out.insert(p.name.clone());
+            }
+            next.insert(p.name.clone(), seen);
+        }
+        self.seen = next;
+        out
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,11 +136,23 @@ pub enum HealthError {
 impl HealthReport {
     /// The report of a node from its device's peer status at unix time `now`.
     pub fn from_status(node: &str, peers: &[PeerStatus], now: u64, interval_secs: u64) -> Self {
+        Self::from_status_watched(node, peers, &Default::default(), now, interval_secs)
+    }
+
+    /// [`HealthReport::from_status`], with the links a [`LinkWatch`] found unanswered.
+    pub fn from_status_watched(
+        node: &str,
+        peers: &[PeerStatus],
+        unanswered: &std::collections::BTreeSet<String>,
+        now: u64,
+        interval_secs: u64,
+    ) -> Self {
         let mut links: Vec<LinkHealth> = peers
             .iter()
             .map(|p| LinkHealth {
                 peer: p.name.clone(),
                 state: match p.latest_handshake_secs_ago {
+                    _ if unanswered.contains(&p.name) => LinkState::Unanswered,
                     None => LinkState::NoHandshake,
                     Some(a) if a <= SESSION_LIFETIME_SECS => LinkState::Up,
                     Some(_) => LinkState::Idle,
@@ -157,6 +237,41 @@ mod tests {
             key_pairs: pairs,
             drops: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn a_link_that_sends_without_hearing_back_is_unanswered() {
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + std::time::Duration::from_secs(s);
+        let mut w = LinkWatch::default();
+        let mut p = peer("n2", Some(1.0), None, 1);
+        assert!(w.observe(at(0), std::slice::from_ref(&p)).is_empty());
+        // Both directions move: answered.
+        p.tx_bytes += 100;
+        p.rx_bytes += 100;
+        assert!(w.observe(at(2), std::slice::from_ref(&p)).is_empty());
+        // Sending, hearing nothing: unanswered once 15 s have passed since it started.
+        for s in [4, 6, 10, 18] {
+            p.tx_bytes += 100;
+            assert!(w.observe(at(s), std::slice::from_ref(&p)).is_empty(), "{s}");
+        }
+        p.tx_bytes += 100;
+        let down = w.observe(at(19), std::slice::from_ref(&p));
+        assert!(down.contains("n2"));
+        let r = HealthReport::from_status_watched("n1", std::slice::from_ref(&p), &down, 1, 30);
+        assert_eq!(r.links[0].state, LinkState::Unanswered);
+        // Silence both ways is idle, not unanswered: nothing was sent.
+        let mut quiet = LinkWatch::default();
+        let q = peer("n3", Some(1.0), None, 1);
+        for s in [0, 20, 40] {
+            assert!(quiet.observe(at(s), std::slice::from_ref(&q)).is_empty());
+        }
+        // A reply clears it at once.
+        p.rx_bytes += 32;
+        assert!(w.observe(at(21), std::slice::from_ref(&p)).is_empty());
+        // A peer that is gone is forgotten.
+        assert!(w.observe(at(22), &[]).is_empty());
+        assert!(w.seen.is_empty());
     }
 
     #[test]

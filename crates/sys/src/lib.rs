@@ -44,6 +44,6 @@ pub mod udp_gso;
 
 pub use error::SysError;
 pub use netlink::{Netlink, Route, RouteKind, DEV_ROUTE_METRIC, UNREACHABLE_ROUTE_METRIC};
-pub use sysctl::{enable_forwarding, write_sysctl, Forwarding};
+pub use sysctl::{enable_forwarding, enable_forwarding_in, write_sysctl, Forwarding};
 pub use tun::{Tun, TunQueue};
 pub use udp::{bind_udp, bind_udp_group, canonical, register_udp, to_socket_family};

@@ -54,9 +54,29 @@ pub struct Forwarding {
 /// Failing to enable IPv4 forwarding is an error; failing IPv6 (e.g. IPv6 disabled in
 /// the namespace) is only logged and reported as `ipv6: false`.
 pub fn enable_forwarding(ipv6: bool) -> Result<Forwarding, SysError> {
-    write_sysctl("net/ipv4/ip_forward", "1")?;
+    enable_forwarding_in(std::path::Path::new("/proc/sys"), ipv6)
+}
+
+/// Writes `value` to the sysctl file `rel` under `proc_sys` unless it already holds it (so a
+/// read-only `/proc/sys`, as in an unprivileged container, is fine when the host set it).
+fn ensure_sysctl(proc_sys: &std::path::Path, rel: &str, value: &str) -> Result<(), SysError> {
+    let path = proc_sys.join(rel);
+    if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == value) {
+        return Ok(());
+    }
+    std::fs::write(&path, value)
+        .map_err(|e| SysError::io(format!("write {value:?} to {}", path.display()), e))
+}
+
+/// [`enable_forwarding`] with the sysctl tree at `proc_sys` (`/proc/sys`, or where a container
+/// has the host's mounted writable, e.g. `/host/proc/sys`). A sysctl already on is not written.
+pub fn enable_forwarding_in(
+    proc_sys: &std::path::Path,
+    ipv6: bool,
+) -> Result<Forwarding, SysError> {
+    ensure_sysctl(proc_sys, "net/ipv4/ip_forward", "1")?;
     let ipv6 = ipv6
-        && match write_sysctl("net/ipv6/conf/all/forwarding", "1") {
+        && match ensure_sysctl(proc_sys, "net/ipv6/conf/all/forwarding", "1") {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "could not enable IPv6 forwarding");
@@ -70,6 +90,26 @@ pub fn enable_forwarding(ipv6: bool) -> Result<Forwarding, SysError> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarding_already_on_is_not_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = tmp.path().join("net/ipv4");
+        std::fs::create_dir_all(&f).unwrap();
+        // Already on: left as it is (a write would leave "1" without the newline).
+        std::fs::write(f.join("ip_forward"), "1\n").unwrap();
+        let r = enable_forwarding_in(tmp.path(), false).unwrap();
+        assert!(r.ipv4 && !r.ipv6);
+        assert_eq!(
+            std::fs::read_to_string(f.join("ip_forward")).unwrap(),
+            "1\n"
+        );
+        std::fs::write(f.join("ip_forward"), "0\n").unwrap();
+        enable_forwarding_in(tmp.path(), false).unwrap();
+        assert_eq!(std::fs::read_to_string(f.join("ip_forward")).unwrap(), "1");
+        let missing = tempfile::tempdir().unwrap();
+        assert!(enable_forwarding_in(missing.path(), false).is_err());
+    }
 
     #[test]
     fn paths() {

@@ -36,9 +36,21 @@ struct KubeMesh {
 fn kube_cluster(n: usize, pod_cidrs: bool) -> KubeMesh {
     setup();
     let c = Cluster::with_nodes(n).expect("cluster");
+    // The CRDs go in before the controller manager starts, so its garbage collector watches
+    // them from the start (it discovers new resources only every 30 s); `kubectl apply -k`
+    // below applies them again, unchanged.
+    let crds: Vec<String> = std::fs::read_dir(deploy_dir().join("crds"))
+        .expect("deploy/crds")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "yaml") && !p.ends_with("kustomization.yaml")
+        })
+        .map(|p| std::fs::read_to_string(p).expect("CRD file"))
+        .collect();
     let kube = c
         .start_kube(KubeOpts {
             controller_manager: true,
+            manifests: crds,
             ..KubeOpts::default()
         })
         .expect("control plane");
@@ -511,4 +523,86 @@ fn kube_outage_cache_and_key_change() {
     }
     m.c.wait_mesh_ready(READY).expect("mesh ready again");
     m.c.assert_pods_ping(&pods.iter().collect::<Vec<_>>());
+}
+
+/// Link health as a Kubernetes resource: with pods pinging node-2 at 1 Hz, the other nodes'
+/// MeshNodeHealth objects show their link to node-2 down within 30 s of node-2's meshd being
+/// SIGSTOPped (it sends and hears nothing back, whatever its last handshake), and up again
+/// within 10 s of SIGCONT. `kubectl get meshnodehealths` names the down peers.
+#[test]
+fn kube_link_health_follows_a_stopped_node() {
+    let m = kube_cluster(3, true);
+    for n in &m.c.nodes {
+        m.start_meshd(n, &[]);
+    }
+    let pods: Vec<Pod> = (0..3)
+        .map(|i| m.c.node(i).add_pod(0).expect("pod"))
+        .collect();
+    m.c.wait_mesh_ready(READY).expect("mesh ready");
+    let down_peers = |node: &str| -> Option<String> {
+        m.kube
+            .get_json(&["meshnodehealth", node])
+            .ok()
+            .and_then(|h| h["spec"]["summary"]["downPeers"].as_str().map(String::from))
+    };
+    let all_up = weft_tests::wait_until(Duration::from_secs(20), || {
+        (0..3).all(|i| down_peers(&format!("node-{i}")).is_some_and(|d| d.is_empty()))
+    });
+    assert!(
+        all_up,
+        "health reports not all up:\n{}",
+        m.kube.kubectl(&["get", "mnh"]).unwrap_or_default()
+    );
+    let opts = PingOpts::count(80).interval(1.0).wait(1);
+    let pings: Vec<_> = [0, 1]
+        .iter()
+        .map(|&a| pods[a].bg_ping(pods[2].ip, &opts).expect("ping"))
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = m.c.node(2).meshd_pid().expect("node-2 meshd pid");
+    // SAFETY: kill(2) on a child's pid with a valid signal number.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    let stopped = Instant::now();
+    let down = weft_tests::wait_until(Duration::from_secs(30), || {
+        [0, 1].iter().all(|i| {
+            down_peers(&format!("node-{i}")).is_some_and(|d| d.split(',').any(|p| p == "node-2"))
+        })
+    });
+    let took = stopped.elapsed();
+    let table = m
+        .kube
+        .kubectl(&["get", "meshnodehealths"])
+        .unwrap_or_default();
+    eprintln!("kubectl get meshnodehealths after SIGSTOP of node-2 ({took:?}):\n{table}");
+    // node-2 stays stopped for the whole 30 s window; a report is written at most every 10 s,
+    // so "up" can follow "down" no sooner than 10 s after it.
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(stopped.elapsed()));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+    assert!(
+        down,
+        "the link to node-2 not reported down within 30 s:\n{table}"
+    );
+    assert!(
+        table.contains("DOWN PEERS") && table.contains("node-2"),
+        "{table}"
+    );
+    let resumed = Instant::now();
+    let up = weft_tests::wait_until(Duration::from_secs(10), || {
+        [0, 1]
+            .iter()
+            .all(|i| down_peers(&format!("node-{i}")).is_some_and(|d| d.is_empty()))
+    });
+    eprintln!(
+        "link to node-2: down {took:?} after SIGSTOP, up {:?} after SIGCONT",
+        resumed.elapsed()
+    );
+    assert!(
+        up,
+        "the link to node-2 not back up within 10 s of SIGCONT:\n{}",
+        m.kube.kubectl(&["get", "mnh"]).unwrap_or_default()
+    );
+    for p in pings {
+        let _ = p.finish();
+    }
 }

@@ -26,10 +26,10 @@ pub mod crd;
 pub mod node;
 mod watch;
 
+use crate::WatchStream;
 use crate::{
     check_object_name, check_size, Kind, RawEvent, Registry, RegistryError, Revision, Snapshot,
 };
-use crate::WatchStream;
 use crd::{resource_of, ResourceMap, GROUP, VERSION};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};

@@ -458,37 +458,18 @@ pub async fn status(conf: &NetConf) -> Result<()> {
     }
 }
 
-/// nftables masquerade for pod traffic leaving the cluster ranges, once per network namespace.
+/// nftables masquerade for pod traffic leaving the cluster ranges, once per network namespace:
+/// written over netlink ([`weft_sys::nft`]), so no `nft` binary is needed on the host (k3s
+/// nodes have none). A marker under /run/weft-cni (per namespace cookie and rule digest) makes
+/// later ADDs skip it; meshd `--masquerade` installs the same rule once at start instead.
 fn ensure_masquerade(node: &NodeInfo) -> Result<()> {
-    let mut script = String::new();
-    for (fam, v4) in [("ip", true), ("ip6", false)] {
-        let pods: Vec<String> = node
-            .pod_cidrs
-            .iter()
-            .filter(|c| matches!(c, IpNet::V4(_)) == v4)
-            .map(|c| c.to_string())
-            .collect();
-        if pods.is_empty() {
-            continue;
-        }
-        let cluster: Vec<String> = node
-            .cluster_cidrs
-            .iter()
-            .filter(|c| matches!(c, IpNet::V4(_)) == v4)
-            .map(|c| c.to_string())
-            .collect();
-        let except = if cluster.is_empty() {
-            String::new()
-        } else {
-            format!(" {fam} daddr != {{ {} }}", cluster.join(", "))
-        };
-        script.push_str(&format!(
-            "table {fam} weft-cni {{}}\nflush table {fam} weft-cni\ntable {fam} weft-cni {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    {fam} saddr {{ {} }}{except} masquerade\n  }}\n}}\n",
-            pods.join(", ")
-        ));
+    let batch = weft_sys::nft::masquerade_rules(MASQ_TABLE, &node.pod_cidrs, &node.cluster_cidrs)
+        .map_err(|e| CniError::setup("building the masquerade rules", e.to_string()))?;
+    if batch.is_empty() {
+        return Ok(());
     }
     let marker_dir = Path::new("/run/weft-cni");
-    let digest = hex::encode(Sha256::digest(script.as_bytes()));
+    let digest = hex::encode(Sha256::digest(&batch));
     let marker = marker_dir.join(format!(
         "masq-{}-{}",
         netns_cookie().unwrap_or(0),
@@ -497,34 +478,21 @@ fn ensure_masquerade(node: &NodeInfo) -> Result<()> {
     if marker.exists() {
         return Ok(());
     }
-    use std::io::Write;
-    let mut child = std::process::Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            CniError::setup("cannot run nft (install nftables, or set ipMasq false)", e)
-        })?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|e| CniError::setup("writing to nft", e))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| CniError::setup("nft", e))?;
-    if !out.status.success() {
-        return Err(CniError::setup(
-            "nft refused the masquerade rules",
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
+    weft_sys::nft::install_masquerade(MASQ_TABLE, &node.pod_cidrs, &node.cluster_cidrs).map_err(
+        |e| {
+            CniError::setup(
+                "installing the masquerade rules (nftables over netlink)",
+                e.to_string(),
+            )
+        },
+    )?;
     let _ = std::fs::create_dir_all(marker_dir);
-    let _ = std::fs::write(&marker, script);
+    let _ = std::fs::write(&marker, digest);
     Ok(())
 }
+
+/// The nftables table of the masquerade rule (`ip weft-cni`, `ip6 weft-cni`).
+const MASQ_TABLE: &str = "weft-cni";
 
 /// A per-boot unique id of the current network namespace (`SO_NETNS_COOKIE`), so the
 /// masquerade marker of a deleted namespace never matches a new one.

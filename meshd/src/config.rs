@@ -86,6 +86,11 @@ pub struct RunArgs {
     /// or in an unprivileged container the host's mounted writable, e.g. /host/proc/sys.
     #[arg(long, env = "WEFT_PROC_SYS_DIR", default_value = "/proc/sys")]
     pub proc_sys_dir: PathBuf,
+    /// Masquerade pod traffic leaving the cluster ranges (to the node's address): meshd writes
+    /// nftables table `weft` over netlink once at start (no `nft` binary needed). Then the
+    /// CNI plugin need not (`meshd install-cni --ip-masq false`).
+    #[arg(long, env = "WEFT_MASQUERADE")]
+    pub masquerade: bool,
     /// TUN offloads: `on` (TSO/USO super-packets from the kernel, segmented by meshd, and
     /// received TCP segments coalesced before they go to the kernel; each falls back when the
     /// kernel lacks it) or `off` (one plain packet per read and write).
@@ -196,6 +201,8 @@ pub struct Config {
     pub etcd: EtcdConfig,
     /// `--proc-sys-dir`.
     pub proc_sys_dir: PathBuf,
+    /// `--masquerade`.
+    pub masquerade: bool,
     /// Set with `--registry kube`.
     pub kube: Option<KubeConfig>,
     /// `--health-listen`.
@@ -628,6 +635,7 @@ impl RunArgs {
         }
         Ok(Config {
             proc_sys_dir: self.proc_sys_dir.clone(),
+            masquerade: self.masquerade,
             kube,
             health_listen,
             workers,

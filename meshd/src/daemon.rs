@@ -120,6 +120,8 @@ const HEALTH_CHECK: Duration = Duration::from_secs(2);
 /// A report is written at least this often even when nothing changed (readers call a report
 /// stale after three of these).
 const HEALTH_INTERVAL: Duration = Duration::from_secs(30);
+/// The nftables table of `--masquerade` (`ip weft`, `ip6 weft`).
+const MASQ_TABLE: &str = "weft";
 /// Without heartbeats ([`Registry::heartbeats`]): the least time between two report writes.
 const HEALTH_MIN_GAP: Duration = Duration::from_secs(10);
 
@@ -373,6 +375,14 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         }
     }
     nl.link_up(&ifname).await.context("bringing the TUN up")?;
+    if cfg.masquerade {
+        weft_sys::nft::install_masquerade(MASQ_TABLE, &cfg.pod_cidrs, &cfg.cluster_cidrs)
+            .context("installing the pod masquerade")?;
+        tracing::info!(
+            table = MASQ_TABLE,
+            "pod masquerade installed (nftables over netlink)"
+        );
+    }
     ready
         .tun_up
         .store(true, std::sync::atomic::Ordering::Relaxed);

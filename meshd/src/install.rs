@@ -25,6 +25,10 @@ pub struct InstallArgs {
     /// The weft-cni binary to install. Default: weft-cni next to this meshd.
     #[arg(long, env = "WEFT_CNI_PLUGIN")]
     pub plugin: Option<PathBuf>,
+    /// Whether the plugin masquerades pod traffic leaving the cluster ranges (`ipMasq`).
+    /// `false` when meshd runs with `--masquerade` (it installs the rule once per node).
+    #[arg(long, env = "WEFT_CNI_IP_MASQ", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ip_masq: bool,
 }
 
 pub const CONFLIST: &str = "10-weft.conflist";
@@ -47,7 +51,7 @@ pub fn conflist(args: &InstallArgs) -> serde_json::Value {
             "type": "weft-cni",
             "stateDir": args.state_dir,
             "meshdSocket": args.api_socket,
-            "ipMasq": true,
+            "ipMasq": args.ip_masq,
         }],
     })
 }
@@ -98,6 +102,7 @@ mod tests {
             state_dir: "/var/lib/weft".into(),
             api_socket: "/run/weft/meshd.sock".into(),
             plugin: Some(plugin),
+            ip_masq: false,
         };
         run(&args).expect("install");
         let mode = fs::metadata(tmp.path().join("bin/weft-cni"))
@@ -111,6 +116,7 @@ mod tests {
         .expect("json");
         assert_eq!(v["plugins"][0]["type"], "weft-cni");
         assert_eq!(v["cniVersion"], "1.1.0");
+        assert_eq!(v["plugins"][0]["ipMasq"], false);
         let leftovers: Vec<_> = fs::read_dir(tmp.path().join("net.d"))
             .expect("dir")
             .collect();

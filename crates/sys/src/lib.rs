@@ -26,6 +26,8 @@
 //!   message, with their sender and segment size.
 //! * [`sysctl`]: in: a sysctl path and value; out: the value written to `/proc/sys`
 //!   (and [`sysctl::enable_forwarding`]).
+//! * [`nft`]: in: a table name, pod ranges and cluster ranges; out: an nftables masquerade
+//!   table written over netlink in one atomic batch (no `nft` binary).
 //! * [`netns`]: in: a netns name (`/run/netns/NAME`) or path and a closure; out: the
 //!   closure's result, run on a fresh thread that entered that namespace.
 //!
@@ -37,6 +39,7 @@
 mod error;
 pub mod netlink;
 pub mod netns;
+pub mod nft;
 pub mod sysctl;
 pub mod tun;
 pub mod udp;

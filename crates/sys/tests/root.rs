@@ -1021,3 +1021,56 @@ fn udp_group_shares_one_port_by_flow() {
         drop(weft_sys::bind_udp(port).unwrap());
     });
 }
+
+/// The masquerade table written over netlink (no nft binary involved) reads back with `nft`
+/// as the rule the old `nft -f` script wrote; writing it again replaces it (one rule, not two);
+/// a malformed request changes nothing.
+#[test]
+fn nft_masquerade_over_netlink() {
+    let Some(ns) = TestNs::new() else { return };
+    let pods: Vec<IpNet> = vec![
+        "10.42.1.0/24".parse().unwrap(),
+        "fd00:42:1::/64".parse().unwrap(),
+    ];
+    let cluster: Vec<IpNet> = vec![
+        "10.42.0.0/16".parse().unwrap(),
+        "10.43.0.0/16".parse().unwrap(),
+        "fd00:42::/48".parse().unwrap(),
+    ];
+    for _ in 0..2 {
+        netns::run_in(&ns.name, || {
+            weft_sys::nft::install_masquerade("weft-test", &pods, &cluster)
+        })
+        .unwrap()
+        .unwrap();
+    }
+    let (ok, v4) = ns.exec(&["nft", "list", "table", "ip", "weft-test"]);
+    assert!(ok, "{v4}");
+    assert!(
+        v4.contains("type nat hook postrouting priority srcnat; policy accept;"),
+        "{v4}"
+    );
+    assert!(
+        v4.contains(
+            "ip saddr 10.42.1.0/24 ip daddr != 10.42.0.0/16 ip daddr != 10.43.0.0/16 masquerade"
+        ),
+        "{v4}"
+    );
+    assert_eq!(v4.matches("masquerade").count(), 1, "written twice:\n{v4}");
+    let (ok, v6) = ns.exec(&["nft", "list", "table", "ip6", "weft-test"]);
+    assert!(ok, "{v6}");
+    assert!(
+        v6.contains("ip6 saddr fd00:42:1::/64 ip6 daddr != fd00:42::/48 masquerade"),
+        "{v6}"
+    );
+    // A bad name is refused before anything is sent, and the table stays as it was.
+    assert!(
+        netns::run_in(&ns.name, || weft_sys::nft::install_masquerade(
+            "bad name", &pods, &cluster
+        ))
+        .unwrap()
+        .is_err()
+    );
+    let (_, again) = ns.exec(&["nft", "list", "table", "ip", "weft-test"]);
+    assert_eq!(again, v4);
+}

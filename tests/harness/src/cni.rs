@@ -668,6 +668,11 @@ impl Node {
         if let Some(c) = cap_args {
             cmd.arg(format!("CAP_ARGS={c}"));
         }
+        // A test may take the host's tools away from the runtime and the plugin (a k3s node
+        // has no `nft`): cnitool passes its environment on to the plugin.
+        if let Ok(p) = std::env::var("WEFT_TEST_CNITOOL_PATH") {
+            cmd.arg(format!("PATH={p}"));
+        }
         cmd.arg(&tool).arg(command).arg(net).arg(netns_path(pod_ns));
         cmd.env_remove("WEFT_CNI_FAILPOINT");
         run_with_stdin(&mut cmd, b"", Duration::from_secs(60))

@@ -313,6 +313,74 @@ fn b_masquerade_to_outside_host() {
     assert_node_clean(n, CNI_NET, "after DEL");
 }
 
+/// Nothing on the node but the kernel: with no `nft` on any PATH, meshd `--masquerade` writes
+/// its masquerade table over netlink at start (a pod reaches the outside host as the node's
+/// address before any CNI ADD), and weft-cni, run by cnitool with the same empty PATH, writes
+/// its own the same way.
+#[test]
+fn b_masquerade_without_an_nft_binary() {
+    setup();
+    let c = Cluster::with_nodes(1).expect("cluster");
+    let n = c.node(0);
+    n.cni_install().expect("cni install");
+    // The harness starts meshd through `ip netns exec`, which must find `ip`; nothing else is
+    // on this PATH (no nft).
+    let bin = c.tmp.join("only-ip");
+    std::fs::create_dir_all(&bin).expect("mkdir");
+    let ip = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("ip binary");
+    std::os::unix::fs::symlink(ip, bin.join("ip")).expect("symlink ip");
+    let no_tools = vec![("PATH".to_string(), bin.display().to_string())];
+    n.start_meshd_env(&["--masquerade"], &no_tools)
+        .expect("meshd without nft on PATH");
+    n.wait_node_json(Duration::from_secs(10))
+        .expect("node.json");
+    let out = c.add_outside_host().expect("outside host");
+    let tables = n
+        .exec("nft", &["list", "tables"])
+        .expect("nft (the test's own)");
+    assert!(tables.contains("ip weft"), "meshd's table: {tables}");
+    let pod = n.add_pod(0).expect("pod");
+    let t = tcp_transfer(
+        &pod.ns,
+        &out.ns,
+        &out.ip.to_string(),
+        &TcpOpts::new(20_000, "masq-meshd").timeout(Duration::from_secs(10)),
+    )
+    .expect("tcp to outside");
+    assert!(t.complete(), "{t:?}");
+    assert!(
+        t.peer.starts_with(&format!("{}:", n.underlay_ip)),
+        "meshd --masquerade: the outside host saw {}",
+        t.peer
+    );
+
+    n.cni_write_conflist(CNI_NET, "1.1.0", None)
+        .expect("conflist");
+    std::env::set_var("WEFT_TEST_CNITOOL_PATH", "/nonexistent");
+    let added = n.cni_add_pod(1, CNI_NET);
+    std::env::remove_var("WEFT_TEST_CNITOOL_PATH");
+    let p = added.expect("cnitool add with no nft on PATH");
+    let tables = n.exec("nft", &["list", "tables"]).expect("nft");
+    assert!(tables.contains("ip weft-cni"), "weft-cni's table: {tables}");
+    let t = tcp_transfer(
+        p.ns(),
+        &out.ns,
+        &out.ip.to_string(),
+        &TcpOpts::new(20_000, "masq-cni").timeout(Duration::from_secs(10)),
+    )
+    .expect("tcp to outside");
+    assert!(t.complete(), "{t:?}");
+    assert!(
+        t.peer.starts_with(&format!("{}:", n.underlay_ip)),
+        "{}",
+        t.peer
+    );
+    assert_ok(&n.cni_del_pod(&p).expect("del"), "cnitool del");
+}
+
 // ---------------------------------------------------------------------------------------------
 // c. DEL
 

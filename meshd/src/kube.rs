@@ -151,6 +151,13 @@ pub fn spawn_node_watch(
             match info {
                 None => tracing::warn!(node = %name, "this node's Node object was deleted"),
                 Some(i) => {
+                    match registry.node_seen(&i.uid).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::warn!(node = %name, uid = %i.uid, objects = n,
+                            "this node's Node was re-created: its objects are owned by the new one"),
+                        Err(e) => tracing::warn!(node = %name, error = %e,
+                            "this node's Node was re-created, but its objects could not be written again; retrying at the next change"),
+                    }
                     if i.endpoints(port).ok().is_some_and(|e| e != endpoints)
                         && !endpoints.is_empty()
                     {

@@ -6,7 +6,8 @@
 //! API server's own concurrency control on the block's object: a new block is created (a
 //! second creation is refused with 409 AlreadyExists) and a held block (renewal, or a reclaim
 //! from a node gone past the reclaim period) is replaced with the resourceVersion it was listed
-//! at (a change in between is refused with 409 Conflict). So no block is ever held twice, even
+//! at (a change in between is refused with 409 Conflict; the listings are kept by
+//! [`super::cas`]). So no block is ever held twice, even
 //! by nodes deciding from the same listing. When a node moves to another block, its old
 //! block's object is deleted (with the listed resourceVersion as precondition).
 
@@ -14,24 +15,6 @@ use super::{from_object, list_raw, revision_of, Inner};
 use crate::{Kind, RegistryError, Revision, Snapshot};
 use kube::api::{DeleteParams, DynamicObject, PostParams, Preconditions};
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
-
-/// How many listings are kept for compare-and-swaps (a claim attempt uses the newest one).
-const KEPT: usize = 64;
-
-/// One claim object as listed: its block name, holder and resourceVersion.
-#[derive(Debug, Clone)]
-struct Listed {
-    node: String,
-    resource_version: String,
-}
-
-/// Listings taken by [`list_for_update`], by snapshot number.
-#[derive(Debug, Default)]
-pub(crate) struct Snapshots {
-    next: u64,
-    taken: BTreeMap<u64, BTreeMap<String, Listed>>,
-}
 
 /// The object name of a block: `10.42.3.0/24` is `10-42-3-0-24` (`:` of IPv6 becomes `-` too).
 pub fn block_object_name(block: &str) -> String {
@@ -194,37 +177,7 @@ pub(super) async fn put(
 pub(super) async fn list_for_update(
     inner: &Inner,
 ) -> Result<(Vec<(String, Vec<u8>)>, Snapshot), RegistryError> {
-    let (items, _) = list_raw(inner, Kind::Claims).await?;
-    let mut listed = BTreeMap::new();
-    let mut out = Vec::new();
-    for o in &items {
-        let (Some(name), Some(rv)) = (o.metadata.name.clone(), o.metadata.resource_version.clone())
-        else {
-            continue;
-        };
-        if let Some((node, bytes)) = from_object(Kind::Claims, o) {
-            listed.insert(
-                name,
-                Listed {
-                    node: node.clone(),
-                    resource_version: rv,
-                },
-            );
-            out.push((node, bytes));
-        }
-    }
-    out.sort();
-    let mut snaps = inner
-        .snapshots
-        .lock()
-        .map_err(|_| RegistryError::Internal("claim snapshots lock poisoned".into()))?;
-    snaps.next += 1;
-    let id = snaps.next;
-    snaps.taken.insert(id, listed);
-    while snaps.taken.len() > KEPT {
-        snaps.taken.pop_first();
-    }
-    Ok((out, Snapshot(id)))
+    super::cas::list_for_update(inner, Kind::Claims).await
 }
 
 pub(super) async fn put_if_unchanged(
@@ -234,14 +187,7 @@ pub(super) async fn put_if_unchanged(
     snapshot: Snapshot,
 ) -> Result<bool, RegistryError> {
     let (name, spec) = claim_of(node, value)?;
-    let listed = inner
-        .snapshots
-        .lock()
-        .map_err(|_| RegistryError::Internal("claim snapshots lock poisoned".into()))?
-        .taken
-        .get(&snapshot.0)
-        .cloned()
-        .ok_or_else(|| RegistryError::Internal(format!("unknown claim snapshot {}", snapshot.0)))?;
+    let listed = super::cas::listing(inner, snapshot)?;
     let api = inner.api(Kind::Claims).await?;
     let target = format!("meshpodcidrclaims/{name}");
     let result = match listed.get(&name) {

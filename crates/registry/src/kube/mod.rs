@@ -21,6 +21,7 @@
 //! - 403 is [`RegistryError::PermissionDenied`] naming who was refused and the API server's
 //!   message (RBAC or the admission policy in `deploy/admission-policy.yaml`).
 
+mod cas;
 pub mod claims;
 pub mod crd;
 pub mod node;
@@ -30,7 +31,7 @@ use crate::WatchStream;
 use crate::{
     check_object_name, check_size, Kind, RawEvent, Registry, RegistryError, Revision, Snapshot,
 };
-use crd::{resource_of, ResourceMap, GROUP, VERSION};
+pub(crate) use crd::{resource_of, ResourceMap, GROUP, VERSION};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::Client;
@@ -127,8 +128,11 @@ pub(crate) struct Inner {
     node_status: Mutex<HashMap<String, (Value, crd::MeshNodeStatus)>>,
     /// This node's Node uid, once known (owner of owned objects).
     node_uid: Mutex<Option<String>>,
+    /// The specs written by `put_owned`, so they can be applied again under a new owner when
+    /// the Node is re-created with the same name ([`KubeRegistry::node_seen`]).
+    owned: Mutex<std::collections::BTreeMap<(Kind, String), Value>>,
     /// Listings taken for a compare-and-swap of claims, by snapshot number.
-    snapshots: Mutex<claims::Snapshots>,
+    snapshots: Mutex<cas::Snapshots>,
 }
 
 impl fmt::Debug for KubeRegistry {
@@ -162,7 +166,8 @@ impl KubeRegistry {
                 who,
                 node_status: Mutex::new(HashMap::new()),
                 node_uid: Mutex::new(None),
-                snapshots: Mutex::new(claims::Snapshots::default()),
+                owned: Mutex::new(std::collections::BTreeMap::new()),
+                snapshots: Mutex::new(cas::Snapshots::default()),
             }),
         })
     }
@@ -170,6 +175,41 @@ impl KubeRegistry {
     /// The Kubernetes client (made on first use).
     pub async fn client(&self) -> Result<Client, RegistryError> {
         self.inner.client().await
+    }
+}
+
+impl KubeRegistry {
+    /// Tells the registry what this node's Node looks like now (from the watch of that Node).
+    /// When its uid changed (the Node was deleted and created again under the same name, so
+    /// the garbage collector deleted what the old Node owned), every object this process
+    /// owns is applied again with an owner reference to the new Node. Returns how many.
+    pub async fn node_seen(&self, uid: &str) -> Result<usize, RegistryError> {
+        if uid.is_empty() {
+            return Ok(0);
+        }
+        let previous = match self.inner.node_uid.lock() {
+            Ok(mut g) => g.replace(uid.to_string()),
+            Err(_) => return Ok(0),
+        };
+        if previous.as_deref().is_none_or(|p| p == uid) {
+            return Ok(0);
+        }
+        if let Ok(mut g) = self.inner.node_status.lock() {
+            g.clear();
+        }
+        let owned: Vec<((Kind, String), Value)> = self
+            .inner
+            .owned
+            .lock()
+            .map(|g| g.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        for ((kind, name), spec) in &owned {
+            let obj = self.inner.apply(*kind, name, spec.clone(), true).await?;
+            if *kind == Kind::Nodes {
+                self.inner.update_node_status(name, spec, &obj).await;
+            }
+        }
+        Ok(owned.len())
     }
 }
 
@@ -598,6 +638,9 @@ impl Registry for KubeRegistry {
         }
         let spec = to_spec(kind, name, value)?;
         let obj = self.inner.apply(kind, name, spec.clone(), true).await?;
+        if let Ok(mut g) = self.inner.owned.lock() {
+            g.insert((kind, name.to_string()), spec.clone());
+        }
         if kind == Kind::Nodes {
             self.inner.update_node_status(name, &spec, &obj).await;
         }
@@ -621,6 +664,9 @@ impl Registry for KubeRegistry {
         check_object_name(kind, name)?;
         if kind == Kind::Claims {
             return claims::delete(&self.inner, name).await;
+        }
+        if let Ok(mut g) = self.inner.owned.lock() {
+            g.remove(&(kind, name.to_string()));
         }
         let api = self.inner.api(kind).await?;
         match api.delete(name, &DeleteParams::default()).await {
@@ -652,12 +698,10 @@ impl Registry for KubeRegistry {
         &self,
         kind: Kind,
     ) -> Result<(Vec<(String, Vec<u8>)>, Snapshot), RegistryError> {
-        if kind != Kind::Claims {
-            return Err(RegistryError::Internal(format!(
-                "compare-and-swap is only used for claims, not {kind}"
-            )));
+        if kind == Kind::Claims {
+            return claims::list_for_update(&self.inner).await;
         }
-        claims::list_for_update(&self.inner).await
+        cas::list_for_update(&self.inner, kind).await
     }
 
     async fn put_if_unchanged(
@@ -669,12 +713,11 @@ impl Registry for KubeRegistry {
     ) -> Result<bool, RegistryError> {
         check_object_name(kind, name)?;
         check_size(kind, name, value)?;
-        if kind != Kind::Claims {
-            return Err(RegistryError::Internal(format!(
-                "compare-and-swap is only used for claims, not {kind}"
-            )));
+        if kind == Kind::Claims {
+            return claims::put_if_unchanged(&self.inner, name, value, snapshot).await;
         }
-        claims::put_if_unchanged(&self.inner, name, value, snapshot).await
+        let spec = to_spec(kind, name, value)?;
+        cas::put_if_unchanged(&self.inner, kind, name, spec, snapshot).await
     }
 
     async fn watch(

@@ -111,6 +111,12 @@ pub(super) async fn run(api: Api<DynamicObject>, kind: Kind, tx: mpsc::Sender<Ra
                 name,
                 revision: revision_of(&obj),
             }),
+            // 410 Gone: the watch fell behind the API server's history; the watcher lists
+            // again at once. A normal resync, not an outage: the list's Reset follows.
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                debug!(collection = %kind, message = %status.message, "watch expired (410 Gone); listing again");
+                None
+            }
             Err(e) => {
                 if connected {
                     connected = false;

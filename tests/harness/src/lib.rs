@@ -27,6 +27,7 @@ pub mod cluster;
 pub mod cni;
 pub mod etcd;
 pub mod kube;
+pub mod kube_mesh;
 pub mod traffic;
 pub mod util;
 

@@ -6,150 +6,36 @@
 //! `deploy/`. Need root and the binaries; run serially:
 //!   cargo build --workspace --bins && cargo test -p weft-tests --test kube -- --test-threads=1
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use weft_tests::kube::{KubeControlPlane, KubeOpts};
-use weft_tests::util::ns_cmd;
-use weft_tests::{workspace_bin, Cluster, Marker, Node, PingOpts, Pod};
+use weft_tests::kube::KubeOpts;
+use weft_tests::kube_mesh::KubeMesh;
+use weft_tests::{Marker, Node, PingOpts, Pod};
 
 const READY: Duration = Duration::from_secs(30);
-const NS: &str = "weft-system";
 
 fn setup() {
     weft_tests::set_nettool(env!("CARGO_BIN_EXE_weft-nettool"));
 }
 
-fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
-}
-
-/// A cluster of `n` netns nodes with a control plane that has everything of `deploy/` applied
-/// (server-side, as a user would), and a Node object per node (InternalIP = its underlay
-/// address; `spec.podCIDRs` = its range when `pod_cidrs`).
-struct KubeMesh {
-    c: Cluster,
-    kube: KubeControlPlane,
-    /// keyctl's kubeconfig: ServiceAccount weft-system/keyctl bound to ClusterRole weft-admin.
-    admin: PathBuf,
-}
-
+/// `n` nodes with Node objects (with `spec.podCIDRs` when `pod_cidrs`), the controller
+/// manager's garbage collector on.
 fn kube_cluster(n: usize, pod_cidrs: bool) -> KubeMesh {
     setup();
-    let c = Cluster::with_nodes(n).expect("cluster");
-    // The CRDs go in before the controller manager starts, so its garbage collector watches
-    // them from the start (it discovers new resources only every 30 s); `kubectl apply -k`
-    // below applies them again, unchanged.
-    let crds: Vec<String> = std::fs::read_dir(deploy_dir().join("crds"))
-        .expect("deploy/crds")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension().is_some_and(|x| x == "yaml") && !p.ends_with("kustomization.yaml")
-        })
-        .map(|p| std::fs::read_to_string(p).expect("CRD file"))
-        .collect();
-    let kube = c
-        .start_kube(KubeOpts {
+    KubeMesh::new(
+        n,
+        n,
+        pod_cidrs,
+        KubeOpts {
             controller_manager: true,
-            manifests: crds,
             ..KubeOpts::default()
-        })
-        .expect("control plane");
-    let out = kube
-        .kubectl(&[
-            "apply",
-            "--server-side",
-            "--field-manager=weft-test",
-            "-k",
-            &deploy_dir().display().to_string(),
-        ])
-        .expect("every object of deploy/ is accepted by kubectl apply --server-side");
-    eprintln!("kubectl apply -k deploy/:\n{out}");
-    kube.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd",
-        "--all",
-        "--timeout=60s",
-    ])
-    .expect("CRDs established");
-    for node in &c.nodes {
-        let cidrs: Vec<&str> = if pod_cidrs {
-            vec![node.pod_cidr.as_str()]
-        } else {
-            Vec::new()
-        };
-        kube.create_node(&node.name, node.underlay_ip, &cidrs)
-            .expect("Node object");
-    }
-    kube.create_service_account(NS, "keyctl")
-        .expect("keyctl SA");
-    kube.kubectl(&[
-        "create",
-        "clusterrolebinding",
-        "weft-admin-keyctl",
-        "--clusterrole=weft-admin",
-        "--serviceaccount=weft-system:keyctl",
-    ])
-    .expect("bind weft-admin");
-    let token = kube.service_account_token(NS, "keyctl").expect("token");
-    let admin = kube
-        .kubeconfig_with_token(&token, c.tmp.join("keyctl.kubeconfig"))
-        .expect("kubeconfig");
-    KubeMesh { c, kube, admin }
+        },
+    )
+    .expect("cluster with deploy/ applied")
 }
 
-impl KubeMesh {
-    /// A kubeconfig with a token of ServiceAccount weft-system/meshd bound to a Pod on `node`.
-    fn node_kubeconfig(&self, node: &Node) -> PathBuf {
-        let token = self
-            .kube
-            .pod_bound_token(NS, "meshd", &node.name)
-            .expect("pod-bound token");
-        self.kube
-            .kubeconfig_with_token(&token, node.dir.join("kubeconfig"))
-            .expect("kubeconfig")
-    }
-
-    /// Starts meshd on `node` with `--registry kube`, its own token, and neither `--endpoint`
-    /// nor `--pod-cidr` (both come from the Node object or a claim).
-    fn start_meshd(&self, node: &Node, extra: &[&str]) {
-        let kc = self.node_kubeconfig(node);
-        node.omit_default_args(&["--endpoint", "--pod-cidr"]);
-        let mut args = vec!["--registry", "kube", "--kubeconfig"];
-        let kc = kc.display().to_string();
-        args.push(&kc);
-        args.extend_from_slice(extra);
-        node.start_meshd(&args).expect("meshd");
-        node.refresh_claimed().expect("pod range");
-    }
-
-    /// Runs the real keyctl with the weft-admin kubeconfig, in the switch namespace.
-    fn keyctl(&self, args: &[&str]) -> (bool, String) {
-        let bin = workspace_bin("keyctl").expect("keyctl");
-        let sw = self.c.switch_ns.clone().expect("switch ns");
-        let out = ns_cmd(&sw, &bin)
-            .args(args)
-            .args(["--registry", "kube", "--kubeconfig"])
-            .arg(&self.admin)
-            .env_remove("WEFT_REGISTRY")
-            .output()
-            .expect("running keyctl");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    }
-
-    /// kubectl as node `node`'s meshd (its pod-bound token).
-    fn kubectl_as_node(&self, kubeconfig: &Path, args: &[&str]) -> weft_tests::kube::KubectlOutput {
-        self.kube.kubectl_output(kubeconfig, args).expect("kubectl")
-    }
-
-    fn meshnode(&self, name: &str) -> Option<serde_json::Value> {
-        self.kube.get_json(&["meshnode", name]).ok()
-    }
+/// Starts meshd on kube for `node` (see [`KubeMesh::start_meshd`]).
+fn start(m: &KubeMesh, node: &Node) {
+    m.start_meshd(node, &[], &[]).expect("meshd on kube");
 }
 
 fn peer_names(n: &Node) -> Vec<String> {
@@ -173,7 +59,7 @@ fn public_key(n: &Node) -> String {
 fn kube_mesh_isolation_rotation_and_node_deletion() {
     let m = kube_cluster(3, true);
     for n in &m.c.nodes {
-        m.start_meshd(n, &[]);
+        start(&m, n);
         assert_eq!(n.current_pod_cidr(), n.pod_cidr, "range from spec.podCIDRs");
     }
     let pods: Vec<Pod> = (0..3)
@@ -263,7 +149,7 @@ fn kube_mesh_isolation_rotation_and_node_deletion() {
         ),
     ];
     for (what, args) in refusals {
-        let out = m.kubectl_as_node(&kc1, args);
+        let out = m.kubectl_as(&kc1, args, b"").expect("kubectl");
         assert!(
             out.forbidden(),
             "node-1 could {what}: {} {}",
@@ -290,8 +176,7 @@ fn kube_mesh_isolation_rotation_and_node_deletion() {
             r#"{{"apiVersion":"weft.dev/v1alpha1","kind":"{kind}","metadata":{{"name":"{name}"}},"spec":{spec}}}"#
         );
         let out = m
-            .kube
-            .kubectl_output_in_netns(&m.kube.ns, &kc1, &["create", "-f", "-"], obj.as_bytes())
+            .kubectl_as(&kc1, &["create", "-f", "-"], obj.as_bytes())
             .expect("kubectl");
         assert!(
             out.forbidden(),
@@ -314,12 +199,9 @@ fn kube_mesh_isolation_rotation_and_node_deletion() {
         .collect();
     std::thread::sleep(Duration::from_secs(1));
     let t0 = Instant::now();
-    let (ok, out) = m.keyctl(&["rotate", "--all", "--wait"]);
-    assert!(
-        ok,
-        "keyctl rotate --all --wait --registry kube: {out}\n{}",
-        m.c.debug_report()
-    );
+    let out = m
+        .keyctl_ok(&["rotate", "--all", "--wait"])
+        .expect("keyctl rotate --all --wait --registry kube");
     eprintln!(
         "keyctl rotate --all --wait on kube: {:?}\n{out}",
         t0.elapsed()
@@ -336,8 +218,7 @@ fn kube_mesh_isolation_rotation_and_node_deletion() {
     for (i, n) in m.c.nodes.iter().enumerate() {
         assert_ne!(public_key(n), before[i], "{} kept its key", n.name);
     }
-    let (ok, status) = m.keyctl(&["status"]);
-    assert!(ok, "keyctl status: {status}");
+    m.keyctl_ok(&["status"]).expect("keyctl status");
 
     // A Node deleted: the garbage collector deletes its MeshNode, and every peer drops it.
     let t0 = Instant::now();
@@ -368,7 +249,7 @@ fn kube_mesh_isolation_rotation_and_node_deletion() {
 fn kube_claims_without_node_pod_cidrs() {
     let m = kube_cluster(3, false);
     for n in &m.c.nodes {
-        m.start_meshd(n, &[]);
+        start(&m, n);
     }
     let mut ranges: Vec<String> = m.c.nodes.iter().map(|n| n.current_pod_cidr()).collect();
     let claims = m.kube.get_json(&["meshpodcidrclaims"]).expect("claims");
@@ -390,7 +271,9 @@ fn kube_claims_without_node_pod_cidrs() {
     // node-1 may neither release the block node-0 holds nor claim a block in node-0's name.
     let kc1 = m.c.node(1).dir.join("kubeconfig");
     let block0 = m.c.node(0).current_pod_cidr().replace(['.', '/'], "-");
-    let out = m.kubectl_as_node(&kc1, &["delete", "meshpodcidrclaim", &block0]);
+    let out = m
+        .kubectl_as(&kc1, &["delete", "meshpodcidrclaim", &block0], b"")
+        .expect("kubectl");
     assert!(
         out.forbidden(),
         "node-1 released node-0's block: {} {}",
@@ -408,6 +291,42 @@ fn kube_claims_without_node_pod_cidrs() {
         out.stdout,
         out.stderr
     );
+
+    // node-0's Node deleted and created again under the same name (a re-registered node): the
+    // garbage collector deletes its MeshNode, then meshd writes it again owned by the new Node,
+    // and the peers take it back.
+    let old_uid = m.kube.node_uid("node-0").expect("uid");
+    m.kube.delete_node("node-0").expect("delete Node");
+    let gone = weft_tests::wait_until(Duration::from_secs(30), || m.meshnode("node-0").is_none());
+    assert!(gone, "MeshNode node-0 outlived its Node");
+    let t0 = Instant::now();
+    let new_uid = m
+        .kube
+        .create_node("node-0", m.c.node(0).underlay_ip, &[])
+        .expect("Node again");
+    assert_ne!(old_uid, new_uid);
+    let back = weft_tests::wait_until(Duration::from_secs(30), || {
+        m.meshnode("node-0")
+            .is_some_and(|mn| mn["metadata"]["ownerReferences"][0]["uid"] == new_uid.as_str())
+    });
+    assert!(
+        back,
+        "MeshNode node-0 not written again under the new Node\n{}",
+        m.c.debug_report()
+    );
+    let peered = weft_tests::wait_until(Duration::from_secs(20), || {
+        peer_names(m.c.node(1)).contains(&"node-0".to_string())
+    });
+    assert!(
+        peered,
+        "node-1 did not take node-0 back\n{}",
+        m.c.debug_report()
+    );
+    eprintln!(
+        "Node re-created -> MeshNode back under the new owner and peered in {:?}",
+        t0.elapsed()
+    );
+    m.c.assert_pods_ping(&pods.iter().collect::<Vec<_>>());
 }
 
 /// The API server stopped for 30 s under 20 Hz pod pings: nothing lost, every peer kept, status
@@ -419,7 +338,7 @@ fn kube_claims_without_node_pod_cidrs() {
 fn kube_outage_cache_and_key_change() {
     let m = kube_cluster(3, true);
     for n in &m.c.nodes {
-        m.start_meshd(n, &[]);
+        start(&m, n);
     }
     let pods: Vec<Pod> = (0..3)
         .map(|i| m.c.node(i).add_pod(0).expect("pod"))
@@ -501,7 +420,7 @@ fn kube_outage_cache_and_key_change() {
     n1.stop_meshd(libc::SIGTERM).expect("stop");
     std::fs::remove_dir_all(n1.state_dir()).expect("wipe state dir");
     std::fs::create_dir_all(n1.state_dir()).expect("state dir");
-    m.start_meshd(n1, &[]);
+    start(&m, n1);
     let new = public_key(n1);
     assert_ne!(old, new);
     for i in [0, 2] {
@@ -533,7 +452,7 @@ fn kube_outage_cache_and_key_change() {
 fn kube_link_health_follows_a_stopped_node() {
     let m = kube_cluster(3, true);
     for n in &m.c.nodes {
-        m.start_meshd(n, &[]);
+        start(&m, n);
     }
     let pods: Vec<Pod> = (0..3)
         .map(|i| m.c.node(i).add_pod(0).expect("pod"))

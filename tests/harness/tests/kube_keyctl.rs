@@ -22,7 +22,7 @@ use ipnet::Ipv4Net;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use weft_core::alloc::AllocError;
@@ -30,11 +30,12 @@ use weft_registry::claims::{claim_pod_cidr, ClaimFailure, ClaimRequest};
 use weft_registry::kube::claims::block_object_name;
 use weft_registry::{KubeOptions, KubeRegistry, Registry};
 use weft_tests::kube::{KubeControlPlane, KubeOpts};
-use weft_tests::util::{ns_cmd, run_in_netns, run_timeout, workspace_bin};
-use weft_tests::{peer_of, wg_genkey, Cluster, Node, PingOpts, Pod, WgImpl};
+use weft_tests::kube_mesh::KubeMesh;
+use weft_tests::util::run_in_netns;
+use weft_tests::{peer_of, wg_genkey, Node, PingOpts, Pod, WgImpl};
 
 const READY: Duration = Duration::from_secs(30);
-const NS: &str = "weft-system";
+use weft_tests::kube_mesh::NS;
 /// A cluster secret for tests (32 bytes, base64), as in rotation.rs.
 const SECRET: &str = "q0E9bGmSIcHGYkHnUczk3P/U6N1ZRCpB5cFa4ZDl4Xo=";
 const LAPTOP_IP: &str = "10.99.0.1";
@@ -44,127 +45,30 @@ fn setup() {
     weft_tests::set_nettool(env!("CARGO_BIN_EXE_weft-nettool"));
 }
 
-fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy")
-}
-
-/// A cluster of `n` netns nodes with a control plane that has everything of `deploy/` applied
-/// server-side, a Node object for each of the first `with_node_objects` nodes (InternalIP = its
-/// underlay address, `spec.podCIDRs` = its range) and keyctl's weft-admin kubeconfig.
-struct KubeMesh {
-    c: Cluster,
-    kube: KubeControlPlane,
-    /// keyctl's kubeconfig: ServiceAccount weft-system/keyctl bound to ClusterRole weft-admin.
-    admin: PathBuf,
-    /// When the netns cluster was up (after the harness lock): test durations count from here.
-    t0: Instant,
-}
-
+/// `n` netns nodes with deploy/ applied and a Node object (with `spec.podCIDRs`) for each of
+/// the first `with_node_objects` (see [`KubeMesh::new`]).
 fn kube_cluster(n: usize, with_node_objects: usize, opts: KubeOpts) -> KubeMesh {
     setup();
-    let c = Cluster::with_nodes(n).expect("cluster");
-    let t0 = Instant::now();
-    let kube = c.start_kube(opts).expect("control plane");
-    kube.kubectl(&[
-        "apply",
-        "--server-side",
-        "--field-manager=weft-test",
-        "-k",
-        &deploy_dir().display().to_string(),
-    ])
-    .expect("every object of deploy/ is accepted by kubectl apply --server-side");
-    kube.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd",
-        "--all",
-        "--timeout=60s",
-    ])
-    .expect("CRDs established");
-    for node in c.nodes.iter().take(with_node_objects) {
-        kube.create_node(&node.name, node.underlay_ip, &[node.pod_cidr.as_str()])
-            .expect("Node object");
-    }
-    kube.create_service_account(NS, "keyctl")
-        .expect("keyctl SA");
-    kube.kubectl(&[
-        "create",
-        "clusterrolebinding",
-        "weft-admin-keyctl",
-        "--clusterrole=weft-admin",
-        "--serviceaccount=weft-system:keyctl",
-    ])
-    .expect("bind weft-admin");
-    let token = kube.service_account_token(NS, "keyctl").expect("token");
-    let admin = kube
-        .kubeconfig_with_token(&token, c.tmp.join("keyctl.kubeconfig"))
-        .expect("kubeconfig");
-    eprintln!("control plane with deploy/ applied in {:?}", t0.elapsed());
-    KubeMesh { c, kube, admin, t0 }
+    KubeMesh::new(n, with_node_objects, true, opts).expect("cluster with deploy/ applied")
 }
 
-impl KubeMesh {
-    /// A kubeconfig with a token of ServiceAccount weft-system/meshd bound to a Pod on `node`.
-    fn node_kubeconfig(&self, node: &Node) -> PathBuf {
-        let token = self
-            .kube
-            .pod_bound_token(NS, "meshd", &node.name)
-            .expect("pod-bound token");
-        self.kube
-            .kubeconfig_with_token(&token, node.dir.join("kubeconfig"))
-            .expect("kubeconfig")
-    }
+/// [`KubeMesh::start_meshd`] with owned flags.
+fn start_meshd(m: &KubeMesh, node: &Node, extra: &[String], env: &[(String, String)]) {
+    let refs: Vec<&str> = extra.iter().map(String::as_str).collect();
+    m.start_meshd(node, &refs, env).expect("meshd on kube");
+}
 
-    /// Starts meshd on `node` with `--registry kube`, its own token, neither `--endpoint` nor
-    /// `--pod-cidr` (both from the Node object), `extra` flags and environment `env`.
-    fn start_meshd(&self, node: &Node, extra: &[String], env: &[(String, String)]) {
-        let kc = self.node_kubeconfig(node);
-        node.omit_default_args(&["--endpoint", "--pod-cidr"]);
-        let mut args: Vec<String> = vec![
-            "--registry".into(),
-            "kube".into(),
-            "--kubeconfig".into(),
-            kc.display().to_string(),
-        ];
-        args.extend(extra.iter().cloned());
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        node.start_meshd_env(&refs, env).expect("meshd");
-        node.refresh_claimed().expect("pod range");
-    }
+fn keyctl(m: &KubeMesh, args: &[&str]) -> (Option<i32>, String, String) {
+    m.keyctl(args).expect("running keyctl")
+}
 
-    /// Runs the real keyctl with the weft-admin kubeconfig, in the switch namespace:
-    /// (exit code, stdout, stderr).
-    fn keyctl(&self, args: &[&str]) -> (Option<i32>, String, String) {
-        let bin = workspace_bin("keyctl").expect("keyctl");
-        let sw = self.c.switch_ns.clone().expect("switch ns");
-        let mut cmd = ns_cmd(&sw, &bin);
-        cmd.args(args)
-            .args(["--registry", "kube", "--kubeconfig"])
-            .arg(&self.admin)
-            .env_remove("WEFT_REGISTRY");
-        let out = run_timeout(&mut cmd, Duration::from_secs(60)).expect("running keyctl");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
+fn keyctl_ok(m: &KubeMesh, args: &[&str]) -> String {
+    m.keyctl_ok(args).expect("keyctl")
+}
 
-    fn keyctl_ok(&self, args: &[&str]) -> String {
-        let (code, so, se) = self.keyctl(args);
-        assert_eq!(
-            code,
-            Some(0),
-            "keyctl {args:?} --registry kube failed: {se}\n{so}\n{}",
-            self.c.debug_report()
-        );
-        so
-    }
-
-    fn keyctl_status(&self) -> Value {
-        let so = self.keyctl_ok(&["status", "--json"]);
-        serde_json::from_str(&so).unwrap_or_else(|e| panic!("keyctl status --json: {e}: {so}"))
-    }
+fn keyctl_status(m: &KubeMesh) -> Value {
+    let so = keyctl_ok(m, &["status", "--json"]);
+    serde_json::from_str(&so).unwrap_or_else(|e| panic!("keyctl status --json: {e}: {so}"))
 }
 
 fn peer_names(n: &Node) -> Vec<String> {
@@ -276,7 +180,7 @@ fn kube_revoke_readmit_psk_and_external_peer() {
     let m = kube_cluster(4, 3, KubeOpts::default());
     let nodes: Vec<&Node> = (0..3).map(|i| m.c.node(i)).collect();
     for n in &nodes {
-        m.start_meshd(n, &secret_flags(n), &[]);
+        start_meshd(&m, n, &secret_flags(n), &[]);
         assert_eq!(n.current_pod_cidr(), n.pod_cidr, "range from spec.podCIDRs");
     }
     let pods: Vec<Pod> = (0..3)
@@ -289,7 +193,7 @@ fn kube_revoke_readmit_psk_and_external_peer() {
 
     // 1. Revoke node-2.
     let t0 = Instant::now();
-    let out = m.keyctl_ok(&["revoke", "node-2"]);
+    let out = keyctl_ok(&m, &["revoke", "node-2"]);
     let keyctl_took = t0.elapsed();
     assert!(out.contains("revoked node-2"), "{out}");
     for i in 0..2 {
@@ -320,7 +224,7 @@ fn kube_revoke_readmit_psk_and_external_peer() {
         .ping(pods[1].ip, &PingOpts::count(5).interval(0.05).wait(1))
         .expect("ping");
     assert!(r.all_received(), "node-0 <-> node-1 broke: {}", r.output);
-    let st = m.keyctl_status();
+    let st = keyctl_status(&m);
     let n2 = keyctl_node(&st, "node-2");
     assert_eq!(n2["revocation"]["state"], "revoked", "{n2}");
     assert_eq!(n2["admitted"], false, "{n2}");
@@ -343,7 +247,7 @@ fn kube_revoke_readmit_psk_and_external_peer() {
     let n2node = m.c.node(2);
     n2node.stop_meshd(libc::SIGTERM).expect("stop node-2");
     std::fs::remove_file(n2node.state_dir().join("private.key")).expect("delete private.key");
-    m.start_meshd(n2node, &secret_flags(n2node), &[]);
+    start_meshd(&m, n2node, &secret_flags(n2node), &[]);
     let new_key = public_key(n2node);
     assert_ne!(new_key, keys[2]);
     let published = weft_tests::wait_until(Duration::from_secs(10), || {
@@ -364,12 +268,12 @@ fn kube_revoke_readmit_psk_and_external_peer() {
         m.c.debug_report()
     );
     assert_no_traffic(&m, &pods[0], &pods[2], "fresh unapproved key");
-    let (code, _, err) = m.keyctl(&["readmit", "node-2", "--public-key", &keys[2]]);
+    let (code, _, err) = keyctl(&m, &["readmit", "node-2", "--public-key", &keys[2]]);
     assert_eq!(code, Some(1), "readmitting the revoked key: {err}");
 
     // 3. Readmit with the new key: back within a few seconds.
     let t1 = Instant::now();
-    m.keyctl_ok(&["readmit", "node-2", "--public-key", &new_key]);
+    keyctl_ok(&m, &["readmit", "node-2", "--public-key", &new_key]);
     let back = time_to_reply(&pods[0], &pods[2], Duration::from_secs(10));
     assert!(
         back.is_some(),
@@ -389,7 +293,7 @@ fn kube_revoke_readmit_psk_and_external_peer() {
         let p = n.status_peer("node-2").expect("status").expect("node-2");
         assert_eq!(p["publicKey"], new_key.as_str(), "node-{i}: {p}");
     }
-    let st = m.keyctl_status();
+    let st = keyctl_status(&m);
     let n2 = keyctl_node(&st, "node-2");
     assert_eq!(n2["revocation"]["state"], "readmitted", "{n2}");
     assert_eq!(n2["admitted"], true, "{n2}");
@@ -408,7 +312,7 @@ fn kube_revoke_readmit_psk_and_external_peer() {
         .collect();
     std::thread::sleep(Duration::from_secs(1));
     let t2 = Instant::now();
-    let out = m.keyctl_ok(&["psk", "rotate", "--wait", "--timeout", "20"]);
+    let out = keyctl_ok(&m, &["psk", "rotate", "--wait", "--timeout", "20"]);
     eprintln!(
         "kube: keyctl psk rotate --wait took {:?}:\n{out}",
         t2.elapsed()
@@ -440,17 +344,20 @@ fn kube_revoke_readmit_psk_and_external_peer() {
     let laptop = m.c.node(3);
     let lkeys = wg_genkey().expect("wg genkey");
     let endpoint = format!("{}:51820", laptop.underlay_ip);
-    let conf = m.keyctl_ok(&[
-        "peer",
-        "add",
-        "laptop",
-        "--public-key",
-        &lkeys.public_key,
-        "--allowed-ips",
-        &format!("{LAPTOP_IP}/32"),
-        "--endpoint",
-        &endpoint,
-    ]);
+    let conf = keyctl_ok(
+        &m,
+        &[
+            "peer",
+            "add",
+            "laptop",
+            "--public-key",
+            &lkeys.public_key,
+            "--allowed-ips",
+            &format!("{LAPTOP_IP}/32"),
+            "--endpoint",
+            &endpoint,
+        ],
+    );
     assert!(!conf.contains(&lkeys.private_key));
     assert_eq!(conf.matches("[Peer]").count(), 3, "{conf}");
     for n in &nodes {
@@ -720,8 +627,8 @@ fn kube_watch_410_gone_relists_exactly() {
          boringtun=error"
             .to_string(),
     )];
-    m.start_meshd(m.c.node(0), &[], &[]);
-    m.start_meshd(m.c.node(1), &[], &debug_env);
+    start_meshd(&m, m.c.node(0), &[], &[]);
+    start_meshd(&m, m.c.node(1), &[], &debug_env);
     let pods: Vec<Pod> = (0..2)
         .map(|i| m.c.node(i).add_pod(0).expect("pod"))
         .collect();

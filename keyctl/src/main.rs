@@ -413,6 +413,7 @@ async fn status(a: StatusArgs) -> Result<()> {
         externals,
     };
     let s = status::view(registry.describe(), &contents, rotate::unix_now());
+    show_peer_staleness(&*registry, &s.external_peers).await;
     if a.json {
         print_json(&s)
     } else {
@@ -526,6 +527,10 @@ async fn rotate(a: RotateArgs) -> Result<()> {
         }
     };
     let outcome = rotate::run(&registry, &nodes, &opts, &mut report).await?;
+    if outcome.finished && a.wait {
+        // Retired keys make the configs printed for external peers stale.
+        refresh_peer_staleness(&registry).await;
+    }
     if json {
         let nodes: Vec<serde_json::Value> = outcome
             .targets
@@ -642,6 +647,7 @@ async fn revoke(a: RevokeArgs) -> Result<()> {
         Ok(revoke::revoke(&a.node, &current, e, now))
     })
     .await?;
+    refresh_peer_staleness(&registry).await;
     let record = record.map(|_| ()).or(external.as_ref().map(|_| ()));
     if a.json {
         return print_json(&json!({
@@ -689,6 +695,7 @@ async fn readmit(a: ReadmitArgs) -> Result<()> {
         revoke::readmit(&a.node, e, key)
     })
     .await?;
+    refresh_peer_staleness(&registry).await;
     let published = match weft_registry::get_node(&*registry, &a.node).await {
         Ok(Some(r)) => Some(r.public_key),
         Ok(None) => match Typed::<ExternalPeer>::new(registry.clone())
@@ -740,6 +747,50 @@ async fn nodes_and_revocations(
         .await
         .context("reading the revocations")?;
     Ok((records, revocations))
+}
+
+/// Shows each external peer's config staleness where the registry has a place for it (kube:
+/// MeshPeer `.status`, the `kubectl get meshpeers` Config column; written only when the verdict
+/// changed). Never fails the command: a user who may only read is skipped without a word, any
+/// other error is a warning.
+async fn show_peer_staleness(registry: &dyn Registry, peers: &[status::ExternalStatus]) {
+    for p in peers {
+        let summary = p.config.describe(p.config_printed_at > 0);
+        match registry
+            .put_peer_config_status(&p.name, p.config.stale, &summary)
+            .await
+        {
+            Ok(_) | Err(weft_registry::RegistryError::PermissionDenied { .. }) => {}
+            Err(e) => eprintln!(
+                "keyctl: warning: could not show {}'s config status: {e}",
+                p.name
+            ),
+        }
+    }
+}
+
+/// [`show_peer_staleness`] after reading the nodes, revocations and external peers (once keys
+/// have changed: `keyctl rotate --wait`, `revoke`, `readmit`).
+async fn refresh_peer_staleness(registry: &Arc<dyn Registry>) {
+    let read = async {
+        let (records, revocations) = nodes_and_revocations(registry).await?;
+        let (externals, _) = Typed::<ExternalPeer>::new(registry.clone())
+            .list()
+            .await
+            .context("reading the external peers")?;
+        anyhow::Ok(status::external_view(&status::Contents {
+            records,
+            revocations,
+            externals,
+            ..Default::default()
+        }))
+    };
+    match read.await {
+        Ok(peers) => show_peer_staleness(&**registry, &peers).await,
+        Err(e) => {
+            eprintln!("keyctl: warning: could not refresh the external peers' config status: {e:#}")
+        }
+    }
 }
 
 /// Prints a peer's config (or JSON with the record and the config).
@@ -796,6 +847,7 @@ async fn peer_add(a: PeerAddArgs) -> Result<()> {
     new.config_keys = peer::config_keys(&nodes);
     // Checked against every node record (even refused ones) and every other external peer.
     let written = peer::add(&*registry, &new, &records).await?;
+    refresh_peer_staleness(&registry).await;
     eprintln!(
         "keyctl: added external peer {} (key {}, allowed IPs {}{}); every node adds it within a \
          second. Fill in its PrivateKey in the config below.",
@@ -822,6 +874,7 @@ async fn peer_config(a: PeerNameArgs) -> Result<()> {
         rotate::unix_now(),
     )
     .await?;
+    refresh_peer_staleness(&registry).await;
     if nodes.iter().any(|n| n.next_public_key.is_some()) {
         eprintln!(
             "keyctl: note: a node is rotating its key; print the config again once it finished"
@@ -868,6 +921,7 @@ async fn peer_list(a: PeerListArgs) -> Result<()> {
         externals,
         ..Default::default()
     });
+    show_peer_staleness(&*registry, &peers).await;
     if a.json {
         return print_json(&json!({ "externalPeers": peers }));
     }

@@ -309,6 +309,21 @@ pub trait Registry: Send + Sync + fmt::Debug {
         true
     }
 
+    /// Shows on external peer `name` whether the config last printed for it is stale
+    /// (`summary`: "up to date" or "STALE: node-1 key changed"), where the backend has a place
+    /// that a person looks at: kube writes MeshPeer `.status` (a `kubectl get meshpeers` column)
+    /// when the verdict differs from the one there. `Ok(false)` when nothing was written: the
+    /// verdict did not change, or the backend has no such place (dir, etcd: `keyctl status`
+    /// derives it afresh each time, which is the default).
+    async fn put_peer_config_status(
+        &self,
+        _name: &str,
+        _stale: bool,
+        _summary: &str,
+    ) -> Result<bool, RegistryError> {
+        Ok(false)
+    }
+
     /// Reads one object; `None` if it does not exist.
     async fn get(&self, kind: Kind, name: &str) -> Result<Option<Vec<u8>>, RegistryError>;
 

@@ -11,9 +11,8 @@
 //! 2. `kube_watch_410_gone_relists_exactly`: a watch resumed from a compacted resourceVersion
 //!    ends in 410 Gone and meshd relists to exactly the API server's MeshNodes (the counterpart
 //!    of etcd_history.rs).
-//! 3. `kube_twenty_concurrent_claims`: 20 claimers with their own node tokens claim blocks at
-//!    the same instant through `weft_registry::claims::claim_pod_cidr`; a tiny pool reports
-//!    exhaustion.
+//! 3. `kube_twenty_meshd_at_once_claim_distinct_blocks`: 20 meshd with their own node tokens
+//!    start at the same moment and claim 20 distinct blocks; a tiny pool reports exhaustion.
 //!
 //! Need root and the binaries; run serially:
 //!   cargo build --workspace --bins && cargo test -p weft-tests --test kube_keyctl -- --test-threads=1
@@ -21,7 +20,6 @@
 use ipnet::Ipv4Net;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,7 +33,6 @@ use weft_tests::util::run_in_netns;
 use weft_tests::{peer_of, wg_genkey, Node, PingOpts, Pod, WgImpl};
 
 const READY: Duration = Duration::from_secs(30);
-use weft_tests::kube_mesh::NS;
 /// A cluster secret for tests (32 bytes, base64), as in rotation.rs.
 const SECRET: &str = "q0E9bGmSIcHGYkHnUczk3P/U6N1ZRCpB5cFa4ZDl4Xo=";
 const LAPTOP_IP: &str = "10.99.0.1";
@@ -173,8 +170,10 @@ fn fill_in(conf: &str, private_key: &str) -> String {
 /// `keyctl readmit node-2 --public-key NEWKEY` brings it back. `keyctl psk rotate --wait` under
 /// 100 Hz pings between every pair of pods: nothing lost, every pair on generation 1. `keyctl
 /// peer add laptop --endpoint ...` prints a config that a wireguard-go laptop uses to reach the
-/// pod on every node (and every pod reaches it); `kubectl get meshpeers` shows its allowed IPs
-/// and endpoint.
+/// pod on every node (and every pod reaches it); `kubectl get meshpeers` shows its allowed IPs,
+/// endpoint and whether its config is stale: `up to date`, `STALE: node-0 key changed` after
+/// `keyctl rotate --node node-0 --wait`, `up to date` again after `keyctl peer config laptop`; a node
+/// token may not write that status.
 #[test]
 fn kube_revoke_readmit_psk_and_external_peer() {
     let m = kube_cluster(4, 3, KubeOpts::default());
@@ -418,7 +417,7 @@ fn kube_revoke_readmit_psk_and_external_peer() {
         .expect("get meshpeers");
     eprintln!("kubectl get meshpeers:\n{table}");
     let header = table.lines().next().unwrap_or_default();
-    for col in ["NAME", "ALLOWED IPS", "ENDPOINT", "AGE"] {
+    for col in ["NAME", "ALLOWED IPS", "ENDPOINT", "CONFIG", "AGE"] {
         assert!(header.contains(col), "no {col} column:\n{table}");
     }
     let row = table
@@ -427,12 +426,64 @@ fn kube_revoke_readmit_psk_and_external_peer() {
         .unwrap_or_else(|| panic!("no laptop row:\n{table}"));
     assert!(row.contains(&format!("{LAPTOP_IP}/32")), "{table}");
     assert!(row.contains(&endpoint), "{table}");
+    assert!(row.contains("up to date"), "{table}");
+    // A node token may not write a peer's status.
+    let kc1 = m.c.node(1).dir.join("kubeconfig");
+    let out = m
+        .kubectl_as(
+            &kc1,
+            &[
+                "patch",
+                "meshpeer",
+                "laptop",
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                r#"{"status":{"config":"up to date","configStale":false}}"#,
+            ],
+            b"",
+        )
+        .expect("kubectl");
+    assert!(
+        out.forbidden(),
+        "node-1 wrote the laptop's status: {} {}",
+        out.stdout,
+        out.stderr
+    );
+    // node-0's key rotated: the printed config no longer reaches node-0, and the Config column
+    // says so (keyctl rotate --wait refreshes it); printing the config again makes it current.
+    keyctl_ok(
+        &m,
+        &["rotate", "--node", "node-0", "--wait", "--timeout", "30"],
+    );
+    let config_column = || {
+        let t = m
+            .kube
+            .kubectl(&["get", "meshpeers"])
+            .expect("get meshpeers");
+        t.lines()
+            .find(|l| l.starts_with("laptop"))
+            .map(str::to_string)
+            .unwrap_or_default()
+    };
+    let row = config_column();
+    assert!(
+        row.contains("STALE: node-0 key changed"),
+        "after node-0's rotation: {row}"
+    );
+    let peer = m.kube.get_json(&["meshpeer", "laptop"]).expect("MeshPeer");
+    assert_eq!(peer["status"]["configStale"], true, "{peer}");
+    eprintln!("after keyctl rotate node-0: {row}");
+    keyctl_ok(&m, &["peer", "config", "laptop"]);
+    let row = config_column();
+    assert!(row.contains("up to date"), "after peer config: {row}");
     let peer = m.kube.get_json(&["meshpeer", "laptop"]).expect("MeshPeer");
     assert_eq!(
         peer["spec"]["publicKey"],
         lkeys.public_key.as_str(),
         "{peer}"
     );
+    assert_eq!(peer["status"]["configStale"], false, "{peer}");
     for (i, n) in nodes.iter().enumerate() {
         assert_eq!(
             peer["spec"]["configKeys"][&n.name],
@@ -839,86 +890,65 @@ fn claim_concurrently(
     .expect("claimers")
 }
 
-/// 20 Node objects without podCIDRs and 20 pod-bound meshd tokens, one per Node; 20 claimers
-/// (`claim_pod_cidr`, each on its own `KubeRegistry` as its node) start at the same instant
-/// with pool 10.42.0.0/16 and /24 blocks: 20 distinct blocks, and exactly 20
-/// MeshPodCIDRClaims, each named after its block and held (spec.node) by the claimer that got
-/// it. Then, with the claims deleted, 5 claimers on 10.42.0.0/22 (4 blocks): 4 get a block, 1
-/// is told the pool is exhausted.
+/// 20 netns nodes whose Node objects have no podCIDRs start meshd at the same moment
+/// (`--registry kube`, each with its own token bound to a Pod on its Node and only deploy/'s
+/// RBAC and admission policy, `--cluster-cidr 10.42.0.0/16`): 20 distinct /24 blocks, exactly
+/// 20 MeshPodCIDRClaims, each named after its block and held (spec.node) by the node that runs
+/// with it, and a full mesh of 20. Then, with every meshd stopped and the claims and MeshNodes
+/// deleted, 5 claimers (`claim_pod_cidr` as 5 of those nodes) on 10.42.0.0/22 (4 blocks): 4
+/// get a block, 1 is told the pool is exhausted.
 #[test]
-fn kube_twenty_concurrent_claims() {
+fn kube_twenty_meshd_at_once_claim_distinct_blocks() {
     const N: usize = 20;
-    let m = kube_cluster(1, 0, KubeOpts::default());
+    setup();
+    let m = KubeMesh::new(N, N, false, KubeOpts::default()).expect("cluster with deploy/ applied");
     let setup_start = Instant::now();
-    let names: Vec<String> = (0..N).map(|i| format!("claimer-{i:02}")).collect();
-    // Node objects and tokens, four kubectl streams at once.
+    // Pod-bound tokens, four kubectl streams at once.
     let kubeconfigs: Vec<PathBuf> = std::thread::scope(|s| {
-        let handles: Vec<_> = names
-            .chunks(N / 4)
-            .enumerate()
-            .map(|(k, chunk)| {
-                let m = &m;
-                s.spawn(move || {
-                    chunk
-                        .iter()
-                        .enumerate()
-                        .map(|(j, name)| {
-                            let ip = Ipv4Addr::new(198, 18, 0, 100 + (k * (N / 4) + j) as u8);
-                            m.kube.create_node(name, ip, &[]).expect("Node object");
-                            let token = m
-                                .kube
-                                .pod_bound_token(NS, "meshd", name)
-                                .expect("pod-bound token");
-                            m.kube
-                                .kubeconfig_with_token(
-                                    &token,
-                                    m.c.tmp.join(format!("{name}.kubeconfig")),
-                                )
-                                .expect("kubeconfig")
-                        })
-                        .collect::<Vec<_>>()
+        let handles: Vec<_> =
+            m.c.nodes
+                .chunks(N / 4)
+                .map(|chunk| {
+                    let m = &m;
+                    s.spawn(move || {
+                        chunk
+                            .iter()
+                            .map(|n| m.node_kubeconfig(n).expect("pod-bound token"))
+                            .collect::<Vec<_>>()
+                    })
                 })
-            })
-            .collect();
+                .collect();
         handles
             .into_iter()
-            .flat_map(|h| h.join().expect("setup thread"))
+            .flat_map(|h| h.join().expect("token thread"))
             .collect()
     });
-    let claimers: Vec<(String, PathBuf)> = names.iter().cloned().zip(kubeconfigs).collect();
-    eprintln!(
-        "{N} Nodes, Pods and tokens made in {:?} ({:?} after the start)",
-        setup_start.elapsed(),
-        m.t0.elapsed()
-    );
+    eprintln!("{N} pod-bound tokens made in {:?}", setup_start.elapsed());
 
-    let pool: Ipv4Net = "10.42.0.0/16".parse().expect("pool");
-    let (results, slowest) = claim_concurrently(&m.kube.ns, &claimers, pool);
-    let mut held: BTreeMap<String, Ipv4Net> = BTreeMap::new();
-    let mut times: Vec<Duration> = Vec::new();
-    for (name, got, took) in &results {
-        match got {
-            Claimed::Block(b) => {
-                assert!(pool.contains(b) && b.prefix_len() == 24, "{name}: {b}");
-                held.insert(name.clone(), *b);
-                times.push(*took);
-            }
-            Claimed::Exhausted(msg) | Claimed::Failed(msg) => {
-                panic!("{name} got no block: {msg}\nall: {results:#?}")
-            }
-        }
+    let t0 = Instant::now();
+    for (n, kc) in m.c.nodes.iter().zip(&kubeconfigs) {
+        n.omit_default_args(&["--endpoint", "--pod-cidr"]);
+        let kc = kc.display().to_string();
+        n.spawn_meshd_claiming(&["--registry", "kube", "--kubeconfig", &kc])
+            .expect("spawn meshd");
     }
-    times.sort();
+    let mut held: BTreeMap<String, Ipv4Net> = BTreeMap::new();
+    for n in &m.c.nodes {
+        n.wait_meshd_api(Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("meshd on {}: {e:#}\n{}", n.name, m.c.debug_report()));
+        let r = n.refresh_claimed().expect("claimed range");
+        held.insert(n.name.clone(), r.parse().expect("range"));
+    }
+    let claimed_in = t0.elapsed();
+    let pool: Ipv4Net = "10.42.0.0/16".parse().expect("pool");
+    for (name, b) in &held {
+        assert!(pool.contains(b) && b.prefix_len() == 24, "{name}: {b}");
+    }
     let mut blocks: Vec<Ipv4Net> = held.values().copied().collect();
     blocks.sort();
     blocks.dedup();
     assert_eq!(blocks.len(), N, "a block was handed out twice: {held:#?}");
-    eprintln!(
-        "{N} concurrent claims on the API server: all done {slowest:?} after the start (fastest \
-         {:?}, median {:?})",
-        times[0],
-        times[N / 2]
-    );
+    eprintln!("{N} meshd started at once: all running with distinct blocks after {claimed_in:?}");
 
     let claims = m
         .kube
@@ -934,18 +964,43 @@ fn kube_twenty_concurrent_claims() {
         assert_eq!(
             held.get(node).map(ToString::to_string).as_deref(),
             Some(block),
-            "claim {name} is held by {node}, which got {:?}",
+            "claim {name} is held by {node}, which runs with {:?}",
             held.get(node)
         );
-        assert_eq!(it["spec"]["generation"], 1, "{it}");
     }
+    m.c.wait_mesh_ready(Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("full mesh of {N}: {e:#}\n{}", m.c.debug_report()));
+    for n in &m.c.nodes {
+        assert_eq!(
+            n.status_peer_names().expect("status").len(),
+            N - 1,
+            "{} peers",
+            n.name
+        );
+    }
+    eprintln!("full mesh of {N} after {:?}", t0.elapsed());
+    for n in &m.c.nodes {
+        n.stop_meshd(libc::SIGTERM).expect("stop meshd");
+    }
+    let claimers: Vec<(String, PathBuf)> =
+        m.c.nodes
+            .iter()
+            .map(|n| n.name.clone())
+            .zip(kubeconfigs)
+            .collect();
 
-    // A tiny pool: 4 blocks, 5 claimers.
+    // A tiny pool: 4 blocks, 5 claimers. The stopped nodes' MeshNodes go too: a live node
+    // record's range counts as held, claim or not.
     m.kube
-        .kubectl(&["delete", "meshpodcidrclaims", "--all"])
-        .expect("delete the claims");
+        .kubectl(&["delete", "meshpodcidrclaims,meshnodes", "--all"])
+        .expect("delete the claims and MeshNodes");
     let tiny: Ipv4Net = "10.42.0.0/22".parse().expect("pool");
     let (results, slowest) = claim_concurrently(&m.kube.ns, &claimers[..5], tiny);
+    for (name, got, _) in &results {
+        if let Claimed::Failed(msg) = got {
+            panic!("{name}: the claim failed (not exhausted): {msg}");
+        }
+    }
     let ok: Vec<Ipv4Net> = results
         .iter()
         .filter_map(|(_, g, _)| match g {

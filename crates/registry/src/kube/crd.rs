@@ -192,8 +192,11 @@ pub struct MeshPodCIDRClaimSpec {
     plural = "meshpeers",
     shortname = "mp",
     category = "weft",
+    status = "MeshPeerStatus",
     printcolumn = r#"{"name":"Allowed IPs","type":"string","jsonPath":".spec.allowedIps"}"#,
     printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".spec.endpoint"}"#,
+    printcolumn = r#"{"name":"Config","type":"string","jsonPath":".status.config"}"#,
+    printcolumn = r#"{"name":"Checked","type":"date","priority":1,"jsonPath":".status.checkedAt"}"#,
     printcolumn = r#"{"name":"Key","type":"string","priority":1,"jsonPath":".spec.publicKey"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -212,6 +215,24 @@ pub struct MeshPeerSpec {
     pub config_keys: BTreeMap<String, String>,
     #[serde(default)]
     pub config_printed_at: u64,
+}
+
+/// Whether the config last printed for a [`MeshPeer`] still reaches every node, as keyctl last
+/// found it (`keyctl status`, `peer list`, `peer add`, `peer config` and `rotate` refresh it;
+/// written only when the verdict changes). `keyctl status` always computes it afresh; this is
+/// what `kubectl get meshpeers` shows in between.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshPeerStatus {
+    /// `up to date`, or `STALE: ` and why (`node-1 key changed`, `node-3 joined`).
+    #[serde(default)]
+    pub config: String,
+    /// Whether the peer's config no longer reaches every node.
+    #[serde(default)]
+    pub config_stale: bool,
+    /// When keyctl came to this verdict (RFC 3339).
+    #[serde(default)]
+    pub checked_at: String,
 }
 
 /// A revocation of a node's keys (`weft_core::control::Revocation`), written by `keyctl

@@ -647,6 +647,52 @@ impl Registry for KubeRegistry {
         Ok(revision_of(&obj))
     }
 
+    async fn put_peer_config_status(
+        &self,
+        name: &str,
+        stale: bool,
+        summary: &str,
+    ) -> Result<bool, RegistryError> {
+        check_object_name(Kind::Peers, name)?;
+        let api = self.inner.api(Kind::Peers).await?;
+        let target = self.inner.target(Kind::Peers, name);
+        let Some(obj) = self
+            .inner
+            .call("reading", target.clone(), api.get_opt(name))
+            .await?
+        else {
+            return Ok(false);
+        };
+        let now = obj.data.get("status");
+        if now.and_then(|s| s.get("config")).and_then(Value::as_str) == Some(summary)
+            && now
+                .and_then(|s| s.get("configStale"))
+                .and_then(Value::as_bool)
+                == Some(stale)
+        {
+            return Ok(false);
+        }
+        let body = json!({
+            "apiVersion": format!("{GROUP}/{VERSION}"),
+            "kind": resource_of(Kind::Peers).crd_kind,
+            "metadata": { "name": name },
+            "status": crd::MeshPeerStatus {
+                config: summary.to_string(),
+                config_stale: stale,
+                checked_at: now_rfc3339(),
+            },
+        });
+        let pp = PatchParams::apply(&self.inner.options.field_manager).force();
+        self.inner
+            .call(
+                "writing the status of",
+                target,
+                api.patch_status(name, &pp, &Patch::Apply(&body)),
+            )
+            .await?;
+        Ok(true)
+    }
+
     async fn get(&self, kind: Kind, name: &str) -> Result<Option<Vec<u8>>, RegistryError> {
         check_object_name(kind, name)?;
         if kind == Kind::Claims {

@@ -8,6 +8,10 @@
 #     (protoc, needed to build the etcd-client crate); openssl (test certificates for etcd TLS)
 #   - containernetworking-plugins (reference CNI plugins in /usr/lib/cni: ptp, host-local,
 #     portmap, bandwidth, loopback; they speak CNI up to 1.0.0) and iptables (portmap, ptp ipMasq)
+#   - the real-node tier (tests/harness/tests/kubelet.rs): containerd and runc (a container
+#     runtime per node), umoci and busybox-static (the pause and workload images, made here),
+#     buildah (builds the weft image from the test run's binaries), conntrack and socat (kubelet
+#     and its port-forward), util-linux (nsenter, unshare)
 #   - boringtun-cli 0.7.1 via `cargo install` (only when not already on PATH / in ~/.cargo/bin)
 #   - cnitool (CNI 1.1: add/check/del/gc/status) via `go install ...cni/cnitool@CNITOOL_VERSION`
 #     into /usr/local/bin (only when missing; needs Go and the Go module proxy)
@@ -21,7 +25,7 @@ log() { echo "install-test-deps: $*" >&2; }
 export DEBIAN_FRONTEND=noninteractive
 PKGS=(wireguard-go wireguard-tools iperf3 tcpdump iputils-ping iproute2 procps psmisc nftables
       containernetworking-plugins iptables etcd-server etcd-client protobuf-compiler openssl
-      shellcheck curl)
+      shellcheck curl containerd runc umoci busybox-static buildah conntrack socat util-linux)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -41,7 +45,8 @@ else
     done
 fi
 
-for b in wireguard-go wg iperf3 tcpdump ping ip tc nft iptables etcd etcdctl protoc openssl shellcheck curl; do
+for b in wireguard-go wg iperf3 tcpdump ping ip tc nft iptables etcd etcdctl protoc openssl shellcheck curl \
+         containerd ctr runc umoci busybox buildah conntrack socat nsenter unshare; do
     command -v "$b" >/dev/null 2>&1 || die "$b not found on PATH after installing packages"
 done
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the real Kubernetes control-plane binaries the kube test tier runs, from the Go module
-# proxy, once per version, into a cache outside the repository:
+# Builds the real Kubernetes binaries the kube test tiers run (control plane, kubectl, and the
+# kubelet of the real-node tier), from the Go module proxy, once per version, into a cache
+# outside the repository:
 #   scripts/kube-bins.sh            # prints the bin directory (builds what is missing)
 # Env: WEFT_KUBE_VERSION (default v1.37.2), WEFT_KUBE_CACHE (default /var/cache/weft/kubernetes).
 # How: a wrapper module requires k8s.io/kubernetes at that release and replaces every k8s.io/*
@@ -11,7 +12,7 @@
 set -euo pipefail
 version=${WEFT_KUBE_VERSION:-v1.37.2}
 cache=${WEFT_KUBE_CACHE:-/var/cache/weft/kubernetes}/$version
-bins=(kube-apiserver kube-controller-manager kubectl)
+bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet)
 mkdir -p "$cache/bin"
 missing=()
 for b in "${bins[@]}"; do [ -x "$cache/bin/$b" ] || missing+=("$b"); done
@@ -23,7 +24,17 @@ mod="$cache/wrapper"
 mkdir -p "$mod"
 cd "$mod"
 export GOFLAGS=-mod=mod GOTOOLCHAIN=local
-if [ ! -f go.sum ] || [ ! -f .tidy-done ]; then
+tools=$(
+    echo '//go:build tools'
+    echo
+    echo 'package tools'
+    echo
+    echo 'import ('
+    for b in "${bins[@]}"; do echo "	_ \"k8s.io/kubernetes/cmd/$b\""; done
+    echo ')'
+)
+# A new command in the list needs its packages in go.sum: tidy again when tools.go changes.
+if [ ! -f go.sum ] || [ ! -f .tidy-done ] || [ "$(cat tools.go 2>/dev/null)" != "$tools" ]; then
     gomod=$(go mod download -json "k8s.io/kubernetes@$version" | sed -n 's/.*"GoMod": "\(.*\)",*/\1/p')
     [ -f "$gomod" ] || { echo "kube-bins: no go.mod for k8s.io/kubernetes@$version" >&2; exit 1; }
     {
@@ -36,17 +47,7 @@ if [ ! -f go.sum ] || [ ! -f .tidy-done ]; then
         grep -E '^\s*k8s\.io/[a-z0-9-]+ => \./staging/' "$gomod" |
             awk -v v="$staging_version" '{print "replace " $1 " => " $1 " " v}'
     } > go.mod
-    cat > tools.go <<'GO'
-//go:build tools
-
-package tools
-
-import (
-	_ "k8s.io/kubernetes/cmd/kube-apiserver"
-	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
-	_ "k8s.io/kubernetes/cmd/kubectl"
-)
-GO
+    echo "$tools" > tools.go
     echo "kube-bins: go mod tidy for k8s.io/kubernetes $version ($(grep -c '^replace' go.mod) staging modules)" >&2
     go mod tidy -e >&2
     touch .tidy-done

@@ -4,7 +4,8 @@
 # Steps: test dependencies (apt + boringtun-cli), the Kubernetes binaries (built once, cached),
 # the shell-script lint, fmt, clippy, the sans-IO dependency rule, unit tests (they include the check that
 # deploy/crds is what the Rust types generate), a short fuzz run, virtual-clock tests, then the
-# netns end-to-end tests (serial, one thread; they include the real kube-apiserver tier), and
+# netns end-to-end tests (serial, one thread; they include the real kube-apiserver tier and the
+# real-node tier: kubelet + containerd per node, weft deployed by its DaemonSet), and
 # the data-path ones of those again with offloads off and one worker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,13 +17,14 @@ step() { echo; echo "=== $* ($(( $(date +%s) - start ))s)"; }
 step "install test dependencies"
 scripts/install-test-deps.sh
 
-step "Kubernetes v1.37.2 binaries (kube-apiserver, kube-controller-manager, kubectl; cached)"
-# Built once from the Go module proxy into /var/cache/weft/kubernetes/VERSION (~14 min cold on
-# 2 cores, nothing when cached); the kube test tier runs them.
+step "Kubernetes v1.37.2 binaries (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet; cached)"
+# Built once from the Go module proxy into /var/cache/weft/kubernetes/VERSION (~25 min cold on
+# 2 cores, nothing when cached); the kube test tier and the real-node tier (kubelet.rs) run them.
 WEFT_KUBE_BIN=$(scripts/kube-bins.sh)
 export WEFT_KUBE_BIN
 "$WEFT_KUBE_BIN/kube-apiserver" --version
 "$WEFT_KUBE_BIN/kubectl" version --client
+"$WEFT_KUBE_BIN/kubelet" --version
 
 step "shellcheck"
 shellcheck scripts/*.sh deploy/image/*.sh deploy/etcd/*.sh tests/e2e/*.sh

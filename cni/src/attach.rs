@@ -152,6 +152,7 @@ async fn add_steps(
                 &node.mesh_addresses,
                 &env.container_id,
                 &env.ifname,
+                env.pod.as_deref(),
             )?;
             undo.lease = Some(Lease::Own {
                 state_dir: conf.state_dir.clone(),

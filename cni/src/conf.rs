@@ -27,6 +27,29 @@ pub struct Env {
     pub netns: Option<PathBuf>,
     pub ifname: String,
     pub cni_path: Vec<PathBuf>,
+    /// `NAMESPACE/NAME` of the Kubernetes pod, from `K8S_POD_NAMESPACE` and `K8S_POD_NAME` in
+    /// `CNI_ARGS` (what kubelet's runtime passes); recorded with the pod's address.
+    pub pod: Option<String>,
+}
+
+/// `NAMESPACE/NAME` from `CNI_ARGS` (`K=V;K=V`), when both are there and look like Kubernetes
+/// names (lowercase letters, digits, '-', '.'; at most 253 bytes). Anything else is ignored:
+/// the pod's identity is a label on the allocation, never a reason to refuse an ADD.
+pub fn pod_from_cni_args(args: &str) -> Option<String> {
+    let get = |key: &str| {
+        args.split(';')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| k.trim() == key)
+            .map(|(_, v)| v.trim())
+    };
+    let ok = |v: &str| {
+        !v.is_empty()
+            && v.len() <= 253
+            && v.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    };
+    let (ns, name) = (get("K8S_POD_NAMESPACE")?, get("K8S_POD_NAME")?);
+    (ok(ns) && ok(name)).then(|| format!("{ns}/{name}"))
 }
 
 /// Interface names the kernel accepts and the spec allows.
@@ -121,12 +144,14 @@ pub fn read_env(get: impl Fn(&str) -> Option<String>) -> Result<Env> {
             bad.join("; "),
         ));
     }
+    let pod = get("CNI_ARGS").as_deref().and_then(pod_from_cni_args);
     Ok(Env {
         command,
         container_id,
         netns,
         ifname,
         cni_path,
+        pod,
     })
 }
 
@@ -383,6 +408,38 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         read_env(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn pod_identity_comes_from_cni_args() {
+        let args = "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns-7d.x-1;\
+                    K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=1-2";
+        assert_eq!(
+            pod_from_cni_args(args).as_deref(),
+            Some("kube-system/coredns-7d.x-1")
+        );
+        let e = env(&[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/opt/cni/bin"),
+            ("CNI_ARGS", args),
+        ])
+        .expect("env");
+        assert_eq!(e.pod.as_deref(), Some("kube-system/coredns-7d.x-1"));
+        // Only one of the two, or names no Kubernetes object can have: no identity, no error.
+        for bad in [
+            "K8S_POD_NAME=a",
+            "K8S_POD_NAMESPACE=a",
+            "K8S_POD_NAMESPACE=a/b;K8S_POD_NAME=c",
+            "K8S_POD_NAMESPACE=a;K8S_POD_NAME=C\nx",
+            "K8S_POD_NAMESPACE=;K8S_POD_NAME=c",
+            "garbage;;=;",
+        ] {
+            assert_eq!(pod_from_cni_args(bad), None, "{bad:?}");
+        }
+        let long = format!("K8S_POD_NAMESPACE=a;K8S_POD_NAME={}", "x".repeat(254));
+        assert_eq!(pod_from_cni_args(&long), None);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Address allocation from the node's pod CIDRs, kept in the state dir under a file lock (as
 //! host-local does), so ADD and DEL need no daemon and allocations survive meshd restarts.
 //!
-//! `DIR/ADDR` holds `CONTAINERID\nIFNAME\n`; `DIR/last_reserved_ip.V4|V6` remembers where the
+//! `DIR/ADDR` holds `CONTAINERID\nIFNAME\n` and, for a Kubernetes pod, `NAMESPACE/NAME\n`; `DIR/last_reserved_ip.V4|V6` remembers where the
 //! last search ended, so a just-released address is not handed out again at once.
 
 use crate::error::*;
@@ -93,6 +93,7 @@ impl Store {
         reserved: &[IpAddr],
         cid: &str,
         ifname: &str,
+        pod: Option<&str>,
     ) -> Result<Vec<IpAddr>> {
         let held = self.find(cid, ifname);
         let mut out = Vec::new();
@@ -110,7 +111,8 @@ impl Store {
                 .map_err(|e| io("cannot record the allocation", &path, e))?;
             // No fsync (host-local does none either): after a crash the pods are set up anew,
             // and the file is created before any address is configured.
-            f.write_all(format!("{cid}\n{ifname}\n").as_bytes())
+            let pod_line = pod.map(|p| format!("{p}\n")).unwrap_or_default();
+            f.write_all(format!("{cid}\n{ifname}\n{pod_line}").as_bytes())
                 .map_err(|e| io("cannot record the allocation", &path, e))?;
             let fam = if ip.is_ipv4() { "V4" } else { "V6" };
             let _ = fs::write(
@@ -206,7 +208,7 @@ mod tests {
         let mut got = Vec::new();
         for i in 0..5 {
             let ip = s
-                .allocate(&[range], &[mesh], &format!("c{i}"), "eth0")
+                .allocate(&[range], &[mesh], &format!("c{i}"), "eth0", None)
                 .expect("alloc")[0];
             got.push(ip);
         }
@@ -216,18 +218,28 @@ mod tests {
         assert_eq!(got, want);
         // .7 is the broadcast address: the range is full.
         let e = s
-            .allocate(&[range], &[mesh], "c9", "eth0")
+            .allocate(&[range], &[mesh], "c9", "eth0", None)
             .expect_err("full");
         assert_eq!(e.code, TRY_AGAIN_LATER);
         assert_eq!(
-            s.allocate(&[range], &[mesh], "c3", "eth0").expect("same")[0],
+            s.allocate(&[range], &[mesh], "c3", "eth0", None)
+                .expect("same")[0],
             want[3]
         );
         assert_eq!(s.release("c3", "eth0"), vec![want[3]]);
         assert!(s.release("c3", "eth0").is_empty());
         assert_eq!(
-            s.allocate(&[range], &[mesh], "c9", "eth0").expect("freed")[0],
+            s.allocate(&[range], &[mesh], "c9", "eth0", None)
+                .expect("freed")[0],
             want[3]
         );
+        // A Kubernetes pod's identity is a third line of its allocation file.
+        s.release("c9", "eth0");
+        let ip = s
+            .allocate(&[range], &[mesh], "c9", "eth0", Some("default/web-1"))
+            .expect("again")[0];
+        let text = fs::read_to_string(s.file(ip)).expect("allocation file");
+        assert_eq!(text, "c9\neth0\ndefault/web-1\n");
+        assert_eq!(s.find("c9", "eth0"), vec![ip]);
     }
 }

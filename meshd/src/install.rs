@@ -43,9 +43,14 @@ fn atomic_write(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<PathB
     Ok(dst)
 }
 
+/// The network configuration list. `cniVersions` (CNI 1.1) lets a runtime whose libcni knows it
+/// (>= 1.2: containerd 1.7, 2.x, k3s) pick 1.1.0; older ones (containerd 1.6's libcni 1.1) read
+/// only `cniVersion` and cannot parse a 1.1.0 result ("unsupported CNI result version"), so
+/// that stays 1.0.0. Found by the real-node tier (tests/harness/tests/kubelet.rs).
 pub fn conflist(args: &InstallArgs) -> serde_json::Value {
     serde_json::json!({
-        "cniVersion": "1.1.0",
+        "cniVersion": "1.0.0",
+        "cniVersions": ["1.0.0", "1.1.0"],
         "name": "weft",
         "plugins": [{
             "type": "weft-cni",
@@ -115,7 +120,8 @@ mod tests {
         )
         .expect("json");
         assert_eq!(v["plugins"][0]["type"], "weft-cni");
-        assert_eq!(v["cniVersion"], "1.1.0");
+        assert_eq!(v["cniVersion"], "1.0.0");
+        assert_eq!(v["cniVersions"], serde_json::json!(["1.0.0", "1.1.0"]));
         assert_eq!(v["plugins"][0]["ipMasq"], false);
         let leftovers: Vec<_> = fs::read_dir(tmp.path().join("net.d"))
             .expect("dir")

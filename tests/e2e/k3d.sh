@@ -127,51 +127,8 @@ fi
 
 # 3. weft, through an overlay of deploy/.
 overlay=$tmp/overlay
-mkdir -p "$overlay"
-base=$(realpath --relative-to="$overlay" "$repo/deploy")
-cat >"$overlay/kustomization.yaml" <<EOF
-apiVersion: kustomize.config.k8s.io/v1beta1
-kind: Kustomization
-resources:
-  - $base
-images:
-  - name: localhost/weft
-    newName: ${image%:*}
-    newTag: ${image##*:}
-patches:
-  - patch: |-
-      apiVersion: apps/v1
-      kind: DaemonSet
-      metadata:
-        name: weft
-        namespace: weft-system
-      spec:
-        template:
-          spec:
-            initContainers:
-              - name: install-cni
-                imagePullPolicy: Never
-            containers:
-              - name: meshd
-                imagePullPolicy: Never
-            volumes:
-              - name: cni-bin
-                hostPath:
-                  path: $cni_bin
-                  type: DirectoryOrCreate
-              - name: cni-conf
-                hostPath:
-                  path: $cni_conf
-                  type: DirectoryOrCreate
-EOF
-e2e_k kustomize "$overlay" >"$tmp/weft.yaml"
-grep -q "image: $image" "$tmp/weft.yaml" || e2e_fail "the overlay did not set the image to $image"
-e2e_log "applying weft"
-e2e_k apply --server-side -f "$tmp/weft.yaml" >&2
-e2e_k wait --for=condition=Established --timeout=60s \
-	crd/meshnodes.weft.dev crd/meshnodehealths.weft.dev crd/meshpodcidrclaims.weft.dev \
-	crd/meshpeers.weft.dev crd/meshrevocations.weft.dev crd/meshkeyrotations.weft.dev \
-	crd/meshpskgenerations.weft.dev >&2
+e2e_write_overlay "$overlay" "$repo/deploy" "$image" "$cni_bin" "$cni_conf"
+e2e_apply_overlay "$overlay" "$image"
 e2e_wait_daemonset weft-system weft 300
 e2e_wait_meshnodes 3 180
 e2e_k wait --for=condition=Ready node --all --timeout=180s >&2 || {

@@ -55,6 +55,69 @@ e2e_dump_diagnostics() {
 	e2e_log "---- end of diagnostics ----"
 }
 
+# e2e_write_overlay DIR DEPLOY_DIR IMAGE [CNI_BIN_DIR CNI_CONF_DIR]: DIR/kustomization.yaml, the
+# test overlay of deploy/: IMAGE (NAME:TAG) for weft's image, `imagePullPolicy: Never` (the
+# image is imported, never pulled) and, when given, the host's CNI dirs where the runtime reads
+# them (k3s); nothing else changes.
+e2e_write_overlay() {
+	local dir=$1 deploy=$2 image=$3 cni_bin=${4:-} cni_conf=${5:-} base
+	mkdir -p "$dir"
+	base=$(realpath --relative-to="$dir" "$deploy")
+	cat >"$dir/kustomization.yaml" <<EOF
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - $base
+images:
+  - name: localhost/weft
+    newName: ${image%:*}
+    newTag: ${image##*:}
+patches:
+  - patch: |-
+      apiVersion: apps/v1
+      kind: DaemonSet
+      metadata:
+        name: weft
+        namespace: weft-system
+      spec:
+        template:
+          spec:
+            initContainers:
+              - name: install-cni
+                imagePullPolicy: Never
+            containers:
+              - name: meshd
+                imagePullPolicy: Never
+EOF
+	if [ -n "$cni_bin" ]; then
+		cat >>"$dir/kustomization.yaml" <<EOF
+            volumes:
+              - name: cni-bin
+                hostPath:
+                  path: $cni_bin
+                  type: DirectoryOrCreate
+              - name: cni-conf
+                hostPath:
+                  path: $cni_conf
+                  type: DirectoryOrCreate
+EOF
+	fi
+}
+
+# e2e_apply_overlay DIR IMAGE: renders the overlay, checks it sets IMAGE, applies it server-side
+# and waits for weft's CRDs to be established.
+e2e_apply_overlay() {
+	local dir=$1 image=$2
+	e2e_k kustomize "$dir" >"$dir/weft.yaml"
+	grep -q "image: $image" "$dir/weft.yaml" || e2e_fail "the overlay did not set the image to $image"
+	e2e_log "applying weft ($image)"
+	e2e_k apply --server-side --field-manager=weft-e2e -f "$dir/weft.yaml" >&2
+	e2e_k wait --for=condition=Established --timeout=60s \
+		crd/meshnodes.weft.dev crd/meshnodehealths.weft.dev crd/meshpodcidrclaims.weft.dev \
+		crd/meshpeers.weft.dev crd/meshrevocations.weft.dev crd/meshkeyrotations.weft.dev \
+		crd/meshpskgenerations.weft.dev >&2
+}
+
 # e2e_wait_daemonset NAMESPACE NAME TIMEOUT_SECS
 e2e_wait_daemonset() {
 	local ns=$1 name=$2 timeout=$3
@@ -204,7 +267,10 @@ e2e_assert_marker_present() {
 # TCP connection (busybox nc) and checks that TO_POD received it.
 e2e_send_marker() {
 	local from=$1 to=$2 ip=$3 marker=$4 port=${5:-7777} times=${6:-50} got
-	e2e_exec "$to" sh -c "rm -f /tmp/e2e-got; nc -l -p $port </dev/null >/tmp/e2e-got 2>&1 &"
+	# The listener's stdin must stay open: busybox nc ends the connection at EOF on stdin, after
+	# the first line (found by the real-node tier).
+	# (Nothing of it may hold the exec's output open, or kubectl exec waits for it.)
+	e2e_exec "$to" sh -c "rm -f /tmp/e2e-got; sleep 120 </dev/null 2>/dev/null | nc -l -p $port >/tmp/e2e-got 2>&1 &"
 	sleep 1
 	# The marker goes in on stdin, so it is not on any command line.
 	printf '%s\n' "$marker" | e2e_k -n "$E2E_POD_NS" exec -i "$from" -- sh -c \

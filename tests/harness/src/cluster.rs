@@ -404,6 +404,7 @@ pub fn destroy_namespace(ns: &str) {
 /// wireguard UAPI sockets of our TUN naming scheme. Called with the harness lock held, so no live
 /// cluster exists anywhere (a live one holds the lock).
 pub fn remove_leftovers() {
+    crate::kubelet::remove_leftovers();
     for ns in harness_namespaces() {
         eprintln!("weft-tests: removing leftover namespace {ns}");
         destroy_namespace(&ns);

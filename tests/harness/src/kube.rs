@@ -118,6 +118,16 @@ pub struct KubeOpts {
     pub manifests: Vec<String>,
     /// How long to wait for `/readyz` (default 90 s; ~8 s on an idle machine).
     pub ready_timeout: Duration,
+    /// `--controllers` of kube-controller-manager (default: `garbagecollector`). Anything more
+    /// needs RBAC for the controller manager's own user beyond the garbage collector's role
+    /// (the real-node tier binds it to cluster-admin through `manifests`).
+    pub kcm_controllers: Vec<String>,
+    /// More kube-controller-manager flags, after the harness's own.
+    pub kcm_args: Vec<String>,
+    /// The ServiceAccount admission plugin (default off: bare Pod objects need no `default`
+    /// ServiceAccount). The real-node tier turns it on, with the serviceaccount controller, so
+    /// pods get their projected token volume as on any cluster.
+    pub service_account_admission: bool,
 }
 
 impl Default for KubeOpts {
@@ -130,6 +140,9 @@ impl Default for KubeOpts {
             apiserver_args: Vec::new(),
             manifests: Vec::new(),
             ready_timeout: Duration::from_secs(90),
+            kcm_controllers: vec!["garbagecollector".into()],
+            kcm_args: Vec::new(),
+            service_account_admission: false,
         }
     }
 }
@@ -353,7 +366,6 @@ fn apiserver_args(pki: &KubePki, opts: &KubeOpts) -> Vec<String> {
         format!("--api-audiences={API_AUDIENCE}"),
         "--authorization-mode=Node,RBAC".into(),
         format!("--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}"),
-        "--disable-admission-plugins=ServiceAccount".into(),
         "--enable-admission-plugins=NodeRestriction".into(),
         "--allow-privileged=true".into(),
         "--kubelet-preferred-address-types=InternalIP".into(),
@@ -364,6 +376,9 @@ fn apiserver_args(pki: &KubePki, opts: &KubeOpts) -> Vec<String> {
         // request timeout (60 s) for the controller manager's watch connections.
         "--shutdown-watch-termination-grace-period=2s".into(),
     ];
+    if !opts.service_account_admission {
+        a.push("--disable-admission-plugins=ServiceAccount".into());
+    }
     if !opts.watch_cache {
         a.push("--watch-cache=false".into());
     }
@@ -666,7 +681,7 @@ subjects:
         let mut cmd = ns_cmd(&self.ns, self.bin("kube-controller-manager"));
         cmd.args([
             format!("--kubeconfig={}", p(&self.kcm_kubeconfig)),
-            "--controllers=garbagecollector".into(),
+            format!("--controllers={}", self.opts.kcm_controllers.join(",")),
             "--use-service-account-credentials=false".into(),
             "--leader-elect=false".into(),
             "--bind-address=127.0.0.1".into(),
@@ -674,6 +689,7 @@ subjects:
             format!("--cert-dir={}", p(&self.pki.dir.join("kcm-serving"))),
             "--profiling=false".into(),
         ]);
+        cmd.args(&self.opts.kcm_args);
         let proc = Proc::spawn_logged("kube-controller-manager", &mut cmd, Some(&self.kcm_log))?;
         *lock(&self.kcm) = Some(proc);
         let synced = wait_until(Duration::from_secs(60), || {
@@ -726,7 +742,15 @@ subjects:
         stdin: &[u8],
     ) -> Result<KubectlOutput> {
         let mut cmd = self.kubectl_cmd(netns, kubeconfig, args);
-        let out = run_with_stdin(&mut cmd, stdin, Duration::from_secs(30))?;
+        // A command that waits (`--timeout=Ns`, `rollout status`, `wait`, `drain`) gets its own
+        // timeout and 15 s more; everything else 30 s.
+        let timeout = args
+            .iter()
+            .filter_map(|a| a.strip_prefix("--timeout="))
+            .filter_map(|t| t.strip_suffix('s'))
+            .find_map(|t| t.parse::<u64>().ok())
+            .map_or(Duration::from_secs(30), |t| Duration::from_secs(t + 15));
+        let out = run_with_stdin(&mut cmd, stdin, timeout)?;
         Ok(KubectlOutput {
             exit_code: out.exit_code,
             stdout: out.stdout,
@@ -1074,7 +1098,7 @@ fn running(m: &Mutex<Option<Proc>>) -> bool {
     lock(m).as_mut().is_some_and(Proc::running)
 }
 
-enum KubeconfigUser<'a> {
+pub(crate) enum KubeconfigUser<'a> {
     Cert(&'a Path, &'a Path),
     Token(&'a str),
 }
@@ -1085,7 +1109,7 @@ fn b64_file(p: &Path) -> Result<String> {
 }
 
 /// Writes a kubeconfig (JSON, which kubeconfig loaders read as YAML) with everything embedded.
-fn write_kubeconfig(
+pub(crate) fn write_kubeconfig(
     path: &Path,
     server: &str,
     ca: &Path,
@@ -1136,7 +1160,7 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
 }
 
 /// A P-256 key and certificate `FILE.pem`/`FILE.key` signed by `ca.pem`, subject `subj`.
-fn sign_cert(dir: &Path, file: &str, subj: &str, ext: &str) -> Result<()> {
+pub(crate) fn sign_cert(dir: &Path, file: &str, subj: &str, ext: &str) -> Result<()> {
     std::fs::write(
         dir.join(format!("{file}.ext")),
         format!("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n{ext}"),

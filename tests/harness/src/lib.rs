@@ -28,6 +28,7 @@ pub mod cni;
 pub mod etcd;
 pub mod kube;
 pub mod kube_mesh;
+pub mod kubelet;
 pub mod traffic;
 pub mod util;
 

@@ -1,8 +1,9 @@
 //! Address allocation from the node's pod CIDRs, kept in the state dir under a file lock (as
 //! host-local does), so ADD and DEL need no daemon and allocations survive meshd restarts.
 //!
-//! `DIR/ADDR` holds `CONTAINERID\nIFNAME\n` and, for a Kubernetes pod, `NAMESPACE/NAME\n`; `DIR/last_reserved_ip.V4|V6` remembers where the
-//! last search ended, so a just-released address is not handed out again at once.
+//! `DIR/ADDR` holds `CONTAINERID\nIFNAME\n` and, for a Kubernetes pod, `NAMESPACE/NAME\n`;
+//! `DIR/last_reserved_ip.V4|V6` remembers where the last search ended, so a just-released
+//! address is not handed out again at once.
 
 use crate::error::*;
 use ipnet::IpNet;

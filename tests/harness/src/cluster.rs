@@ -419,6 +419,32 @@ pub fn remove_leftovers() {
     }
 }
 
+/// `meshd status --json --api-socket SOCK`, run in namespace `ns`, parsed.
+pub fn meshd_status_at(ns: &str, sock: &Path) -> Result<Value> {
+    let mut cmd = crate::util::ns_cmd(ns, workspace_bin("meshd")?);
+    cmd.args(["status", "--json", "--api-socket"]).arg(sock);
+    let out = run_timeout(&mut cmd, Duration::from_secs(10))?;
+    if !out.status.success() {
+        bail!(
+            "meshd status failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("meshd status output is not JSON")
+}
+
+/// Names of the peers in a meshd status, in its order.
+pub fn status_peer_names_of(st: &Value) -> Vec<String> {
+    st["peers"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["name"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn is_harness_tun_sock(n: &str) -> bool {
     // wt<4 hex>[gb]<digits>.sock
     let Some(stem) = n.strip_suffix(".sock") else {
@@ -1465,13 +1491,8 @@ impl Node {
 
     /// `meshd status --json --api-socket PATH`, parsed.
     pub fn status_json(&self) -> Result<Value> {
-        let sock = self.api_socket().display().to_string();
-        let (ok, out, err) = self.meshd_cli(&["status", "--json", "--api-socket", &sock])?;
-        if !ok {
-            bail!("meshd status on {} failed: {}", self.name, err.trim());
-        }
-        serde_json::from_str(&out)
-            .with_context(|| format!("meshd status output is not JSON: {out:?}"))
+        meshd_status_at(&self.ns, &self.api_socket())
+            .with_context(|| format!("meshd status on {}", self.name))
     }
 
     /// The status entry of peer `name`.
@@ -1481,15 +1502,7 @@ impl Node {
 
     /// Names of the peers in status.
     pub fn status_peer_names(&self) -> Result<Vec<String>> {
-        let st = self.status_json()?;
-        Ok(st["peers"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|p| p["name"].as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default())
+        Ok(status_peer_names_of(&self.status_json()?))
     }
 
     /// `meshd leave --api-socket PATH`.

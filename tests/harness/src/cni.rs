@@ -512,6 +512,22 @@ pub fn netns_path(ns: &str) -> String {
     format!("/run/netns/{ns}")
 }
 
+/// The allocation files (one per address) in a weft-cni allocation dir, sorted; not the lock,
+/// `last_reserved_ip.*` or temp files. Empty when the dir does not exist.
+pub fn allocation_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n != "lock" && !n.starts_with('.') && !n.starts_with("last"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
 impl Node {
     // ---------------- CNI dirs and configs ----------------
 
@@ -788,17 +804,7 @@ impl Node {
 
     /// Allocation files (addresses) of weft-cni for network `net` (the lock file excluded).
     pub fn cni_allocations(&self, net: &str) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(self.cni_alloc_dir(net))
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .filter(|n| n != "lock" && !n.starts_with('.') && !n.starts_with("last"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        allocation_files(&self.cni_alloc_dir(net))
     }
 
     /// Node namespace snapshot plus the allocations of `net`.

@@ -64,6 +64,22 @@ pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 /// The ClusterRoleBinding that lets the controller manager's own user (it runs with
 /// `--use-service-account-credentials=false`) delete what its garbage collector collects.
 pub const KCM_GC_BINDING: &str = "weft-harness:kube-controller-manager-gc";
+/// keyctl (this build's) with `--registry kube --kubeconfig KUBECONFIG ARGS`, run in namespace
+/// `ns`: an operator outside the cluster.
+pub fn keyctl_on_kube(
+    ns: &str,
+    kubeconfig: &Path,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<std::process::Output> {
+    let mut cmd = crate::util::ns_cmd(ns, crate::util::workspace_bin("keyctl")?);
+    cmd.args(args)
+        .args(["--registry", "kube", "--kubeconfig"])
+        .arg(kubeconfig)
+        .env_remove("WEFT_REGISTRY");
+    crate::util::run_timeout(&mut cmd, timeout)
+}
+
 /// The line kube-controller-manager logs once its garbage collector watches every resource.
 pub const GC_SYNCED_LINE: &str = "all resource monitors have synced";
 

@@ -6,7 +6,6 @@
 //! `--pod-cidr` (both from the Node object or a claim). Shared by the kube test files.
 
 use crate::kube::{KubeControlPlane, KubeOpts, KubectlOutput};
-use crate::util::{ns_cmd, run_timeout, workspace_bin};
 use crate::{Cluster, Node};
 use anyhow::{anyhow, Context, Result};
 use serde_json::Value;
@@ -119,18 +118,12 @@ impl KubeMesh {
     /// Runs the real keyctl with the weft-admin kubeconfig in the switch namespace: (exit
     /// code, stdout, stderr).
     pub fn keyctl(&self, args: &[&str]) -> Result<(Option<i32>, String, String)> {
-        let bin = workspace_bin("keyctl")?;
         let sw = self
             .c
             .switch_ns
             .clone()
             .ok_or_else(|| anyhow!("no switch namespace"))?;
-        let mut cmd = ns_cmd(&sw, &bin);
-        cmd.args(args)
-            .args(["--registry", "kube", "--kubeconfig"])
-            .arg(&self.admin)
-            .env_remove("WEFT_REGISTRY");
-        let out = run_timeout(&mut cmd, Duration::from_secs(60))?;
+        let out = crate::kube::keyctl_on_kube(&sw, &self.admin, args, Duration::from_secs(60))?;
         Ok((
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),

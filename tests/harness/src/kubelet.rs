@@ -446,12 +446,7 @@ impl RealCluster {
                 KEYCTL_USER,
             )?;
         }
-        let mut cmd = crate::util::ns_cmd(&self.cp.ns, workspace_bin("keyctl")?);
-        cmd.args(args)
-            .args(["--registry", "kube", "--kubeconfig"])
-            .arg(&kc)
-            .env_remove("WEFT_REGISTRY");
-        let out = crate::util::run_timeout(&mut cmd, timeout)?;
+        let out = crate::kube::keyctl_on_kube(&self.cp.ns, &kc, args, timeout)?;
         if !out.status.success() {
             bail!(
                 "keyctl {} failed ({}): {}{}",
@@ -827,30 +822,13 @@ nodeStatusReportFrequency: 1m
     /// meshd's status (`meshd status --json`) through this node's API socket, the DaemonSet's
     /// `/run/weft` hostPath.
     pub fn meshd_status(&self) -> Result<Value> {
-        let sock = self.host_path("/run/weft/meshd.sock")?;
-        let mut cmd = Command::new(workspace_bin("meshd")?);
-        cmd.args(["status", "--json", "--api-socket"]).arg(&sock);
-        let out = crate::util::run_timeout(&mut cmd, Duration::from_secs(10))?;
-        if !out.status.success() {
-            bail!(
-                "meshd status on {} failed: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        serde_json::from_slice(&out.stdout).context("meshd status is not JSON")
+        crate::cluster::meshd_status_at(&self.ns, &self.host_path("/run/weft/meshd.sock")?)
+            .with_context(|| format!("meshd status on {}", self.name))
     }
 
-    /// Names of the peers in this node's meshd status.
+    /// Names of the peers in this node's meshd status, sorted.
     pub fn meshd_peers(&self) -> Result<Vec<String>> {
-        let st = self.meshd_status()?;
-        let mut v: Vec<String> = st["peers"]
-            .as_array()
-            .map(|a| a.as_slice())
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|p| p["name"].as_str().map(String::from))
-            .collect();
+        let mut v = crate::cluster::status_peer_names_of(&self.meshd_status()?);
         v.sort();
         Ok(v)
     }
@@ -864,12 +842,8 @@ nodeStatusReportFrequency: 1m
             return Ok(out);
         };
         for net in nets.flatten() {
-            for e in std::fs::read_dir(net.path())?.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.replace('_', ":").parse::<std::net::IpAddr>().is_err() {
-                    continue;
-                }
-                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            for name in crate::cni::allocation_files(&net.path()) {
+                let text = std::fs::read_to_string(net.path().join(&name)).unwrap_or_default();
                 out.push((name, text.lines().map(String::from).collect()));
             }
         }

@@ -12,6 +12,8 @@
 #     runtime per node), umoci and busybox-static (the pause and workload images, made here),
 #     buildah (builds the weft image from the test run's binaries), conntrack and socat (kubelet
 #     and its port-forward), util-linux (nsenter, unshare)
+#   - observability: prometheus (its promtool checks meshd's /metrics), graphviz (`dot` renders
+#     `keyctl graph --format svg`)
 #   - boringtun-cli 0.7.1 via `cargo install` (only when not already on PATH / in ~/.cargo/bin)
 #   - cnitool (CNI 1.1: add/check/del/gc/status) via `go install ...cni/cnitool@CNITOOL_VERSION`
 #     into /usr/local/bin (only when missing; needs Go and the Go module proxy)
@@ -25,7 +27,8 @@ log() { echo "install-test-deps: $*" >&2; }
 export DEBIAN_FRONTEND=noninteractive
 PKGS=(wireguard-go wireguard-tools iperf3 tcpdump iputils-ping iproute2 procps psmisc nftables
       containernetworking-plugins iptables etcd-server etcd-client protobuf-compiler openssl
-      shellcheck curl containerd runc umoci busybox-static buildah conntrack socat util-linux)
+      shellcheck curl containerd runc umoci busybox-static buildah conntrack socat util-linux
+      prometheus graphviz)
 
 missing=()
 for p in "${PKGS[@]}"; do

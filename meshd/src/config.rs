@@ -7,6 +7,7 @@ use clap::Args;
 use ipnet::IpNet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::time::Duration;
 use weft_core::record::check_name;
 
 #[derive(Debug, Clone, Args)]
@@ -104,6 +105,11 @@ pub struct RunArgs {
     /// Log format: text or json.
     #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// A warning that repeats for the same peer or record (a peer that does not answer, a
+    /// refused record) gets one line per this many seconds (1-86400), carrying the count of
+    /// those held back as `repeated`.
+    #[arg(long, env = "WEFT_LOG_REPEAT_INTERVAL", default_value_t = 60)]
+    pub log_repeat_interval: u64,
     /// etcd registry: key prefix; records live at PREFIX/nodes/NAME.
     #[arg(long, env = "WEFT_ETCD_PREFIX", default_value = "/weft")]
     pub etcd_prefix: String,
@@ -198,6 +204,8 @@ pub struct Config {
     pub mtu: Option<u32>,
     pub persistent_keepalive: Option<u16>,
     pub json_logs: bool,
+    /// `--log-repeat-interval`.
+    pub log_repeat_interval: Duration,
     pub etcd: EtcdConfig,
     /// `--proc-sys-dir`.
     pub proc_sys_dir: PathBuf,
@@ -589,6 +597,13 @@ impl RunArgs {
             "json" => true,
             other => return Err(bad("log-format", format!("{other:?}: use text or json"))),
         };
+        if !(1..=86_400).contains(&self.log_repeat_interval) {
+            return Err(bad(
+                "log-repeat-interval",
+                format!("{} is outside 1-86400 seconds", self.log_repeat_interval),
+            ));
+        }
+        let log_repeat_interval = Duration::from_secs(self.log_repeat_interval);
         if self.state_dir.as_os_str().is_empty() {
             return Err(bad("state-dir", "must not be empty"));
         }
@@ -655,6 +670,7 @@ impl RunArgs {
             mtu: self.mtu,
             persistent_keepalive,
             json_logs,
+            log_repeat_interval,
             etcd,
         })
     }
@@ -766,6 +782,8 @@ mod tests {
             (&["--etcd-ca", "/nonexistent/ca.pem"], "etcd-ca"),
             (&["--etcd-cert", "/nonexistent/c.pem"], "etcd-cert"),
             (&["--log-format", "xml"], "log-format"),
+            (&["--log-repeat-interval", "0"], "log-repeat-interval"),
+            (&["--log-repeat-interval", "90000"], "log-repeat-interval"),
             (&["--listen-port", "0"], "listen-port"),
             (&["--key-max-age", "5s"], "key-max-age"),
             (&["--key-max-age", "often"], "key-max-age"),

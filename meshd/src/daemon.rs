@@ -102,6 +102,9 @@ struct Daemon {
     ready: Arc<crate::probes::Readiness>,
     /// The data-path workers.
     workers: Workers,
+    /// Warnings that repeat (a peer that does not answer, a refused record): one line per
+    /// `--log-repeat-interval` each.
+    repeats: crate::logging::Repeats,
 }
 
 /// The link health report last written, when, and the task writing one.
@@ -480,6 +483,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         }
     }
     drop(done_tx);
+    let repeats = crate::logging::Repeats::new(cfg.log_repeat_interval);
     let mut d = Daemon {
         cfg,
         shards,
@@ -513,6 +517,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         health: Health::default(),
         workers,
         ready,
+        repeats,
     };
     d.check_self_revoked();
     if !cached.is_empty() {
@@ -797,11 +802,27 @@ fn reasons<A: std::fmt::Display, B: std::fmt::Display>(
         .collect()
 }
 
-/// Logs each refusal whose reason is new since `before`.
-fn log_new_refusals(before: &BTreeMap<String, String>, now: &BTreeMap<String, String>, what: &str) {
+/// Logs each refusal whose reason is new since `before` (event `event`, one line per name per
+/// `--log-repeat-interval` at most, with the count of those held back); a name no longer refused
+/// is forgotten, so its next refusal logs at once.
+fn log_new_refusals(
+    repeats: &mut crate::logging::Repeats,
+    before: &BTreeMap<String, String>,
+    now: &BTreeMap<String, String>,
+    event: &'static str,
+    what: &str,
+) {
+    let at = Instant::now();
     for (name, why) in now {
         if before.get(name) != Some(why) {
-            tracing::warn!(name = %name, reason = %why, "{what}");
+            if let Some(repeated) = repeats.hit(event, name, at) {
+                tracing::warn!(peer = %name, event, reason = %why, repeated, "{what}");
+            }
+        }
+    }
+    for name in repeats.keys(event) {
+        if !now.contains_key(&name) {
+            repeats.clear(event, &name);
         }
     }
 }
@@ -887,6 +908,7 @@ impl Daemon {
             unix_now(),
             HEALTH_INTERVAL.as_secs(),
         );
+        self.log_unanswered(&report, &peers, now);
         // Registries whose readers tell presence otherwise (kube: the Node's Ready condition)
         // get no periodic rewrites, and a changed report at most every HEALTH_MIN_GAP.
         let heartbeats = self.registry.heartbeats();
@@ -922,6 +944,50 @@ impl Daemon {
                 tracing::debug!(error = %e, "could not write the link health report");
             }
         }));
+    }
+
+    /// Warns about links that send without an answer (unanswered, or never handshaked with
+    /// packets waiting), once per `--log-repeat-interval` per peer with the count held back; a
+    /// link that is up again gets one line saying so. Idle links are left alone.
+    fn log_unanswered(
+        &mut self,
+        report: &weft_core::health::HealthReport,
+        peers: &[weft_core::node::PeerStatus],
+        now: Instant,
+    ) {
+        use weft_core::health::LinkState;
+        const EVENT: &str = "peer_unanswered";
+        for l in &report.links {
+            let silent = l.state == LinkState::Unanswered
+                || (l.state == LinkState::NoHandshake && l.queued > 0);
+            if silent {
+                if let Some(repeated) = self.repeats.hit(EVENT, &l.peer, now) {
+                    let endpoint = peers
+                        .iter()
+                        .find(|p| p.name == l.peer)
+                        .and_then(|p| p.endpoint.clone())
+                        .unwrap_or_else(|| "-".into());
+                    tracing::warn!(
+                        peer = %l.peer,
+                        event = EVENT,
+                        state = ?l.state,
+                        endpoint,
+                        queued = l.queued,
+                        repeated,
+                        "peer does not answer"
+                    );
+                }
+            } else if l.state == LinkState::Up {
+                if let Some(held) = self.repeats.clear(EVENT, &l.peer) {
+                    tracing::info!(peer = %l.peer, event = "peer_answers", held, "peer answers again");
+                }
+            }
+        }
+        for peer in self.repeats.keys(EVENT) {
+            if !report.links.iter().any(|l| l.peer == peer) {
+                self.repeats.clear(EVENT, &peer);
+            }
+        }
     }
 
     /// Moves to a newer cluster PSK generation and publishes it; peers start the handshakes on
@@ -1261,12 +1327,20 @@ impl Daemon {
         let set = desired_peer_set(&self.own, admitted, externals);
         let desired = set.peers;
         let refused = reasons(set.refused_nodes, revoked);
-        log_new_refusals(&self.refused, &refused, "refusing node record");
+        log_new_refusals(
+            &mut self.repeats,
+            &self.refused,
+            &refused,
+            "record_refused",
+            "refusing node record",
+        );
         self.refused = refused;
         let refused_external = reasons(set.refused_external, ext_revoked);
         log_new_refusals(
+            &mut self.repeats,
             &self.refused_external,
             &refused_external,
+            "external_peer_refused",
             "refusing external peer record",
         );
         self.refused_external = refused_external;

@@ -14,6 +14,7 @@ mod datapath;
 mod install;
 mod keyfile;
 mod kube;
+mod logging;
 mod podcidr;
 mod probes;
 mod revocations;
@@ -61,26 +62,6 @@ enum Cmd {
 
 const EXIT_USAGE: u8 = 64;
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // netlink-packet-route warns about every attribute newer than itself; that is noise.
-        // boringtun logs every handshake retry at WARN (one line per unreachable peer every 5 s);
-        // meshd reports peer health in `status` instead. RUST_LOG overrides.
-        .unwrap_or_else(|_| {
-            tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error,boringtun=error")
-        });
-    use std::io::IsTerminal;
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
-
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -116,7 +97,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
-            init_logging(cfg.json_logs);
+            logging::init(cfg.json_logs, &cfg.node_name);
+            weft_registry::set_repeat_interval(cfg.log_repeat_interval);
             match rt.block_on(daemon::run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -19,6 +19,7 @@ pub mod peer;
 pub mod psk;
 pub mod reconcile;
 pub mod record;
+pub mod repeats;
 
 pub use keys::{KeyError, PrivateKey, PublicKey};
 pub use record::{NodeRecord, RecordError};

@@ -32,7 +32,7 @@ pub use etcd::{EtcdOptions, EtcdRegistry};
 pub use kube::{KubeOptions, KubeRegistry};
 pub use typed::{
     delete_node, get_node, list_nodes, nodes, put_node, put_own_node, put_owned_object,
-    watch_nodes, Event, Object, Typed, TypedWatch,
+    repeat_interval, set_repeat_interval, watch_nodes, Event, Object, Typed, TypedWatch,
 };
 
 /// Largest object a backend stores or reads (1 MiB); node records are a few hundred bytes.

@@ -8,7 +8,9 @@ use crate::{
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 use tracing::{debug, warn};
 use weft_core::{NodeRecord, RecordError};
 
@@ -267,6 +269,22 @@ pub struct TypedWatch<T> {
     known: BTreeMap<String, T>,
     /// Per object, a hash of the invalid content last warned about.
     warned: HashMap<String, u64>,
+    /// Invalid objects that keep changing get one warning per [`repeat_interval`].
+    repeats: weft_core::repeats::Repeats,
+}
+
+/// Seconds between two warnings about the same invalid object that keeps changing.
+static REPEAT_INTERVAL_SECS: AtomicU64 = AtomicU64::new(60);
+
+/// Sets how often a warning about the same invalid registry object may repeat (meshd's
+/// `--log-repeat-interval`); watches made afterwards use it.
+pub fn set_repeat_interval(d: std::time::Duration) {
+    REPEAT_INTERVAL_SECS.store(d.as_secs().max(1), Ordering::Relaxed);
+}
+
+/// See [`set_repeat_interval`].
+pub fn repeat_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(REPEAT_INTERVAL_SECS.load(Ordering::Relaxed))
 }
 
 impl<T> std::fmt::Debug for TypedWatch<T> {
@@ -278,6 +296,9 @@ impl<T> std::fmt::Debug for TypedWatch<T> {
             .finish()
     }
 }
+
+/// The event of a warning about an invalid registry object.
+const REFUSED: &str = "registry_object_refused";
 
 fn content_hash(bytes: &[u8]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -293,6 +314,7 @@ impl<T: Object> TypedWatch<T> {
             registry,
             known: BTreeMap::new(),
             warned: HashMap::new(),
+            repeats: weft_core::repeats::Repeats::new(repeat_interval()),
         }
     }
 
@@ -328,6 +350,7 @@ impl<T: Object> TypedWatch<T> {
                 }
                 RawEvent::Delete { name, revision } => {
                     self.warned.remove(&name);
+                    self.repeats.clear(REFUSED, &name);
                     if self.known.remove(&name).is_some() {
                         return Some(Event::Delete { name, revision });
                     }
@@ -343,6 +366,7 @@ impl<T: Object> TypedWatch<T> {
         match decode_object::<T>(&*self.registry, name, bytes) {
             Ok(item) => {
                 self.warned.remove(name);
+                self.repeats.clear(REFUSED, name);
                 Some(item)
             }
             Err(e) => {
@@ -350,12 +374,18 @@ impl<T: Object> TypedWatch<T> {
                 if self.warned.get(name) != Some(&hash) {
                     self.warned.insert(name.to_string(), hash);
                     let keeping = self.known.contains_key(name);
-                    warn!(
-                        object = %self.registry.location(T::KIND, name),
-                        error = %e,
-                        keeping_previous_version = keeping,
-                        "skipping invalid registry object"
-                    );
+                    if let Some(repeated) = self.repeats.hit(REFUSED, name, Instant::now()) {
+                        warn!(
+                            event = REFUSED,
+                            kind = %T::KIND,
+                            name,
+                            object = %self.registry.location(T::KIND, name),
+                            error = %e,
+                            keeping_previous_version = keeping,
+                            repeated,
+                            "skipping invalid registry object"
+                        );
+                    }
                 }
                 None
             }

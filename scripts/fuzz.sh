@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs every offload fuzz target (fuzz/, cargo-fuzz + libFuzzer, nightly) for SECONDS each
-# (default 30, enough for CI) and exits non-zero if any target crashes, panics, times out on an
-# input (> 10 s) or runs out of memory. Crash inputs land in fuzz/artifacts/<target>/; replay
-# one with `cd fuzz && cargo +nightly fuzz run <target> artifacts/<target>/<file>`.
+# Runs every fuzz target (fuzz/, cargo-fuzz + libFuzzer, nightly: the offload parsing and the
+# WireGuard UAPI request parser) for SECONDS each (default 30, enough for CI) and exits non-zero
+# if any target crashes, panics, times out on an input (> 10 s) or runs out of memory. Crash
+# inputs land in fuzz/artifacts/<target>/; replay one with
+# `cd fuzz && cargo +nightly fuzz run <target> artifacts/<target>/<file>`.
 #   scripts/fuzz.sh 30
 set -uo pipefail
 secs="${1:-30}"
@@ -20,7 +21,7 @@ if ! command -v cargo-fuzz >/dev/null; then
 fi
 cargo +nightly fuzz build || exit 2
 
-targets=(offload_segment offload_coalesce)
+targets=(offload_segment offload_coalesce uapi_request)
 failed=()
 for t in "${targets[@]}"; do
     mkdir -p "corpus/$t" "artifacts/$t"

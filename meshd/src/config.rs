@@ -62,6 +62,10 @@ pub struct RunArgs {
     /// Unix socket for `meshd status` and `meshd leave`.
     #[arg(long, env = "WEFT_API_SOCKET", default_value = "/run/weft/meshd.sock")]
     pub api_socket: PathBuf,
+    /// Directory of the WireGuard userspace API socket `IFNAME.sock` that `wg show` and
+    /// WireGuard exporters read (read-only: `wg set` is refused); `off`: no socket.
+    #[arg(long, env = "WEFT_WG_UAPI_DIR", default_value = "/var/run/wireguard")]
+    pub wg_uapi_dir: String,
     /// MTU of the TUN and of pods. Default: the underlay MTU minus 80.
     #[arg(long, env = "WEFT_MTU")]
     pub mtu: Option<u32>,
@@ -201,6 +205,8 @@ pub struct Config {
     pub cluster_cidrs: Vec<IpNet>,
     pub state_dir: PathBuf,
     pub api_socket: PathBuf,
+    /// `--wg-uapi-dir` (None: off).
+    pub wg_uapi_dir: Option<PathBuf>,
     pub mtu: Option<u32>,
     pub persistent_keepalive: Option<u16>,
     pub json_logs: bool,
@@ -613,6 +619,21 @@ impl RunArgs {
                 "must be a path of 1-107 bytes (a unix socket path)",
             ));
         }
+        let wg_uapi_dir = match self.wg_uapi_dir.trim() {
+            "off" => None,
+            d if d.starts_with('/') && d.len() + 1 + 15 + ".sock".len() <= 107 => {
+                Some(PathBuf::from(d))
+            }
+            d => {
+                return Err(bad(
+                    "wg-uapi-dir",
+                    format!(
+                        "{d:?}: want an absolute directory of at most 86 bytes (the socket path \
+                         DIR/IFNAME.sock must fit a unix socket address) or off"
+                    ),
+                ))
+            }
+        };
         let key_max_age = match self.key_max_age.as_deref().map(str::trim) {
             None | Some("") | Some("0") => None,
             Some(v) => {
@@ -667,6 +688,7 @@ impl RunArgs {
             cluster_cidrs,
             state_dir: self.state_dir.clone(),
             api_socket: self.api_socket.clone(),
+            wg_uapi_dir,
             mtu: self.mtu,
             persistent_keepalive,
             json_logs,
@@ -783,6 +805,8 @@ mod tests {
             (&["--etcd-cert", "/nonexistent/c.pem"], "etcd-cert"),
             (&["--log-format", "xml"], "log-format"),
             (&["--log-repeat-interval", "0"], "log-repeat-interval"),
+            (&["--wg-uapi-dir", "relative/dir"], "wg-uapi-dir"),
+            (&["--wg-uapi-dir", ""], "wg-uapi-dir"),
             (&["--log-repeat-interval", "90000"], "log-repeat-interval"),
             (&["--listen-port", "0"], "listen-port"),
             (&["--key-max-age", "5s"], "key-max-age"),

@@ -102,9 +102,20 @@ struct Daemon {
     ready: Arc<crate::probes::Readiness>,
     /// The data-path workers.
     workers: Workers,
+    /// The WireGuard UAPI socket file, removed when the daemon goes.
+    _uapi_file: Option<SocketFile>,
     /// Warnings that repeat (a peer that does not answer, a refused record): one line per
     /// `--log-repeat-interval` each.
     repeats: crate::logging::Repeats,
+}
+
+/// A socket file removed when this drops.
+struct SocketFile(std::path::PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// The link health report last written, when, and the task writing one.
@@ -400,6 +411,17 @@ pub async fn run(mut cfg: Config) -> Result<()> {
 
     write_node_file(&cfg, mtu)?;
     let listener = bind_api(&cfg.api_socket)?;
+    // The WireGuard UAPI socket: bound before anything else is set up, so a second meshd for
+    // this interface stops here; removed when `uapi_file` drops (every exit path).
+    let uapi = match &cfg.wg_uapi_dir {
+        Some(dir) => {
+            let path = crate::uapi::socket_path(dir, &ifname);
+            let l =
+                crate::uapi::bind(&path).context("the WireGuard UAPI socket (--wg-uapi-dir)")?;
+            Some((l, SocketFile(path)))
+        }
+        None => None,
+    };
     let (api_tx, mut api_rx) = mpsc::channel(16);
     tokio::spawn(serve_api(listener, api_tx));
 
@@ -418,6 +440,24 @@ pub async fn run(mut cfg: Config) -> Result<()> {
 
     let shards = Shards::new(key, cfg.persistent_keepalive, queues.len() as u16)
         .context("setting up the node's shards")?;
+    let uapi_file = match uapi {
+        Some((listener, file)) => {
+            let shards = shards.clone();
+            let port = cfg.listen_port;
+            let keepalive = cfg.persistent_keepalive.unwrap_or(0);
+            let snapshot: crate::uapi::Snapshot = Arc::new(move || {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0);
+                crate::uapi::device(shards.peer_status(), port, keepalive, now)
+            });
+            tokio::spawn(crate::uapi::serve(listener, snapshot));
+            tracing::info!(socket = %file.0.display(), "WireGuard UAPI socket (wg show)");
+            Some(file)
+        }
+        None => None,
+    };
     if let (Some(sf), Some(g)) = (&cfg.cluster_secret, psk_generation) {
         shards.set_cluster_secret(&sf.secret, g);
         tracing::info!(file = %sf.path.display(), generation = g, "cluster PSK on");
@@ -518,6 +558,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         workers,
         ready,
         repeats,
+        _uapi_file: uapi_file,
     };
     d.check_self_revoked();
     if !cached.is_empty() {
@@ -704,16 +745,28 @@ fn bind_api(path: &std::path::Path) -> Result<UnixListener> {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
     }
-    if path.exists() {
+    bind_unix_socket(path)
+}
+
+/// Binds a unix socket at `path`, made 0600 under umask 077. An existing socket file is
+/// replaced only when nothing answers on it; if something does, this fails.
+pub(crate) fn bind_unix_socket(path: &std::path::Path) -> Result<UnixListener> {
+    if path.exists() || path.symlink_metadata().is_ok() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!(
-                "another meshd is answering on {}; refusing to start a second one",
+                "another process is answering on {}; refusing to replace it (is a second meshd \
+                 running for this interface?)",
                 path.display()
             );
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
-    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    // SAFETY: umask only swaps the process's file mode mask; restored right after the bind.
+    let old = unsafe { libc::umask(0o077) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let l = bound.with_context(|| format!("binding {}", path.display()))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)

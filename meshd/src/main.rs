@@ -20,6 +20,7 @@ mod probes;
 mod revocations;
 mod rotation;
 mod shards;
+mod uapi;
 mod worker;
 
 use clap::{Parser, Subcommand};

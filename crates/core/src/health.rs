@@ -227,6 +227,7 @@ mod tests {
             public_key: String::new(),
             next_public_key: None,
             key_generation: 1,
+            traffic_public_key: None,
             endpoint: None,
             allowed_ips: vec![],
             latest_handshake_secs_ago: hs,

@@ -20,6 +20,7 @@ pub mod psk;
 pub mod reconcile;
 pub mod record;
 pub mod repeats;
+pub mod uapi;
 
 pub use keys::{KeyError, PrivateKey, PublicKey};
 pub use record::{NodeRecord, RecordError};

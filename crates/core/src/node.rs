@@ -280,6 +280,11 @@ pub struct PeerStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_public_key: Option<String>,
     pub key_generation: u64,
+    /// The peer key of the pair that carries traffic to the peer now (the newest pair with a
+    /// session); absent while no pair has one. During a rotation it moves from the old key to
+    /// the next one once the new pair works.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traffic_public_key: Option<String>,
     pub endpoint: Option<String>,
     pub allowed_ips: Vec<String>,
     pub latest_handshake_secs_ago: Option<f64>,
@@ -1399,6 +1404,10 @@ impl Node {
                 public_key: p.config.public_key.to_base64(),
                 next_public_key: p.config.next_public_key.map(|k| k.to_base64()),
                 key_generation: p.config.key_generation,
+                traffic_public_key: self
+                    .best_session(p)
+                    .and_then(|i| p.slots.get(i))
+                    .map(|s| s.public_key.to_base64()),
                 endpoint: p.endpoint.map(|e| e.to_string()),
                 allowed_ips: p.config.allowed_ips.iter().map(|n| n.to_string()).collect(),
                 latest_handshake_secs_ago: p

@@ -10,8 +10,8 @@
 use crate::capture::Capture;
 use crate::traffic::{ping, BgPing, PingOpts, PingResult};
 use crate::util::{
-    find_program, require_root, run, run_args, run_in, run_timeout, tail, wait_for, wait_until,
-    workspace_bin, HarnessLock, Proc,
+    find_program, ns_cmd, require_root, run, run_args, run_in, run_timeout, tail, wait_for,
+    wait_until, workspace_bin, HarnessLock, Proc,
 };
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
@@ -887,6 +887,39 @@ impl Cluster {
         })
     }
 
+    /// Adds a pod to each of the first `n` nodes, starts meshd on them with `env` (default
+    /// flags) and waits until they form a mesh (20 s). Returns the pods.
+    pub fn start_mesh_env(&self, n: usize, env: &[(String, String)]) -> Result<Vec<Pod>> {
+        let pods = (0..n)
+            .map(|i| self.node(i).add_pod(0))
+            .collect::<Result<Vec<_>>>()?;
+        for i in 0..n {
+            self.node(i).start_meshd_env(&[], env)?;
+        }
+        self.wait_mesh_ready(Duration::from_secs(20))?;
+        Ok(pods)
+    }
+
+    /// The real keyctl binary on this cluster's dir registry, run in the switch namespace:
+    /// (exit code, stdout, stderr). 60 s limit.
+    pub fn keyctl(&self, args: &[&str]) -> Result<(Option<i32>, String, String)> {
+        let bin = workspace_bin("keyctl")?;
+        let sw = self
+            .switch_ns
+            .clone()
+            .ok_or_else(|| anyhow!("no switch namespace"))?;
+        let mut cmd = ns_cmd(&sw, bin);
+        cmd.args(args)
+            .args(["--registry", &self.registry.spec()])
+            .env_remove("WEFT_REGISTRY");
+        let out = run_timeout(&mut cmd, Duration::from_secs(60))?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
     /// Peer entries for a standard WireGuard node in node `me`: every other node that runs meshd
     /// (key from its status, else its registry record) or has a WireGuard device.
     pub fn wg_peers_for(&self, me: usize) -> Result<Vec<WgPeer>> {
@@ -1245,7 +1278,42 @@ impl Node {
                 self.api_socket().display().to_string(),
             ),
             ("--log-format".into(), "text".into()),
+            // Every node's interface is weft0: each gets its own WireGuard UAPI directory (see
+            // `Node::wg` to run `wg` against it).
+            (
+                "--wg-uapi-dir".into(),
+                self.wg_uapi_dir().display().to_string(),
+            ),
         ]
+    }
+
+    /// This node's `--wg-uapi-dir` (meshd's `weft0.sock` is in it).
+    pub fn wg_uapi_dir(&self) -> PathBuf {
+        self.dir.join("wireguard")
+    }
+
+    /// Runs Debian's `wg ARGS` against this node's meshd: in a private mount namespace with
+    /// the node's UAPI directory bind-mounted on /var/run/wireguard (where `wg` looks).
+    /// Returns (exit ok, stdout, stderr). 10 s limit.
+    pub fn wg(&self, args: &[&str]) -> Result<(bool, String, String)> {
+        let quoted: Vec<String> = args
+            .iter()
+            .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+            .collect();
+        let script = format!(
+            "mkdir -p /var/run/wireguard && mount --bind '{}' /var/run/wireguard && exec wg {}",
+            self.wg_uapi_dir().display(),
+            quoted.join(" ")
+        );
+        let mut cmd = std::process::Command::new("unshare");
+        cmd.args(["-m", "--propagation", "private", "sh", "-c", &script]);
+        let out = crate::util::run_timeout(&mut cmd, Duration::from_secs(10))
+            .with_context(|| format!("wg {args:?} on {}", self.name))?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
     }
 
     fn meshd_argv(&self, extra: &[String]) -> Vec<String> {

@@ -63,6 +63,8 @@ const NODE_BINDS: &[(&str, &str)] = &[
     ("/opt/cni/bin", "opt-cni-bin"),
     ("/var/lib/weft", "var-lib-weft"),
     ("/run/weft", "run-weft"),
+    // meshd's WireGuard UAPI socket (the DaemonSet mounts the host's /var/run/wireguard).
+    ("/run/wireguard", "run-wireguard"),
     ("/var/lib/kubelet", "var-lib-kubelet"),
     ("/var/lib/containerd", "var-lib-containerd"),
     ("/run/containerd", "run-containerd"),

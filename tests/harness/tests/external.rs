@@ -28,7 +28,6 @@
 
 use serde_json::Value;
 use std::time::{Duration, Instant};
-use weft_tests::util::{ns_cmd, run_timeout, workspace_bin};
 use weft_tests::{drops_of, peer_of, wg_genkey, Cluster, Node, PingOpts, Pod, WgImpl};
 
 const READY: Duration = Duration::from_secs(20);
@@ -44,20 +43,10 @@ fn setup() {
 
 /// The real keyctl binary on the cluster's dir registry: (exit code, stdout, stderr).
 fn keyctl(c: &Cluster, log: &mut String, args: &[&str]) -> (Option<i32>, String, String) {
-    let bin = workspace_bin("keyctl").expect("keyctl binary");
-    let sw = c.switch_ns.clone().expect("switch namespace");
-    let mut cmd = ns_cmd(&sw, bin);
-    cmd.args(args)
-        .args(["--registry", &c.registry.spec()])
-        .env_remove("WEFT_REGISTRY");
-    let out = run_timeout(&mut cmd, Duration::from_secs(60)).expect("keyctl");
-    let (so, se) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
+    let (code, so, se) = c.keyctl(args).expect("keyctl");
     log.push_str(&so);
     log.push_str(&se);
-    (out.status.code(), so, se)
+    (code, so, se)
 }
 
 fn keyctl_ok(c: &Cluster, log: &mut String, args: &[&str]) -> String {
@@ -171,15 +160,11 @@ fn external_peer_end_to_end() {
     let t0 = Instant::now();
     let c = Cluster::with_nodes(4).expect("cluster");
     let mut log = String::new();
-    let pods: Vec<Pod> = (0..3).map(|i| c.node(i).add_pod(0).expect("pod")).collect();
     let dwell = [(
         "WEFT_TEST_ROTATION_DWELL_MS".to_string(),
         DWELL_MS.to_string(),
     )];
-    for i in 0..3 {
-        c.node(i).start_meshd_env(&[], &dwell).expect("meshd");
-    }
-    c.wait_mesh_ready(READY).expect("mesh ready");
+    let pods = c.start_mesh_env(3, &dwell).expect("mesh of three meshd");
     let nodes: Vec<&Node> = (0..3).map(|i| c.node(i)).collect();
     let laptop = c.node(3);
     let keys = wg_genkey().expect("wg genkey");

@@ -57,7 +57,7 @@ for i in $(seq 1 $N); do
     ip -n $ns route add default via 198.18.0.1
     ip netns exec $ns "$MESHD" run --node-name $P-n$i --registry dir:$RUN/registry \
         --endpoint 198.18.0.1$i --pod-cidr 10.42.$i.0/24 --state-dir $RUN/n$i \
-        --api-socket $RUN/n$i.sock >"$RUN/n$i.log" 2>&1 &
+        --api-socket $RUN/n$i.sock --wg-uapi-dir $RUN/wg$i >"$RUN/n$i.log" 2>&1 &
     # one pod: its own namespace behind a veth pair, default route via a link-local gateway
     pod=$P-pod$i
     ip netns add $pod

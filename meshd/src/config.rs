@@ -143,6 +143,10 @@ pub struct RunArgs {
     /// HTTP on ADDR:PORT, for the kubelet's probes. Absent: off.
     #[arg(long, env = "WEFT_HEALTH_LISTEN")]
     pub health_listen: Option<String>,
+    /// Serve Prometheus metrics (OpenMetrics text) at GET /metrics on ADDR:PORT. Absent: off.
+    /// The DaemonSet serves them on the node IP, port 9473.
+    #[arg(long, env = "WEFT_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
 }
 
 /// Settings of the kube registry.
@@ -221,6 +225,8 @@ pub struct Config {
     pub kube: Option<KubeConfig>,
     /// `--health-listen`.
     pub health_listen: Option<SocketAddr>,
+    /// `--metrics-listen`.
+    pub metrics_listen: Option<SocketAddr>,
     /// `--key-max-age`: rotate by itself past this age.
     pub key_max_age: Option<std::time::Duration>,
     /// `--cluster-secret-file`, read and checked.
@@ -658,14 +664,21 @@ impl RunArgs {
             other => return Err(bad("offload", format!("{other:?}: use on or off"))),
         };
         let workers = parse_workers(&self.workers).map_err(|e| bad("workers", e))?;
-        let health_listen = self
-            .health_listen
-            .as_deref()
-            .map(|h| {
-                parse_listen(h)
-                    .ok_or_else(|| bad("health-listen", format!("{h:?} is not ADDR:PORT")))
-            })
-            .transpose()?;
+        let listen = |flag: &'static str, v: &Option<String>| {
+            v.as_deref()
+                .map(|h| {
+                    parse_listen(h).ok_or_else(|| bad(flag, format!("{h:?} is not ADDR:PORT")))
+                })
+                .transpose()
+        };
+        let health_listen = listen("health-listen", &self.health_listen)?;
+        let metrics_listen = listen("metrics-listen", &self.metrics_listen)?;
+        if metrics_listen.is_some() && metrics_listen == health_listen {
+            return Err(bad(
+                "metrics-listen",
+                "must differ from --health-listen (each serves its own port)",
+            ));
+        }
         if !self.proc_sys_dir.is_absolute() {
             return Err(bad("proc-sys-dir", "must be an absolute path"));
         }
@@ -674,6 +687,7 @@ impl RunArgs {
             masquerade: self.masquerade,
             kube,
             health_listen,
+            metrics_listen,
             workers,
             key_max_age,
             cluster_secret,
@@ -807,6 +821,17 @@ mod tests {
             (&["--log-repeat-interval", "0"], "log-repeat-interval"),
             (&["--wg-uapi-dir", "relative/dir"], "wg-uapi-dir"),
             (&["--wg-uapi-dir", ""], "wg-uapi-dir"),
+            (&["--metrics-listen", "9473"], "metrics-listen"),
+            (&["--metrics-listen", "host:port"], "metrics-listen"),
+            (
+                &[
+                    "--metrics-listen",
+                    "127.0.0.1:9",
+                    "--health-listen",
+                    "127.0.0.1:9",
+                ],
+                "metrics-listen",
+            ),
             (&["--log-repeat-interval", "90000"], "log-repeat-interval"),
             (&["--listen-port", "0"], "listen-port"),
             (&["--key-max-age", "5s"], "key-max-age"),

@@ -102,6 +102,10 @@ struct Daemon {
     ready: Arc<crate::probes::Readiness>,
     /// The data-path workers.
     workers: Workers,
+    /// What `/metrics` reads of the control loop's state (written every tick).
+    metrics: Arc<std::sync::Mutex<crate::metrics::ControlState>>,
+    /// Unix seconds of the last listing or change read from the registry.
+    registry_last_sync: f64,
     /// The WireGuard UAPI socket file, removed when the daemon goes.
     _uapi_file: Option<SocketFile>,
     /// Warnings that repeat (a peer that does not answer, a refused record): one line per
@@ -233,14 +237,8 @@ pub async fn run(mut cfg: Config) -> Result<()> {
     }
 
     // Probes bind first: a port in use is a start-up error, before any TUN exists.
-    let probes = match cfg.health_listen {
-        Some(addr) => Some(
-            crate::probes::bind(addr)
-                .await
-                .with_context(|| format!("binding --health-listen {addr}"))?,
-        ),
-        None => None,
-    };
+    let probes = crate::probes::bind_flag("health-listen", cfg.health_listen).await?;
+    let metrics_listener = crate::probes::bind_flag("metrics-listen", cfg.metrics_listen).await?;
     let ready = Arc::new(crate::probes::Readiness::default());
     ready.tick();
     if let Some(l) = probes {
@@ -559,6 +557,8 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         ready,
         repeats,
         _uapi_file: uapi_file,
+        metrics: Arc::default(),
+        registry_last_sync: 0.0,
     };
     d.check_self_revoked();
     if !cached.is_empty() {
@@ -584,6 +584,16 @@ pub async fn run(mut cfg: Config) -> Result<()> {
             state.clone(),
         ));
         d.claim_state = Some(state);
+    }
+    if let Some(l) = metrics_listener {
+        let registry = crate::metrics::registry(crate::metrics::Metrics {
+            shards: d.shards.clone(),
+            workers: d.workers.status.clone(),
+            control: d.metrics.clone(),
+            state_dir: d.cfg.state_dir.clone(),
+        });
+        crate::probes::serve_http(l, crate::metrics::handler(Arc::new(registry)));
+        tracing::info!(listen = ?d.cfg.metrics_listen, "Prometheus metrics at /metrics");
     }
     d.spawn_publish();
     if let Some(k) = kube {
@@ -618,6 +628,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
                 d.save_peer_cache(false);
                 d.drive_rotation().await;
                 d.report_health();
+                d.update_metrics();
             },
             Some(generation) = psk_rx.recv() => d.set_psk_generation(generation),
             Some(generation) = rot_rx.recv() => {
@@ -999,6 +1010,29 @@ impl Daemon {
         }));
     }
 
+    /// Writes what `/metrics` reads of the control loop's state.
+    fn update_metrics(&mut self) {
+        let phase = self.rotation.status(&BTreeMap::new())["phase"]
+            .as_str()
+            .unwrap_or("idle")
+            .to_string();
+        let state = crate::metrics::ControlState {
+            registry_connected: self.connectivity.starts_with("connected"),
+            registry_last_sync: self.registry_last_sync,
+            key_generation: self.own.key_generation,
+            rotation_phase: phase,
+            claim: self
+                .claim_state
+                .as_ref()
+                .and_then(|s| s.lock().ok().map(|g| g.clone())),
+            refused_records: self.refused.len(),
+            refused_external_peers: self.refused_external.len(),
+        };
+        if let Ok(mut m) = self.metrics.lock() {
+            *m = state;
+        }
+    }
+
     /// Warns about links that send without an answer (unanswered, or never handshaked with
     /// packets waiting), once per `--log-repeat-interval` per peer with the count held back; a
     /// link that is up again gets one line saying so. Idle links are left alone.
@@ -1288,6 +1322,12 @@ impl Daemon {
     /// Applies a registry event to the known records. Returns true if our own record should be
     /// written again (the registry came back after being unreachable).
     fn handle_event(&mut self, ev: Event<NodeRecord>) -> bool {
+        if !matches!(ev, Event::Status(Connectivity::Unreachable(_))) {
+            self.registry_last_sync = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+        }
         match ev {
             Event::Reset { items, .. } => {
                 self.records = items.into_iter().map(|r| (r.name.clone(), r)).collect();

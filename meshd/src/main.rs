@@ -15,6 +15,7 @@ mod install;
 mod keyfile;
 mod kube;
 mod logging;
+mod metrics;
 mod podcidr;
 mod probes;
 mod revocations;

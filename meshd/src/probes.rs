@@ -76,14 +76,46 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves probes until the process ends.
+/// Binds the address of `--FLAG`, if given; the error names the flag.
+pub async fn bind_flag(
+    flag: &str,
+    addr: Option<SocketAddr>,
+) -> anyhow::Result<Option<TcpListener>> {
+    use anyhow::Context as _;
+    match addr {
+        Some(a) => Ok(Some(
+            bind(a)
+                .await
+                .with_context(|| format!("binding --{flag} {a}"))?,
+        )),
+        None => Ok(None),
+    }
+}
+
 pub fn spawn(listener: TcpListener, ready: Arc<Readiness>) -> tokio::task::JoinHandle<()> {
+    serve_http(
+        listener,
+        Arc::new(move |path: &str, _head: &str| {
+            let (status, body) = ready.answer(path);
+            (status, "text/plain", body)
+        }),
+    )
+}
+
+/// What a GET of a path (and the request's head, for its headers) answers: status, content
+/// type, body.
+pub type Handler = Arc<dyn Fn(&str, &str) -> (u16, &'static str, String) + Send + Sync>;
+
+/// A minimal HTTP/1.1 server for GET and HEAD (the probes and /metrics): requests are read
+/// with a 1 KiB and 2 s limit, one answer per connection, then it is closed.
+pub fn serve_http(listener: TcpListener, handler: Handler) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             let Ok((mut conn, _)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
-            let ready = ready.clone();
+            let handler = handler.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 1024];
                 let mut len = 0;
@@ -104,9 +136,11 @@ pub fn spawn(listener: TcpListener, ready: Arc<Readiness>) -> tokio::task::JoinH
                 }
                 let head = String::from_utf8_lossy(&buf[..len]);
                 let mut parts = head.split_whitespace();
-                let (status, body) = match (parts.next(), parts.next()) {
-                    (Some("GET" | "HEAD"), Some(path)) => ready.answer(path),
-                    _ => (400, "bad request\n".into()),
+                let (status, content_type, body) = match (parts.next(), parts.next()) {
+                    (Some("GET" | "HEAD"), Some(path)) => {
+                        handler(path.split('?').next().unwrap_or(path), &head)
+                    }
+                    _ => (400, "text/plain", "bad request\n".into()),
                 };
                 let reason = match status {
                     200 => "OK",
@@ -115,7 +149,7 @@ pub fn spawn(listener: TcpListener, ready: Arc<Readiness>) -> tokio::task::JoinH
                     _ => "Service Unavailable",
                 };
                 let resp = format!(
-                    "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
                 );
                 let _ = conn.write_all(resp.as_bytes()).await;

@@ -234,6 +234,8 @@ mod tests {
             psk_generation: psk,
             rx_bytes: 5,
             tx_bytes: 7,
+            handshake_attempts: 0,
+            handshake_failures: 0,
             queued: 0,
             key_pairs: pairs,
             drops: BTreeMap::new(),

@@ -293,6 +293,12 @@ pub struct PeerStatus {
     pub psk_generation: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// Handshake initiations sent to the peer.
+    #[serde(default)]
+    pub handshake_attempts: u64,
+    /// Initiations that got no response within the rekey timeout (5 s) and were retried.
+    #[serde(default)]
+    pub handshake_failures: u64,
     pub queued: usize,
     /// Live (own key, peer key) pairs: 1, or up to 4 while keys rotate.
     pub key_pairs: usize,
@@ -604,6 +610,8 @@ impl Node {
             drops: Drops::default(),
             rx_bytes: 0,
             tx_bytes: 0,
+            handshake_attempts: 0,
+            handshake_timeouts: 0,
         };
         if self.owner(&peer) == self.shard_index {
             tracing::info!(key = %peer.config.public_key.fingerprint(), "peer added");
@@ -936,7 +944,13 @@ impl Node {
     // ---------------- packets ----------------
 
     fn transmit_to_peer(&mut self, id: PeerId, payload: Vec<u8>) {
-        match self.peers.get(&id).and_then(|p| p.endpoint) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return self.drop_packet(None, DropReason::NoPeer, 1);
+        };
+        if payload.first() == Some(&MSG_HANDSHAKE_INIT) {
+            peer.handshake_attempts += 1;
+        }
+        match peer.endpoint {
             Some(dst) => self.outputs.push_back(Output::Transmit { dst, payload }),
             None => self.drop_packet(Some(id), DropReason::NoPeer, 1),
         }
@@ -1347,6 +1361,7 @@ impl Node {
             let mut sends = Vec::new();
             let mut next_endpoint = false;
             let mut expired_current = false;
+            let mut timeouts = 0;
             for ks in peer.slots.iter_mut() {
                 match ks.tunn.update_timers(&mut buf) {
                     TunnResult::WriteToNetwork(p) => {
@@ -1354,6 +1369,7 @@ impl Node {
                         if payload.first() == Some(&MSG_HANDSHAKE_INIT) && !ks.has_session() {
                             // No answer on this endpoint: try the next one in the record.
                             next_endpoint = true;
+                            timeouts += 1;
                         }
                         sends.push(payload);
                     }
@@ -1365,6 +1381,7 @@ impl Node {
                     _ => {}
                 }
             }
+            peer.handshake_timeouts += timeouts;
             if next_endpoint {
                 peer.try_next_endpoint();
             }
@@ -1422,6 +1439,8 @@ impl Node {
                     .map_or(self.pair_psk(&p.config), |s| s.psk_generation),
                 rx_bytes: p.rx_bytes,
                 tx_bytes: p.tx_bytes,
+                handshake_attempts: p.handshake_attempts,
+                handshake_failures: p.handshake_timeouts,
                 queued: p.queue.len(),
                 key_pairs: p.slots.len(),
                 drops: p.drops.by_name(),
@@ -1811,6 +1830,9 @@ mod tests {
             Some(Output::Transmit { dst, .. }) => assert_eq!(dst, dead),
             other => panic!("expected an initiation to the first endpoint, got {other:?}"),
         }
+        let st = net.nodes[0].1.peer_status();
+        assert_eq!(st[0].handshake_attempts, 1, "the initiation is counted");
+        assert_eq!(st[0].handshake_failures, 0, "not yet timed out");
         let second = net.nodes[1].0;
         let peer = net.nodes[0].1.peers.values_mut().next().expect("peer");
         peer.try_next_endpoint();

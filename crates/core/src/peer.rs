@@ -200,6 +200,11 @@ pub struct Peer {
     pub drops: Drops,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// Handshake initiations sent to the peer.
+    pub handshake_attempts: u64,
+    /// Initiations that got no response within WireGuard's rekey timeout (5 s) and were sent
+    /// again.
+    pub handshake_timeouts: u64,
 }
 
 impl Peer {

@@ -887,6 +887,22 @@ impl Cluster {
         })
     }
 
+    /// Writes a ghost record for node `i` (which runs no meshd): its name, pod range and
+    /// underlay address with a fresh key nobody holds, so the meshd nodes get a peer that never
+    /// answers. Returns the key pair.
+    pub fn write_ghost_record(&self, i: usize) -> Result<WgKeys> {
+        let ghost = self.node(i);
+        let keys = wg_genkey()?;
+        self.registry.write_record(&RecordSpec {
+            name: ghost.name.clone(),
+            public_key: keys.public_key.clone(),
+            endpoints: vec![format!("{}:{MESH_PORT}", ghost.underlay_ip)],
+            pod_cidrs: vec![ghost.current_pod_cidr()],
+            key_generation: 1,
+        })?;
+        Ok(keys)
+    }
+
     /// Adds a pod to each of the first `n` nodes, starts meshd on them with `env` (default
     /// flags) and waits until they form a mesh (20 s). Returns the pods.
     pub fn start_mesh_env(&self, n: usize, env: &[(String, String)]) -> Result<Vec<Pod>> {

@@ -828,6 +828,23 @@ nodeStatusReportFrequency: 1m
             .with_context(|| format!("meshd status on {}", self.name))
     }
 
+    /// `wg ARGS` (Debian's) on this node, in its mount namespace: it reads meshd's UAPI socket
+    /// through the DaemonSet's /var/run/wireguard hostPath.
+    pub fn wg(&self, args: &[&str]) -> Result<String> {
+        let mut a = vec![format!("--mount={}", self.mnt.display()), "wg".to_string()];
+        a.extend(args.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        run_args("nsenter", &a).with_context(|| format!("wg {args:?} on {}", self.name))
+    }
+
+    /// `GET http://NODE_IP:9473/metrics` (the DaemonSet's metrics port) from the node's
+    /// namespace, in the classic text format.
+    pub fn metrics(&self) -> Result<String> {
+        let url = format!("http://{}:9473/metrics", self.ip);
+        crate::util::run_in(&self.ns, "curl", &["-sS", "--max-time", "5", &url])
+            .with_context(|| format!("scraping meshd on {}", self.name))
+    }
+
     /// Names of the peers in this node's meshd status, sorted.
     pub fn meshd_peers(&self) -> Result<Vec<String>> {
         let mut v = crate::cluster::status_peer_names_of(&self.meshd_status()?);

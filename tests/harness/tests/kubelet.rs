@@ -173,6 +173,36 @@ fn daemonset_rolls_out_and_pods_mesh_across_kubelet_nodes() {
         );
     }
 
+    // The DaemonSet's observability: metrics on the node IP, `wg show` on the node.
+    for n in &rc.nodes {
+        let m = n
+            .metrics()
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", rc.debug_report()));
+        let others = rc.nodes.len() - 1;
+        assert!(
+            m.contains(&format!("\nweft_peers {others}\n"))
+                && m.contains("\nweft_registry_connected 1\n"),
+            "{}: metrics\n{m}",
+            n.name
+        );
+        let dump = n.wg(&["show", "weft0", "dump"]).expect("wg show");
+        let peers: Vec<&str> = dump.lines().skip(1).collect();
+        assert_eq!(
+            peers.len(),
+            others,
+            "{}: wg show weft0 dump\n{dump}",
+            n.name
+        );
+        for o in rc.nodes.iter().filter(|o| o.name != n.name) {
+            assert!(
+                dump.contains(&format!("\t{}:51820\t", o.ip)),
+                "{}: no peer at {}:51820 in\n{dump}",
+                n.name,
+                o.ip
+            );
+        }
+    }
+
     // Write isolation with the real pod-bound tokens of the running meshd pods.
     let meshd_pod = |node: &str| -> String {
         rc.kubectl(&[

@@ -16,7 +16,7 @@
 
 use serde_json::Value;
 use std::time::{Duration, Instant};
-use weft_tests::{wg_genkey, Cluster, PingOpts, RecordSpec, MESH_PORT};
+use weft_tests::{wg_genkey, Cluster, PingOpts, RecordSpec};
 
 const INTERVAL_SECS: u64 = 6;
 
@@ -52,16 +52,7 @@ fn json_logs_carry_node_peer_event_and_repeats_are_rate_limited() {
     }
     // The ghost: node-2's name, ranges and underlay address, a key no meshd holds.
     let ghost = c.node(2);
-    let ghost_key = wg_genkey().expect("wg genkey");
-    c.registry
-        .write_record(&RecordSpec {
-            name: ghost.name.clone(),
-            public_key: ghost_key.public_key.clone(),
-            endpoints: vec![format!("{}:{MESH_PORT}", ghost.underlay_ip)],
-            pod_cidrs: vec![ghost.current_pod_cidr()],
-            key_generation: 1,
-        })
-        .expect("ghost record");
+    let ghost_key = c.write_ghost_record(ghost.index).expect("ghost record");
     c.wait_mesh_ready(Duration::from_secs(20))
         .expect("node-0 and node-1 mesh");
 

@@ -51,4 +51,4 @@ pub use traffic::{
     assert_tcp_intact, ping, sh_in, tcp_transfer, udp_send, BgPing, PingOpts, PingResult, TcpOpts,
     TcpResult, UdpReceived, UdpReceiver, UdpSend,
 };
-pub use util::{set_bin_dir, set_nettool, wait_for, wait_until, workspace_bin};
+pub use util::{keyctl_in, set_bin_dir, set_nettool, wait_for, wait_until, workspace_bin};

@@ -1,8 +1,8 @@
 //! `keyctl graph`: the mesh as Graphviz DOT.
 //!
-//! In: the registry contents keyctl reads for `status --peers` ([`status::Contents`] with the
-//! nodes' health reports) and the [`status::Status`] built from them (fingerprints, revocations,
-//! the link rows). Out: one DOT document, deterministic (everything sorted by name): a box per
+//! In: the registry contents keyctl reads for `status --peers` ([`crate::status::Contents`]
+//! with the nodes' health reports) and the [`crate::status::Status`] built from them
+//! (fingerprints, revocations, the link rows). Out: one DOT document, deterministic (everything sorted by name): a box per
 //! node with its name, pod CIDRs, endpoints and key fingerprint (marked when revoked or when its
 //! health report is stale); one undirected edge per node pair coloured by the worse of the two
 //! ends' fresh reports (up green, idle blue, no handshake / unanswered red, no report grey dashed);

@@ -1,14 +1,16 @@
 //! keyctl: weft's key management CLI.
 //!
-//! In: a subcommand and its flags (the registry flags are meshd's: `--registry`, `--etcd-prefix`,
-//! `--etcd-ca`/`--etcd-cert`/`--etcd-key`, the same `WEFT_*` variables, and the etcd user from
+//! In: a subcommand and its flags (the registry flags, before or after the subcommand, are
+//! meshd's: `--registry`, `--etcd-prefix`, `--etcd-ca`/`--etcd-cert`/`--etcd-key`, the same `WEFT_*` variables, and the etcd user from
 //! `WEFT_ETCD_USERNAME`/`WEFT_ETCD_PASSWORD`); for `pubkey` a base64 private key on stdin; for
 //! the other commands the registry's node records, rotation requests, revocations and external
 //! peers.
 //!
 //! Out: on stdout, a new private key (`genkey`) or the matching public key (`pubkey`), base64 with
 //! a trailing newline, byte-for-byte the format of `wg genkey` / `wg pubkey`; a table, or JSON
-//! with `--json`, for `status`, `rotate`, `revoke`, `readmit` and `peer list`; a wg-quick config
+//! with `--json`, for `status`, `rotate`, `revoke`, `readmit` and `peer list`; Graphviz DOT or
+//! SVG (through `dot -Tsvg`) of the nodes, their links' health and the external peers for
+//! `graph`; a wg-quick config
 //! for an external peer (`peer add`, `peer config`) with its private key left as a placeholder;
 //! in the registry, `rotations/NAME` (`rotate`), `revocations/NAME` (`revoke`, `readmit`) and
 //! `peers/NAME` (`peer add`, `peer config`, `peer rm`) objects. Apart from `genkey`, nothing
@@ -18,6 +20,20 @@
 //! Exit codes: 0 ok; 1 failure (registry unreachable, unknown node, refused readmit, ...); 2 a
 //! rotation did not finish (before `--timeout`, or a node has no record), naming the nodes;
 //! 64 bad flags, naming the flag.
+//!
+//! # Design (the overview is in ARCHITECTURE.md)
+//!
+//! **keyctl** (`keyctl/`) is the operator's CLI. `genkey` and `pubkey` are byte-compatible with
+//! `wg`. `status`, `rotate`, `revoke`, `readmit`, `peer` and `psk rotate` open the registry with meshd's flags
+//! (`registry_args`) on a current-thread runtime. `status` is a pure view of the records, rotation
+//! requests and revocations. `rotate` runs a pure `Rollout` (records in, requests to write and
+//! progress out; never more than `--max-parallel` nodes unfinished) fed by polling the records
+//! every 250 ms. `revoke` and `readmit` build the new `revocations/NAME` with pure functions and
+//! write it with `list_for_update` + `put_if_unchanged`, so two operators never lose each other's
+//! change. `peer add|config|rm|list` manage external peers: `peer` renders the wg-quick config (a
+//! pure function; the private key stays a placeholder) and tells a stale config (a node key changed
+//! since it was printed) from a current one. keyctl reads no private key except `pubkey`'s stdin
+//! and prints none except `genkey`'s.
 
 mod graph;
 mod peer;

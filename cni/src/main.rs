@@ -5,6 +5,20 @@
 //! (ADD) or error as JSON on stdout, exit 0 or 1; a veth pair, addresses, routes and an
 //! allocation file per attachment (ADD), and their exact removal (DEL, GC). A current-thread
 //! runtime at most: the plugin is a short-lived process run once per pod operation.
+//!
+//! # Design (the overview is in ARCHITECTURE.md)
+//!
+//! **weft-cni** (`cni/`) is the CNI plugin (SPEC 1.1; ADD, DEL, CHECK, STATUS, GC, VERSION). It is
+//! a short-lived binary on a current-thread runtime that talks rtnetlink through weft-sys. `conf`
+//! checks the `CNI_*` variables and the config with the spec's error codes. `ipam` keeps one file
+//! per allocated address under a flock in the state dir. `attach` works in order: it creates the
+//! veth pair in the host namespace and moves one end into the pod's namespace (opening a second
+//! netlink socket there), adds the pod's /32 and its default route via 169.254.1.1, then the
+//! host's /32 route and proxy ARP, and finally the nftables masquerade table (`weft_sys::nft`:
+//! one nf_tables batch over `NETLINK_NETFILTER`, no `nft` binary; meshd `--masquerade` writes the
+//! same rule once per node instead). If any step fails,
+//! it undoes what was done and releases the address. Failpoints behind the `failpoints` feature
+//! let tests break every step.
 
 mod attach;
 mod conf;

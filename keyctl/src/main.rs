@@ -1,14 +1,16 @@
 //! keyctl: weft's key management CLI.
 //!
-//! In: a subcommand and its flags (the registry flags are meshd's: `--registry`, `--etcd-prefix`,
-//! `--etcd-ca`/`--etcd-cert`/`--etcd-key`, the same `WEFT_*` variables, and the etcd user from
+//! In: a subcommand and its flags (the registry flags, before or after the subcommand, are
+//! meshd's: `--registry`, `--etcd-prefix`, `--etcd-ca`/`--etcd-cert`/`--etcd-key`, the same `WEFT_*` variables, and the etcd user from
 //! `WEFT_ETCD_USERNAME`/`WEFT_ETCD_PASSWORD`); for `pubkey` a base64 private key on stdin; for
 //! the other commands the registry's node records, rotation requests, revocations and external
 //! peers.
 //!
 //! Out: on stdout, a new private key (`genkey`) or the matching public key (`pubkey`), base64 with
 //! a trailing newline, byte-for-byte the format of `wg genkey` / `wg pubkey`; a table, or JSON
-//! with `--json`, for `status`, `rotate`, `revoke`, `readmit` and `peer list`; a wg-quick config
+//! with `--json`, for `status`, `rotate`, `revoke`, `readmit` and `peer list`; Graphviz DOT or
+//! SVG (through `dot -Tsvg`) of the nodes, their links' health and the external peers for
+//! `graph`; a wg-quick config
 //! for an external peer (`peer add`, `peer config`) with its private key left as a placeholder;
 //! in the registry, `rotations/NAME` (`rotate`), `revocations/NAME` (`revoke`, `readmit`) and
 //! `peers/NAME` (`peer add`, `peer config`, `peer rm`) objects. Apart from `genkey`, nothing
@@ -18,7 +20,22 @@
 //! Exit codes: 0 ok; 1 failure (registry unreachable, unknown node, refused readmit, ...); 2 a
 //! rotation did not finish (before `--timeout`, or a node has no record), naming the nodes;
 //! 64 bad flags, naming the flag.
+//!
+//! # Design (the overview is in ARCHITECTURE.md)
+//!
+//! **keyctl** (`keyctl/`) is the operator's CLI. `genkey` and `pubkey` are byte-compatible with
+//! `wg`. `status`, `rotate`, `revoke`, `readmit`, `peer` and `psk rotate` open the registry with meshd's flags
+//! (`registry_args`) on a current-thread runtime. `status` is a pure view of the records, rotation
+//! requests and revocations. `rotate` runs a pure `Rollout` (records in, requests to write and
+//! progress out; never more than `--max-parallel` nodes unfinished) fed by polling the records
+//! every 250 ms. `revoke` and `readmit` build the new `revocations/NAME` with pure functions and
+//! write it with `list_for_update` + `put_if_unchanged`, so two operators never lose each other's
+//! change. `peer add|config|rm|list` manage external peers: `peer` renders the wg-quick config (a
+//! pure function; the private key stays a placeholder) and tells a stale config (a node key changed
+//! since it was printed) from a current one. keyctl reads no private key except `pubkey`'s stdin
+//! and prints none except `genkey`'s.
 
+mod graph;
 mod peer;
 mod psk;
 mod registry_args;
@@ -61,12 +78,17 @@ const EXIT_USAGE: u8 = 64;
         keyctl status --registry etcd://10.0.0.5:2379\n  \
         keyctl rotate --all --max-parallel 2 --wait\n  keyctl revoke node-2\n  \
         keyctl readmit node-2 --public-key KEY\n  keyctl psk rotate --wait\n  \
-        keyctl peer add laptop --public-key KEY --allowed-ips 10.99.0.1/32 > laptop.conf\n\n\
+        keyctl peer add laptop --public-key KEY --allowed-ips 10.99.0.1/32 > laptop.conf\n  \
+        keyctl graph --format svg -o mesh.svg\n\n\
+        Registry flags go before or after the subcommand.\n\n\
         Exit codes: 0 ok, 1 failure, 2 rotation not finished, 64 bad flags."
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The registry flags, accepted before or after the subcommand (`global`).
+    #[command(flatten)]
+    registry: RegistryArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -89,6 +111,27 @@ enum Command {
     /// External standard WireGuard peers (a laptop, a VM): add, print config, remove, list.
     #[command(subcommand)]
     Peer(PeerCommand),
+    /// Print the mesh as Graphviz DOT (or SVG via `dot`): nodes, links coloured by health,
+    /// external peers.
+    Graph(GraphArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum GraphFormat {
+    /// Graphviz DOT text.
+    Dot,
+    /// SVG rendered by Graphviz `dot -Tsvg` (must be installed).
+    Svg,
+}
+
+#[derive(Debug, Args)]
+struct GraphArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value = "dot")]
+    format: GraphFormat,
+    /// Write to this file instead of stdout.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    output: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -121,8 +164,6 @@ struct PeerAddArgs {
     /// Print JSON (the record and the config) instead of the config.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    registry: RegistryArgs,
 }
 
 #[derive(Debug, Args)]
@@ -133,8 +174,6 @@ struct PeerNameArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    registry: RegistryArgs,
 }
 
 #[derive(Debug, Args)]
@@ -142,8 +181,6 @@ struct PeerListArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    registry: RegistryArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,8 +200,6 @@ struct PskRotateArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    registry: RegistryArgs,
 }
 
 #[derive(Debug, Args)]
@@ -176,8 +211,6 @@ struct StatusArgs {
     /// handshake, PSK generation, key pairs, and how old the report is.
     #[arg(long)]
     peers: bool,
-    #[command(flatten)]
-    registry: RegistryArgs,
 }
 
 #[derive(Debug, Args)]
@@ -202,8 +235,6 @@ struct RotateArgs {
     /// Print JSON instead of progress lines (progress then goes to stderr).
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    registry: RegistryArgs,
 }
 
 #[derive(Debug, Args)]
@@ -214,8 +245,6 @@ struct RevokeArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    registry: RegistryArgs,
 }
 
 #[derive(Debug, Args)]
@@ -229,8 +258,6 @@ struct ReadmitArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    registry: RegistryArgs,
 }
 
 /// A rotation that did not finish; the message names the nodes.
@@ -258,18 +285,20 @@ fn main() -> ExitCode {
             };
         }
     };
+    let reg = cli.registry;
     let result = match cli.command {
         Command::Genkey => genkey(),
         Command::Pubkey => pubkey(),
-        Command::Status(a) => with_runtime(|| status(a)),
-        Command::Rotate(a) => with_runtime(|| rotate(a)),
-        Command::Revoke(a) => with_runtime(|| revoke(a)),
-        Command::Readmit(a) => with_runtime(|| readmit(a)),
-        Command::Psk(PskCommand::Rotate(a)) => with_runtime(|| psk_rotate(a)),
-        Command::Peer(PeerCommand::Add(a)) => with_runtime(|| peer_add(a)),
-        Command::Peer(PeerCommand::Config(a)) => with_runtime(|| peer_config(a)),
-        Command::Peer(PeerCommand::Rm(a)) => with_runtime(|| peer_rm(a)),
-        Command::Peer(PeerCommand::List(a)) => with_runtime(|| peer_list(a)),
+        Command::Status(a) => with_runtime(|| status(a, &reg)),
+        Command::Rotate(a) => with_runtime(|| rotate(a, &reg)),
+        Command::Revoke(a) => with_runtime(|| revoke(a, &reg)),
+        Command::Readmit(a) => with_runtime(|| readmit(a, &reg)),
+        Command::Psk(PskCommand::Rotate(a)) => with_runtime(|| psk_rotate(a, &reg)),
+        Command::Peer(PeerCommand::Add(a)) => with_runtime(|| peer_add(a, &reg)),
+        Command::Peer(PeerCommand::Config(a)) => with_runtime(|| peer_config(a, &reg)),
+        Command::Peer(PeerCommand::Rm(a)) => with_runtime(|| peer_rm(a, &reg)),
+        Command::Peer(PeerCommand::List(a)) => with_runtime(|| peer_list(a, &reg)),
+        Command::Graph(a) => with_runtime(|| graph(a, &reg)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -372,9 +401,10 @@ fn check_node(flag: &'static str, name: &str) -> Result<(), UsageError> {
     check_name(name).map_err(|e| bad(flag, format!("{name:?}: {e}")))
 }
 
-async fn status(a: StatusArgs) -> Result<()> {
-    let registry = open(&a.registry)?;
-    let (records, _) = weft_registry::list_nodes(&*registry)
+/// Everything `status` and `graph` show, read from the registry (health reports only when
+/// `health` is set).
+async fn read_contents(registry: &Arc<dyn Registry>, health: bool) -> Result<status::Contents> {
+    let (records, _) = weft_registry::list_nodes(&**registry)
         .await
         .context("reading the node records")?;
     let (rotations, _) = Typed::<RotationRequest>::new(registry.clone())
@@ -389,7 +419,7 @@ async fn status(a: StatusArgs) -> Result<()> {
         .get(PSK_OBJECT)
         .await
         .context("reading the cluster PSK generation")?;
-    let health = if a.peers {
+    let health = if health {
         Some(
             Typed::<HealthReport>::new(registry.clone())
                 .list()
@@ -404,14 +434,19 @@ async fn status(a: StatusArgs) -> Result<()> {
         .list()
         .await
         .context("reading the external peers")?;
-    let contents = status::Contents {
+    Ok(status::Contents {
         records,
         rotations,
         revocations,
         psk,
         health,
         externals,
-    };
+    })
+}
+
+async fn status(a: StatusArgs, reg: &RegistryArgs) -> Result<()> {
+    let registry = open(reg)?;
+    let contents = read_contents(&registry, a.peers).await?;
     let s = status::view(registry.describe(), &contents, rotate::unix_now());
     show_peer_staleness(&*registry, &s.external_peers).await;
     if a.json {
@@ -421,11 +456,63 @@ async fn status(a: StatusArgs) -> Result<()> {
     }
 }
 
-async fn psk_rotate(a: PskRotateArgs) -> Result<()> {
+async fn graph(a: GraphArgs, reg: &RegistryArgs) -> Result<()> {
+    let registry = open(reg)?;
+    let contents = read_contents(&registry, true).await?;
+    let s = status::view(registry.describe(), &contents, rotate::unix_now());
+    let dot = graph::dot(&contents, &s);
+    let bytes = match a.format {
+        GraphFormat::Dot => dot.into_bytes(),
+        GraphFormat::Svg => render_svg(&dot)?,
+    };
+    match &a.output {
+        Some(path) => {
+            std::fs::write(path, &bytes).with_context(|| format!("writing {}", path.display()))
+        }
+        None => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&bytes)
+                .and_then(|()| out.flush())
+                .context("writing to stdout")
+        }
+    }
+}
+
+/// Pipes DOT through Graphviz `dot -Tsvg` and returns the SVG.
+fn render_svg(dot: &str) -> Result<Vec<u8>> {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("dot")
+        .arg("-Tsvg")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => anyhow::anyhow!(
+                "--format svg needs Graphviz `dot` on PATH (apt-get install graphviz), or use --format dot"
+            ),
+            _ => anyhow::Error::new(e).context("starting Graphviz `dot`"),
+        })?;
+    let mut stdin = child.stdin.take().context("dot's stdin")?;
+    let input = dot.to_string();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output().context("running Graphviz `dot`")?;
+    let _ = writer.join();
+    if !out.status.success() {
+        bail!(
+            "Graphviz `dot -Tsvg` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out.stdout)
+}
+
+async fn psk_rotate(a: PskRotateArgs, reg: &RegistryArgs) -> Result<()> {
     if a.timeout == 0 {
         return Err(bad("timeout", "must be at least 1 second").into());
     }
-    let registry = open(&a.registry)?;
+    let registry = open(reg)?;
     let generation = psk::bump(&registry, rotate::unix_now()).await?;
     if !a.json {
         say!("cluster PSK generation {generation} requested");
@@ -469,7 +556,7 @@ async fn psk_rotate(a: PskRotateArgs) -> Result<()> {
     Ok(())
 }
 
-async fn rotate(a: RotateArgs) -> Result<()> {
+async fn rotate(a: RotateArgs, reg: &RegistryArgs) -> Result<()> {
     if a.max_parallel == 0 {
         return Err(bad("max-parallel", "must be at least 1").into());
     }
@@ -479,7 +566,7 @@ async fn rotate(a: RotateArgs) -> Result<()> {
     for n in &a.nodes {
         check_node("node", n)?;
     }
-    let registry = open(&a.registry)?;
+    let registry = open(reg)?;
     let (records, _) = weft_registry::list_nodes(&*registry)
         .await
         .context("reading the node records")?;
@@ -615,9 +702,9 @@ fn fingerprints(keys: &[PublicKey]) -> String {
         .join(", ")
 }
 
-async fn revoke(a: RevokeArgs) -> Result<()> {
+async fn revoke(a: RevokeArgs, reg: &RegistryArgs) -> Result<()> {
     check_node("NAME", &a.node)?;
-    let registry = open(&a.registry)?;
+    let registry = open(reg)?;
     let record = match weft_registry::get_node(&*registry, &a.node).await {
         Ok(r) => r,
         Err(
@@ -683,14 +770,14 @@ async fn revoke(a: RevokeArgs) -> Result<()> {
     Ok(())
 }
 
-async fn readmit(a: ReadmitArgs) -> Result<()> {
+async fn readmit(a: ReadmitArgs, reg: &RegistryArgs) -> Result<()> {
     check_node("NAME", &a.node)?;
     let key: PublicKey = a
         .public_key
         .trim()
         .parse()
         .map_err(|e| bad("public-key", format!("not a WireGuard public key: {e}")))?;
-    let registry = open(&a.registry)?;
+    let registry = open(reg)?;
     let rev = revoke::update(&*registry, &a.node, revoke::OnCorrupt::Fail, |e| {
         revoke::readmit(&a.node, e, key)
     })
@@ -806,7 +893,7 @@ fn print_config(p: &ExternalPeer, nodes: &[weft_core::NodeRecord], json: bool) -
     print_text(&config)
 }
 
-async fn peer_add(a: PeerAddArgs) -> Result<()> {
+async fn peer_add(a: PeerAddArgs, reg: &RegistryArgs) -> Result<()> {
     check_node("NAME", &a.name)?;
     let public_key: PublicKey = a
         .public_key
@@ -832,7 +919,7 @@ async fn peer_add(a: PeerAddArgs) -> Result<()> {
         config_printed_at: now,
     };
     new.check().map_err(|e| peer::usage_error(&e))?;
-    let registry = open(&a.registry)?;
+    let registry = open(reg)?;
     let (records, revocations) = nodes_and_revocations(&registry).await?;
     if let Some(rev) = revocations.iter().find(|r| r.node == a.name) {
         if !rev.admits(&public_key) {
@@ -862,9 +949,9 @@ async fn peer_add(a: PeerAddArgs) -> Result<()> {
     print_config(&written, &nodes, a.json)
 }
 
-async fn peer_config(a: PeerNameArgs) -> Result<()> {
+async fn peer_config(a: PeerNameArgs, reg: &RegistryArgs) -> Result<()> {
     check_node("NAME", &a.name)?;
-    let registry = open(&a.registry)?;
+    let registry = open(reg)?;
     let (records, revocations) = nodes_and_revocations(&registry).await?;
     let nodes = peer::config_nodes(records, &revocations);
     let p = peer::record_config(
@@ -883,9 +970,9 @@ async fn peer_config(a: PeerNameArgs) -> Result<()> {
     print_config(&p, &nodes, a.json)
 }
 
-async fn peer_rm(a: PeerNameArgs) -> Result<()> {
+async fn peer_rm(a: PeerNameArgs, reg: &RegistryArgs) -> Result<()> {
     check_node("NAME", &a.name)?;
-    let registry = open(&a.registry)?;
+    let registry = open(reg)?;
     let removed = registry
         .delete(weft_registry::Kind::Peers, &a.name)
         .await
@@ -908,8 +995,8 @@ async fn peer_rm(a: PeerNameArgs) -> Result<()> {
     Ok(())
 }
 
-async fn peer_list(a: PeerListArgs) -> Result<()> {
-    let registry = open(&a.registry)?;
+async fn peer_list(a: PeerListArgs, reg: &RegistryArgs) -> Result<()> {
+    let registry = open(reg)?;
     let (records, revocations) = nodes_and_revocations(&registry).await?;
     let (externals, _) = Typed::<ExternalPeer>::new(registry.clone())
         .list()
@@ -930,4 +1017,61 @@ async fn peer_list(a: PeerListArgs) -> Result<()> {
         return Ok(());
     }
     print_text(&status::render_external(&peers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        let mut v = vec!["keyctl"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).expect("parses")
+    }
+
+    /// Registry flags work before and after the subcommand, for nested subcommands too, and a
+    /// bad value is still a usage error naming the flag.
+    #[test]
+    fn registry_flags_before_or_after_the_subcommand() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = format!("dir:{}", tmp.path().display());
+        let forms: &[&[&str]] = &[
+            &["--registry", &dir, "rotate", "--all"],
+            &["rotate", "--all", "--registry", &dir],
+            &["--registry", &dir, "peer", "list"],
+            &["peer", "list", "--registry", &dir],
+            &["peer", "--registry", &dir, "list"],
+            &["graph", "--format", "svg", "--registry", &dir],
+            &["--registry", &dir, "status", "--peers"],
+        ];
+        for f in forms {
+            let cli = parse(f);
+            assert_eq!(cli.registry.registry, dir, "{f:?}");
+            let (spec, _) = cli.registry.validate().expect("valid");
+            assert_eq!(spec, dir);
+        }
+        let before = parse(&[
+            "--etcd-prefix",
+            "/k",
+            "status",
+            "--registry",
+            "etcd://h:2379",
+        ]);
+        assert_eq!(before.registry.etcd_prefix, "/k");
+        assert_eq!(before.registry.registry, "etcd://h:2379");
+        for f in [
+            &["--registry", "dir:/nonexistent/weft", "status"][..],
+            &["status", "--registry", "dir:/nonexistent/weft"][..],
+        ] {
+            let e = parse(f).registry.validate().expect_err("bad dir");
+            assert_eq!(e.flag, "registry", "{f:?}");
+        }
+        assert!(matches!(
+            parse(&["graph"]).command,
+            Command::Graph(GraphArgs {
+                format: GraphFormat::Dot,
+                output: None
+            })
+        ));
+    }
 }

@@ -40,28 +40,29 @@ pub struct RegistryArgs {
     /// ClusterRole, see deploy/README.md).
     #[arg(
         long,
+        global = true,
         env = "WEFT_REGISTRY",
         default_value = "dir:/var/lib/weft/registry"
     )]
     pub registry: String,
     /// etcd registry: key prefix (objects live at PREFIX/KIND/NAME).
-    #[arg(long, env = "WEFT_ETCD_PREFIX", default_value = "/weft")]
+    #[arg(long, global = true, env = "WEFT_ETCD_PREFIX", default_value = "/weft")]
     pub etcd_prefix: String,
     /// etcd registry: CA bundle (PEM) to verify etcd with; turns on TLS.
-    #[arg(long, env = "WEFT_ETCD_CA")]
+    #[arg(long, global = true, env = "WEFT_ETCD_CA")]
     pub etcd_ca: Option<PathBuf>,
     /// etcd registry: client certificate (PEM) for mutual TLS; needs --etcd-key and --etcd-ca.
-    #[arg(long, env = "WEFT_ETCD_CERT")]
+    #[arg(long, global = true, env = "WEFT_ETCD_CERT")]
     pub etcd_cert: Option<PathBuf>,
     /// etcd registry: client key (PEM) for mutual TLS; needs --etcd-cert.
-    #[arg(long, env = "WEFT_ETCD_KEY")]
+    #[arg(long, global = true, env = "WEFT_ETCD_KEY")]
     pub etcd_key: Option<PathBuf>,
     /// kube registry: a kubeconfig file. Absent: KUBECONFIG, else ~/.kube/config, else the
     /// in-cluster ServiceAccount.
-    #[arg(long, env = "WEFT_KUBECONFIG")]
+    #[arg(long, global = true, env = "WEFT_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
     /// kube registry: the API server's address (https://HOST:PORT), replacing the kubeconfig's.
-    #[arg(long, env = "WEFT_KUBE_API_SERVER")]
+    #[arg(long, global = true, env = "WEFT_KUBE_API_SERVER")]
     pub kube_api_server: Option<String>,
 }
 

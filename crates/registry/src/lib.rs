@@ -16,6 +16,58 @@
 //! objects that fail to parse so one bad record never ends a watch. Backends: [`dir`] (one JSON file per object, the embedded default)
 //! and [`etcd`] (one key per object, a node's own record bound to a lease, see
 //! [`Registry::put_owned`]). A Kubernetes CRD backend plugs in behind the same trait later.
+//!
+//! # Design (the overview is in ARCHITECTURE.md)
+//!
+//! **weft-registry** (`crates/registry`) defines the object-safe `Registry` trait: typed
+//! collections with put/get/delete/list and a watch that begins with a `Reset` and then sends
+//! `Upsert`/`Delete`. `Status(Unreachable)` is separate from any deletion. The `dir:PATH` backend
+//! keeps one JSON file per object, written atomically (temp file + rename), and sees changes through
+//! inotify with a periodic rescan as a fallback. The typed layer decodes records and logs and skips
+//! bad ones without stopping the watch. `list_for_update` + `put_if_unchanged` are a
+//! compare-and-swap over a whole collection (a digest of the listing checked under a file lock for
+//! `dir`, a transaction comparing every key's mod revision for etcd); `claims::claim_pod_cidr` runs
+//! `alloc::decide` in that loop so each node writes only its own `claims/NAME`.
+//!
+//! The `etcd://HOST:PORT[,...]` backend (`etcd-client`, tonic) keeps each object at
+//! `PREFIX/<kind>/<name>` (prefix `/weft` by default) and is opened with `open_with(spec,
+//! OpenOptions { etcd: EtcdOptions })` (prefix, TLS files, lease TTL; user and password from
+//! `WEFT_ETCD_USERNAME` / `WEFT_ETCD_PASSWORD`). It connects lazily and bounds every request with a
+//! timeout. A request that etcd refuses for an expired or unknown auth token is repeated once on
+//! a new, logged-in connection (etcd-client never renews its token). A refusal for lack of
+//! permission is `RegistryError::PermissionDenied`, never an unreachable registry.
+//! `Registry::put_owned` (a plain `put` for `dir`) writes a node's own record bound to a
+//! lease; a keeper task keeps the lease alive and, if etcd reports it gone, grants a new one and
+//! rewrites every owned object. `delete` forgets the object before deleting it so the keeper never
+//! writes it back. A watch lists, sends `Reset`, and watches from the list's revision + 1; when the
+//! etcd watch is cancelled (compaction), breaks or cannot start, it lists again and sends a new
+//! `Reset`. A failed list sends `Status(Unreachable)` once, retries with jittered backoff capped at
+//! 2 s, and is followed by `Status(Connected)` and a `Reset` when a list succeeds. Keys that are not
+//! `PREFIX/<kind>/<valid-name>` are logged once and skipped.
+//!
+//! The `kube` backend (`kube/`, kube-rs 5 with k8s-openapi 0.29) maps each collection onto one
+//! cluster-scoped custom resource of `weft.dev/v1alpha1` (`kube/crd.rs`: the spec types, from which
+//! `deploy/crds/` is generated and checked by a unit test, and `RESOURCES`, the collection ↔ kind
+//! table). A value's JSON less its name field is the `spec`; `to_spec` / `from_object` convert, and
+//! a test round-trips every weft-core type through its spec type. Writes are server-side apply with
+//! the field manager of `KubeOptions` (`meshd`, `keyctl`); `put_owned` adds an ownerReference to
+//! this node's Node (uid looked up once; a failed lookup fails the write, since applying without
+//! the field would make server-side apply drop the owner) and, for a MeshNode, patches the status
+//! subresource only when its conditions or key fingerprint change. `heartbeats()` is false: meshd
+//! writes no periodic health report on this backend. `list_for_update` / `put_if_unchanged` (`kube/cas.rs`) keep each listing's resourceVersions
+//! under the snapshot number and write one object with the API server's optimistic concurrency
+//! (create: 409 if it appeared; replace with the listed resourceVersion: 409 if it changed), so
+//! keyctl's revocations, rotation requests and external peers use it too; unlike etcd and dir it
+//! does not see changes to other objects of the collection. Claims (`kube/claims.rs`) are objects named
+//! after their block: `put_if_unchanged` creates the block's object (409 AlreadyExists means
+//! someone else took it) or replaces it with the resourceVersion it was listed at (409 Conflict),
+//! using the listing `list_for_update` kept under the snapshot number; a node that moves to another
+//! block deletes its old one with that resourceVersion as precondition. Watches
+//! (`kube/watch.rs`) are kube-runtime watchers whose `Init`/`InitApply`/`InitDone` is buffered into
+//! one `Reset`, with a capped backoff (250 ms to 4 s). `kube/node.rs` reads this node's Node
+//! (`NodeInfo`: uid, InternalIP/ExternalIP, `spec.podCIDRs`, the `weft.dev/force-endpoint`
+//! annotation) and watches it with a field selector. 403 is `PermissionDenied` with the API
+//! server's message (RBAC, or the admission policy in `deploy/admission-policy.yaml`).
 
 pub mod claims;
 pub mod dir;

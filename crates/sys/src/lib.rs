@@ -35,6 +35,22 @@
 //! The TUN, netlink and UDP constructors must be called inside a tokio runtime, except
 //! [`Tun::open_queues`] and [`udp::bind_udp_group`], which need none (their results are
 //! registered later by [`Tun::from_queue`] and [`udp::register_udp`]).
+//!
+//! # Design (the overview is in ARCHITECTURE.md)
+//!
+//! **weft-sys** (`crates/sys`) does the Linux I/O: the TUN device (async read/write plus
+//! non-blocking drain), routes and addresses over rtnetlink (device routes and `unreachable`
+//! routes, tagged proto 87), a dual-stack UDP socket with 4 MiB buffers, forwarding sysctls and
+//! netns helpers. `Tun::create_offload` opens the TUN with `IFF_VNET_HDR` and asks for
+//! TSO4/6, USO4/6 and checksum offload, dropping USO, then TSO, then everything when the kernel
+//! refuses; `udp_gso` sends many equal-sized datagrams to one destination as one message carrying
+//! `UDP_SEGMENT`, up to eight messages per `sendmmsg`, and reads with `UDP_GRO` and `recvmmsg` (up
+//! to eight messages per call, each many datagrams of one flow, their size in a control message).
+//! For several workers, `Tun::open_queues` opens N queues of one `IFF_MULTI_QUEUE` device (all or
+//! none: a failure closes what was opened; `MultiQueueUnsupported` when the kernel lacks it) and
+//! `udp::bind_udp_group` binds N `SO_REUSEPORT` sockets on one port (the first without
+//! `SO_REUSEPORT`, so a port already in use is an error); neither needs a runtime, and each worker
+//! registers its own with `Tun::from_queue` / `udp::register_udp`.
 
 mod error;
 pub mod netlink;

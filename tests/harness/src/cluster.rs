@@ -887,6 +887,48 @@ impl Cluster {
         })
     }
 
+    /// Adds an external standard WireGuard peer `name` with address `ip` as an operator would:
+    /// `keyctl peer add NAME --public-key K --allowed-ips IP/32`, then Debian's wireguard-go in
+    /// node `i` configured from the printed wg-quick config (private key filled in). Waits
+    /// until it reaches every pod in `pods` (10 s each). Returns its key pair.
+    pub fn add_wireguard_go_peer(
+        &self,
+        i: usize,
+        name: &str,
+        ip: &str,
+        pods: &[Pod],
+    ) -> Result<WgKeys> {
+        let keys = wg_genkey()?;
+        let (code, conf, err) = self.keyctl(&[
+            "peer",
+            "add",
+            name,
+            "--public-key",
+            &keys.public_key,
+            "--allowed-ips",
+            &format!("{ip}/32"),
+        ])?;
+        if code != Some(0) {
+            bail!("keyctl peer add {name}: {err}");
+        }
+        let conf = conf.replace(
+            "PrivateKey = <paste the private key of this peer here>",
+            &format!("PrivateKey = {}", keys.private_key),
+        );
+        let peer = self.node(i);
+        peer.start_wg_quick(WgImpl::WireguardGo, &conf)?;
+        for p in pods {
+            let ok = crate::util::wait_until(Duration::from_secs(10), || {
+                peer.ping(p.ip, &PingOpts::count(2).interval(0.05).wait(1))
+                    .is_ok_and(|r| r.received > 0)
+            });
+            if !ok {
+                bail!("{name} -> pod {} fails\n{}", p.ip, self.debug_report());
+            }
+        }
+        Ok(keys)
+    }
+
     /// Writes a ghost record for node `i` (which runs no meshd): its name, pod range and
     /// underlay address with a fresh key nobody holds, so the meshd nodes get a peer that never
     /// answers. Returns the key pair.

@@ -72,12 +72,10 @@ pub fn keyctl_on_kube(
     args: &[&str],
     timeout: Duration,
 ) -> Result<std::process::Output> {
-    let mut cmd = crate::util::ns_cmd(ns, crate::util::workspace_bin("keyctl")?);
-    cmd.args(args)
-        .args(["--registry", "kube", "--kubeconfig"])
-        .arg(kubeconfig)
-        .env_remove("WEFT_REGISTRY");
-    crate::util::run_timeout(&mut cmd, timeout)
+    let kc = kubeconfig.to_string_lossy();
+    let mut all = args.to_vec();
+    all.extend(["--registry", "kube", "--kubeconfig", &kc]);
+    crate::util::keyctl_in(ns, &all, timeout)
 }
 
 /// The line kube-controller-manager logs once its garbage collector watches every resource.

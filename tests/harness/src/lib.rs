@@ -21,6 +21,28 @@
 //!
 //! Run the root tests serially:
 //! `cargo build --workspace --bins && cargo test -p weft-tests -- --test-threads=1`
+//!
+//! # Design (the overview is in ARCHITECTURE.md)
+//!
+//! **weft-tests** (`tests/harness`) is the netns cluster harness. A switch namespace with a bridge
+//! that also routes, N node namespaces running meshd, pods as namespaces behind veth pairs, traffic
+//! and capture helpers, and wireguard-go peers. `Cluster::start_etcd` runs a real etcd in the switch namespace
+//! (198.18.0.1:2379, data in the cluster's temp dir) for the etcd end-to-end tests.
+//! `Cluster::start_kube` (`src/kube.rs`) runs a real control plane there, as envtest does: its own
+//! etcd on the switch's loopback, kube-apiserver v1.37.2 on https://198.18.0.1:6443 (Node,RBAC
+//! authorization, NodeRestriction, service-account signing key, a PKI made with openssl, an admin
+//! client certificate in `system:masters`) and optionally kube-controller-manager with only its
+//! garbage collector; binaries from `scripts/kube-bins.sh`. It makes Node objects, ServiceAccount
+//! tokens bound to a Pod on a node (TokenRequest, as the kubelet does for a DaemonSet pod; they
+//! carry the node name the admission policy checks) and kubeconfigs for them. `RealCluster`
+//! (`src/kubelet.rs`) goes further: kube-controller-manager (node IPAM, DaemonSet, Deployment) and
+//! kube-scheduler, and per netns node a containerd and a kubelet v1.37.2 in a mount namespace of
+//! its own (per-node CNI, weft, kubelet and containerd dirs bind-mounted over the real paths), so
+//! weft is deployed by its own DaemonSet from an image built here, and containerd calls weft-cni
+//! for every pod. It also holds the end-to-end tests and the
+//! benchmarks: `weft-bench` (data path), `weft-cni-bench` (pod attach) and `weft-registry-bench` (1000
+//! node records through the kube and etcd registries into one meshd, side by side). **tests/vclock** is a separate workspace with virtual-clock tests of
+//! weft-core (boringtun's `mock-instant`), kept apart so that feature never reaches a binary.
 
 pub mod capture;
 pub mod cluster;
@@ -51,4 +73,4 @@ pub use traffic::{
     assert_tcp_intact, ping, sh_in, tcp_transfer, udp_send, BgPing, PingOpts, PingResult, TcpOpts,
     TcpResult, UdpReceived, UdpReceiver, UdpSend,
 };
-pub use util::{set_bin_dir, set_nettool, wait_for, wait_until, workspace_bin};
+pub use util::{keyctl_in, set_bin_dir, set_nettool, wait_for, wait_until, workspace_bin};

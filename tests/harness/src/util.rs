@@ -81,6 +81,15 @@ pub fn run_in(ns: &str, prog: &str, args: &[&str]) -> Result<String> {
     run(ns_cmd(ns, prog).args(args))
 }
 
+/// This build's keyctl run in namespace `ns` with exactly `args` (the caller places the registry
+/// flags, before or after the subcommand); `WEFT_REGISTRY` from the test's environment is
+/// removed so only the flags count.
+pub fn keyctl_in(ns: &str, args: &[&str], timeout: Duration) -> Result<Output> {
+    let mut cmd = ns_cmd(ns, workspace_bin("keyctl")?);
+    cmd.args(args).env_remove("WEFT_REGISTRY");
+    run_timeout(&mut cmd, timeout)
+}
+
 /// Runs a command, capturing stdout/stderr, killing it after `timeout`. Never fails because of the
 /// exit status (the caller looks at it); fails when it cannot start or times out.
 pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output> {

@@ -26,10 +26,9 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
-use weft_tests::{peer_of, wg_genkey, Cluster, Node, PingOpts, WgImpl};
+use weft_tests::{peer_of, Cluster, Node, PingOpts};
 
 const LAPTOP_IP: &str = "10.99.0.1";
-const PLACEHOLDER: &str = "<paste the private key of this peer here>";
 /// `wg`'s base64 of the all-zero key meshd answers with instead of its private key.
 const ZERO_KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 const DWELL_MS: u64 = 2500;
@@ -201,35 +200,10 @@ fn wg_reads_weft_nodes_through_the_uapi_socket() {
 
     // The external peer, configured from what keyctl prints.
     let laptop = c.node(3);
-    let keys = wg_genkey().expect("wg genkey");
-    let (code, conf, err) = c
-        .keyctl(&[
-            "peer",
-            "add",
-            "laptop",
-            "--public-key",
-            &keys.public_key,
-            "--allowed-ips",
-            &format!("{LAPTOP_IP}/32"),
-        ])
-        .expect("keyctl");
-    assert_eq!(code, Some(0), "keyctl peer add: {err}");
-    let conf = conf.replace(
-        &format!("PrivateKey = {PLACEHOLDER}"),
-        &format!("PrivateKey = {}", keys.private_key),
-    );
-    laptop
-        .start_wg_quick(WgImpl::WireguardGo, &conf)
+    let keys = c
+        .add_wireguard_go_peer(3, "laptop", LAPTOP_IP, &pods)
         .expect("wireguard-go laptop");
     c.assert_pods_ping(&pods.iter().collect::<Vec<_>>());
-    for p in &pods {
-        let ok = weft_tests::wait_until(Duration::from_secs(10), || {
-            laptop
-                .ping(p.ip, &PingOpts::count(2).interval(0.05).wait(1))
-                .is_ok_and(|r| r.received == 2)
-        });
-        assert!(ok, "laptop -> pod {}\n{}", p.ip, c.debug_report());
-    }
 
     // 1. Field by field, and the other views.
     let mut own_secrets = Vec::new();

@@ -13,9 +13,11 @@
 //! put_if_unchanged`]), rotation requests, revocations and external standard WireGuard peers
 //! (written by keyctl). [`Registry`] is the raw, object-safe, backend-neutral interface (held as
 //! `Arc<dyn Registry>`); [`Typed`] decodes and validates on top of it, skipping (and logging)
-//! objects that fail to parse so one bad record never ends a watch. Backends: [`dir`] (one JSON file per object, the embedded default)
-//! and [`etcd`] (one key per object, a node's own record bound to a lease, see
-//! [`Registry::put_owned`]). A Kubernetes CRD backend plugs in behind the same trait later.
+//! objects that fail to parse so one bad record never ends a watch (a warning per object that
+//! keeps changing at most once per [`repeat_interval`]). Backends: [`dir`] (one JSON file per
+//! object, the embedded default), [`etcd`] (one key per object, a node's own record bound to a
+//! lease, see [`Registry::put_owned`]) and [`kube`] (cluster-scoped CRDs, server-side apply,
+//! kube-runtime watchers).
 //!
 //! # Design (the overview is in ARCHITECTURE.md)
 //!

@@ -444,10 +444,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
             let port = cfg.listen_port;
             let keepalive = cfg.persistent_keepalive.unwrap_or(0);
             let snapshot: crate::uapi::Snapshot = Arc::new(move || {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs_f64())
-                    .unwrap_or(0.0);
+                let now = crate::metrics::unix_now();
                 crate::uapi::device(shards.peer_status(), port, keepalive, now)
             });
             tokio::spawn(crate::uapi::serve(listener, snapshot));
@@ -1012,10 +1009,10 @@ impl Daemon {
 
     /// Writes what `/metrics` reads of the control loop's state.
     fn update_metrics(&mut self) {
-        let phase = self.rotation.status(&BTreeMap::new())["phase"]
-            .as_str()
-            .unwrap_or("idle")
-            .to_string();
+        if self.cfg.metrics_listen.is_none() {
+            return;
+        }
+        let phase = self.rotation.phase_name().to_string();
         let state = crate::metrics::ControlState {
             registry_connected: self.connectivity.starts_with("connected"),
             registry_last_sync: self.registry_last_sync,
@@ -1323,10 +1320,7 @@ impl Daemon {
     /// written again (the registry came back after being unreachable).
     fn handle_event(&mut self, ev: Event<NodeRecord>) -> bool {
         if !matches!(ev, Event::Status(Connectivity::Unreachable(_))) {
-            self.registry_last_sync = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0);
+            self.registry_last_sync = crate::metrics::unix_now();
         }
         match ev {
             Event::Reset { items, .. } => {

@@ -406,7 +406,8 @@ impl Collector for Metrics {
     }
 }
 
-fn unix_now() -> f64 {
+/// Unix time in seconds with a fraction (0 if the clock is before 1970).
+pub fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())

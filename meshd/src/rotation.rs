@@ -167,13 +167,18 @@ impl Rotation {
         self.done += 1;
     }
 
-    /// For `meshd status`.
-    pub fn status(&self, progress: &BTreeMap<String, PeerRotation>) -> serde_json::Value {
-        let phase = match self.phase {
+    /// The phase's name, as `meshd status` and the metrics show it.
+    pub fn phase_name(&self) -> &'static str {
+        match self.phase {
             Phase::Idle => "idle",
             Phase::Announced { .. } => "announced",
             Phase::Handshaking { .. } => "handshaking",
-        };
+        }
+    }
+
+    /// For `meshd status`.
+    pub fn status(&self, progress: &BTreeMap<String, PeerRotation>) -> serde_json::Value {
+        let phase = self.phase_name();
         serde_json::json!({
             "phase": phase,
             "reason": self.reason,

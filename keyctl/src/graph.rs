@@ -285,6 +285,9 @@ mod tests {
                     psk_generation: None,
                     key_pairs: 1,
                     queued: 0,
+                    endpoint: None,
+                    endpoint_source: weft_core::peer::EndpointSource::None,
+                    relay: None,
                 })
                 .collect(),
         }

@@ -298,6 +298,9 @@ mod tests {
                 format!("198.18.0.{}:51820", 10 + i).parse().expect("ep"),
                 "[2001:db8::1]:51820".parse().expect("ep6"),
             ],
+            private_endpoints: Vec::new(),
+            location: None,
+            relay: false,
             pod_cidrs: vec![
                 format!("10.42.{i}.0/24").parse().expect("cidr"),
                 format!("fd42:{i}::/64").parse().expect("cidr6"),

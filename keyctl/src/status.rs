@@ -567,6 +567,9 @@ pub(crate) mod tests {
             name: name.into(),
             public_key: PrivateKey::generate().public_key(),
             endpoints: vec![format!("198.18.0.{}:51820", 10 + i).parse().expect("ep")],
+            private_endpoints: Vec::new(),
+            location: None,
+            relay: false,
             pod_cidrs: vec![format!("10.42.{i}.0/24").parse().expect("cidr")],
             key_generation: generation,
             next_public_key: None,
@@ -717,6 +720,9 @@ pub(crate) mod tests {
             psk_generation: Some(1),
             key_pairs: 1,
             queued: 0,
+            endpoint: None,
+            endpoint_source: weft_core::peer::EndpointSource::None,
+            relay: None,
         };
         let health = vec![
             HealthReport {

@@ -23,6 +23,13 @@ pub struct NodeInfo {
     pub interface: String,
     pub mtu: u32,
     pub endpoints: Vec<String>,
+    /// Endpoints for the nodes of this node's location.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub private_endpoints: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// Publishes no public endpoint (`--behind-nat`, or none known).
+    pub behind_nat: bool,
     pub mesh_addresses: Vec<String>,
     pub pod_cidrs: Vec<String>,
     pub cluster_cidrs: Vec<String>,
@@ -45,6 +52,9 @@ pub struct Status {
     /// External peer records (`peers/NAME`) refused, with the reason.
     pub refused_external_peers: BTreeMap<String, String>,
     pub drops: BTreeMap<&'static str, u64>,
+    /// NAT traversal and relays: this node's address as relays see it, the relays it
+    /// measures, what it relayed.
+    pub paths: crate::shards::PathsStatus,
     /// The data path's offloads and what they did (all workers together).
     pub offload: crate::datapath::OffloadStatus,
     /// What each data-path worker did.
@@ -106,6 +116,66 @@ pub fn render(v: &serde_json::Value) -> String {
         s(&v["registry"]),
         s(&v["ownRecord"]),
     ));
+    let list = |k: &str| -> String {
+        node[k]
+            .as_array()
+            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
+            .unwrap_or_default()
+    };
+    out.push_str(&format!(
+        "  location {}  endpoints {}  private {}{}\n",
+        s(&node["location"]),
+        if list("endpoints").is_empty() {
+            "-".to_string()
+        } else {
+            list("endpoints")
+        },
+        if list("privateEndpoints").is_empty() {
+            "-".to_string()
+        } else {
+            list("privateEndpoints")
+        },
+        if node["behindNat"].as_bool() == Some(true) {
+            "  (behind NAT: peers learn this node's address from its packets)"
+        } else {
+            ""
+        }
+    ));
+    let paths = &v["paths"];
+    if paths["useRelays"].as_bool() == Some(true) {
+        let relays: Vec<String> = paths["relays"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                format!(
+                    "{} {}{}",
+                    s(&r["name"]),
+                    if r["alive"].as_bool() == Some(true) {
+                        "alive"
+                    } else {
+                        "dead"
+                    },
+                    r["rttMs"]
+                        .as_f64()
+                        .map(|x| format!(" {x:.1}ms"))
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
+        let st = &paths["stats"];
+        out.push_str(&format!(
+            "  paths: relays [{}]{}  seen from outside as {}  relayed for others {} packets\n",
+            relays.join(", "),
+            if paths["relay"].as_bool() == Some(true) {
+                " (this node relays)"
+            } else {
+                ""
+            },
+            s(&paths["reflexiveAddress"]),
+            st["relayedPackets"].as_u64().unwrap_or(0),
+        ));
+    }
     if let Some(c) = v["podCidrClaim"].as_str() {
         out.push_str(&format!("  pod CIDR claim {c}\n"));
     }
@@ -175,8 +245,8 @@ pub fn render(v: &serde_json::Value) -> String {
         ));
     }
     out.push_str(&format!(
-        "\n{:<16} {:<46} {:<22} {:<18} {:>10} {:>12} {:>12}  drops\n",
-        "PEER", "PUBLIC KEY", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX"
+        "\n{:<16} {:<46} {:<22} {:<8} {:<18} {:>10} {:>12} {:>12}  drops\n",
+        "PEER", "PUBLIC KEY", "ENDPOINT", "PATH", "ALLOWED IPS", "HANDSHAKE", "RX", "TX"
     ));
     for p in v["peers"].as_array().into_iter().flatten() {
         let hs = p["latestHandshakeSecsAgo"]
@@ -196,11 +266,16 @@ pub fn render(v: &serde_json::Value) -> String {
             Some("external") => format!("{} (ext)", s(&p["name"])),
             _ => s(&p["name"]),
         };
+        let path = match p["relay"].as_str() {
+            Some(r) => format!("relay:{r}"),
+            None => s(&p["endpointSource"]),
+        };
         out.push_str(&format!(
-            "{:<16} {:<46} {:<22} {:<18} {:>10} {:>12} {:>12}  {}\n",
+            "{:<16} {:<46} {:<22} {:<8} {:<18} {:>10} {:>12} {:>12}  {}\n",
             name,
             s(&p["publicKey"]),
             s(&p["endpoint"]),
+            path,
             p["allowedIps"]
                 .as_array()
                 .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))

@@ -32,10 +32,40 @@ pub struct RunArgs {
     /// UDP port for WireGuard.
     #[arg(long, env = "WEFT_LISTEN_PORT", default_value_t = 51820)]
     pub listen_port: u16,
-    /// Underlay address other nodes reach this one at, IP[:PORT]; repeat for several, tried in
-    /// order. Default: the address of the interface holding the default route.
+    /// Public underlay address other nodes reach this one at, IP[:PORT]; repeat for several,
+    /// tried in order. Nodes of other locations use these. Default: the address of the
+    /// interface holding the default route (none with --behind-nat).
     #[arg(long = "endpoint", env = "WEFT_ENDPOINT", value_delimiter = ',')]
     pub endpoints: Vec<String>,
+    /// This node's location (cloud region, site). Nodes of one location reach each other on
+    /// their --private-endpoint addresses, other nodes on --endpoint.
+    #[arg(long, env = "WEFT_LOCATION")]
+    pub location: Option<String>,
+    /// Private underlay address, IP[:PORT], for the nodes of this --location only; repeat for
+    /// several. Default with --location: the default-route address, unless it is an --endpoint.
+    #[arg(
+        long = "private-endpoint",
+        env = "WEFT_PRIVATE_ENDPOINT",
+        value_delimiter = ','
+    )]
+    pub private_endpoints: Vec<String>,
+    /// This node is behind NAT: it publishes no public endpoint; it reaches the nodes it can
+    /// (other locations' public endpoints), they learn its address from its packets, and those
+    /// links send a keepalive every --nat-keepalive to keep the NAT mapping open.
+    #[arg(long, env = "WEFT_BEHIND_NAT")]
+    pub behind_nat: bool,
+    /// Keepalive interval (seconds, 1-3600) on links this node reaches through NAT.
+    #[arg(long, env = "WEFT_NAT_KEEPALIVE", default_value_t = 25)]
+    pub nat_keepalive: u16,
+    /// Find paths through NAT and fall back to relays: ping peers and relays, punch holes
+    /// between nodes behind NAT, send through a relay node when no direct path works. The
+    /// MTU leaves room for the relay header (44 bytes). Every node of a mesh should agree.
+    #[arg(long, env = "WEFT_USE_RELAYS")]
+    pub use_relays: bool,
+    /// Relay for mesh members whose direct paths fail (needs a public --endpoint). Implies
+    /// --use-relays.
+    #[arg(long, env = "WEFT_RELAY")]
+    pub relay: bool,
     /// This node's pod range: one IPv4 and optionally one IPv6 CIDR. Absent: a block of
     /// --node-cidr-size is claimed from the first IPv4 --cluster-cidr through the registry (and
     /// kept across restarts).
@@ -200,8 +230,20 @@ pub struct Config {
     pub registry: String,
     pub interface: String,
     pub listen_port: u16,
-    /// Empty: find the default-route address at start-up.
+    /// Empty: find the default-route address at start-up (unless `behind_nat`).
     pub endpoints: Vec<SocketAddr>,
+    /// `--location`.
+    pub location: Option<String>,
+    /// `--private-endpoint` (empty with a location: the default-route address).
+    pub private_endpoints: Vec<SocketAddr>,
+    /// `--behind-nat`: publish no public endpoint.
+    pub behind_nat: bool,
+    /// `--nat-keepalive` (seconds).
+    pub nat_keepalive: u16,
+    /// `--use-relays` (or `--relay`).
+    pub use_relays: bool,
+    /// `--relay`.
+    pub relay: bool,
     /// Empty when the range is to be claimed (see `alloc`).
     pub pod_cidrs: Vec<IpNet>,
     /// Set when no --pod-cidr was given: how to claim one.
@@ -479,24 +521,36 @@ impl RunArgs {
             return Err(bad("listen-port", "must be 1-65535"));
         }
 
-        let mut endpoints = Vec::new();
-        for e in &self.endpoints {
-            let e = e.trim();
-            let ep = if let Ok(sa) = e.parse::<SocketAddr>() {
-                sa
-            } else if let Ok(ip) = e
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>()
-            {
-                SocketAddr::new(ip, self.listen_port)
-            } else {
-                return Err(bad("endpoint", format!("{e:?} is not IP or IP:PORT")));
-            };
-            if ep.port() == 0 || ep.ip().is_unspecified() || ep.ip().is_multicast() {
-                return Err(bad("endpoint", format!("{ep} is not a unicast IP:PORT")));
+        let endpoints = self.parse_endpoints(&self.endpoints, "endpoint")?;
+        let private_endpoints =
+            self.parse_endpoints(&self.private_endpoints, "private-endpoint")?;
+        if self.behind_nat && !endpoints.is_empty() {
+            return Err(bad(
+                "behind-nat",
+                "a node behind NAT publishes no --endpoint (peers learn its address from its packets)",
+            ));
+        }
+        if self.relay && self.behind_nat {
+            return Err(bad(
+                "relay",
+                "a relay needs a public endpoint; a node --behind-nat cannot relay",
+            ));
+        }
+        if !(1..=3600).contains(&self.nat_keepalive) {
+            return Err(bad("nat-keepalive", "must be 1-3600 seconds"));
+        }
+        let location = match &self.location {
+            None => None,
+            Some(l) => {
+                weft_core::record::check_location(l).map_err(|e| bad("location", e.to_string()))?;
+                Some(l.clone())
             }
-            endpoints.push(ep);
+        };
+        if !private_endpoints.is_empty() && location.is_none() && kube.is_none() {
+            return Err(bad(
+                "private-endpoint",
+                "needs --location (private endpoints are for the nodes of one location)",
+            ));
         }
 
         let cluster_cidrs = self
@@ -582,10 +636,15 @@ impl RunArgs {
         }
         if let Some(ep) = endpoints
             .iter()
+            .chain(&private_endpoints)
             .find(|e| cluster_cidrs.iter().any(|c| c.contains(&e.ip())))
         {
             return Err(bad(
-                "endpoint",
+                if endpoints.contains(ep) {
+                    "endpoint"
+                } else {
+                    "private-endpoint"
+                },
                 format!("{ep} is inside a --cluster-cidr: tunnel traffic would route into itself"),
             ));
         }
@@ -697,6 +756,12 @@ impl RunArgs {
             interface: iface.clone(),
             listen_port: self.listen_port,
             endpoints,
+            location,
+            private_endpoints,
+            behind_nat: self.behind_nat,
+            nat_keepalive: self.nat_keepalive,
+            use_relays: self.use_relays || self.relay,
+            relay: self.relay,
             pod_cidrs,
             alloc,
             cluster_cidrs,
@@ -709,6 +774,40 @@ impl RunArgs {
             log_repeat_interval,
             etcd,
         })
+    }
+
+    /// `IP[:PORT]` values of flag `flag` (the port defaults to --listen-port).
+    fn parse_endpoints(
+        &self,
+        values: &[String],
+        flag: &'static str,
+    ) -> Result<Vec<SocketAddr>, ConfigError> {
+        let mut out = Vec::new();
+        for e in values {
+            let e = e.trim();
+            let ep = if let Ok(sa) = e.parse::<SocketAddr>() {
+                sa
+            } else if let Ok(ip) = e
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+            {
+                SocketAddr::new(ip, self.listen_port)
+            } else {
+                return Err(bad(flag, format!("{e:?} is not IP or IP:PORT")));
+            };
+            if ep.port() == 0 || ep.ip().is_unspecified() || ep.ip().is_multicast() {
+                return Err(bad(flag, format!("{ep} is not a unicast IP:PORT")));
+            }
+            if out.len() == weft_core::record::MAX_ENDPOINTS {
+                return Err(bad(
+                    flag,
+                    format!("at most {} addresses", weft_core::record::MAX_ENDPOINTS),
+                ));
+            }
+            out.push(ep);
+        }
+        Ok(out)
     }
 
     /// The etcd flags, checked whatever the registry (a bad value is a mistake either way).

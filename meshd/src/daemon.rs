@@ -245,15 +245,17 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         crate::probes::spawn(l, ready.clone());
     }
     // --registry kube: the endpoint and pod ranges may come from this node's Node.
-    let (kube, node_endpoints) = if cfg.kube.is_some() {
+    let (kube, node_endpoints, node_private) = if cfg.kube.is_some() {
         let (k, from) = crate::kube::start(&mut cfg).await?;
-        (Some(k), from.endpoints)
+        (Some(k), from.endpoints, from.private_endpoints)
     } else {
-        (None, None)
+        (None, None, None)
     };
 
     let underlay = nl.default_route_source().await.ok().flatten();
-    let endpoints = if let (true, Some(eps)) = (cfg.endpoints.is_empty(), &node_endpoints) {
+    let endpoints = if cfg.behind_nat {
+        Vec::new()
+    } else if let (true, Some(eps)) = (cfg.endpoints.is_empty(), &node_endpoints) {
         eps.clone()
     } else if cfg.endpoints.is_empty() {
         match &underlay {
@@ -265,10 +267,31 @@ pub async fn run(mut cfg: Config) -> Result<()> {
     } else {
         cfg.endpoints.clone()
     };
+    // Private endpoints (for the nodes of this location): the flag's, the Node's InternalIPs,
+    // else the default-route address unless it is public already.
+    let private_endpoints = if !cfg.private_endpoints.is_empty() {
+        cfg.private_endpoints.clone()
+    } else if let Some(p) = node_private {
+        p
+    } else if cfg.location.is_some() {
+        underlay
+            .iter()
+            .map(|(_, ip, _)| std::net::SocketAddr::new(*ip, cfg.listen_port))
+            .filter(|e| !endpoints.contains(e))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    // With relays, a datagram may carry the relay header too (44 bytes).
+    let relay_room = if cfg.use_relays {
+        weft_core::pathmsg::RELAY_OVERHEAD as u32
+    } else {
+        0
+    };
     let mtu = match (cfg.mtu, &underlay) {
         (Some(m), _) => m,
-        (None, Some((_, _, m))) => m.saturating_sub(80).max(576),
-        (None, None) => 1420,
+        (None, Some((_, _, m))) => m.saturating_sub(80 + relay_room).max(576),
+        (None, None) => 1420 - relay_room,
     };
     let has_v6 = cfg.pod_cidrs.iter().any(|c| matches!(c, IpNet::V6(_)));
     let fwd = weft_sys::enable_forwarding_in(&cfg.proc_sys_dir, has_v6)
@@ -348,6 +371,9 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         name: cfg.node_name.clone(),
         public_key: public,
         endpoints,
+        private_endpoints,
+        location: cfg.location.clone(),
+        relay: cfg.relay,
         pod_cidrs: cfg.pod_cidrs.clone(),
         key_generation,
         next_public_key: None,
@@ -438,6 +464,11 @@ pub async fn run(mut cfg: Config) -> Result<()> {
 
     let shards = Shards::new(key, cfg.persistent_keepalive, queues.len() as u16)
         .context("setting up the node's shards")?;
+    for i in 0..shards.count() {
+        shards.lock(i).set_nat_keepalive(Some(cfg.nat_keepalive));
+    }
+    let own_endpoints: Vec<std::net::SocketAddr> = own.all_endpoints().copied().collect();
+    shards.set_paths(cfg.use_relays, cfg.relay, &own_endpoints);
     let uapi_file = match uapi {
         Some((listener, file)) => {
             let shards = shards.clone();
@@ -1549,6 +1580,14 @@ impl Daemon {
                 interface: self.ifname.clone(),
                 mtu: self.mtu,
                 endpoints: self.own.endpoints.iter().map(|e| e.to_string()).collect(),
+                private_endpoints: self
+                    .own
+                    .private_endpoints
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect(),
+                location: self.own.location.clone(),
+                behind_nat: self.own.endpoints.is_empty(),
                 mesh_addresses: self
                     .own
                     .mesh_addresses()
@@ -1578,6 +1617,7 @@ impl Daemon {
             refused_records: self.refused.clone(),
             refused_external_peers: self.refused_external.clone(),
             drops: self.shards.drops().by_name(),
+            paths: self.shards.paths(self.cfg.use_relays, self.cfg.relay),
             offload,
             workers,
         };

@@ -30,6 +30,8 @@ const NODE_WAIT_REMEMBERED: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 pub struct FromNode {
     pub endpoints: Option<Vec<SocketAddr>>,
+    /// With a location: the Node's InternalIPs, for the nodes of that location.
+    pub private_endpoints: Option<Vec<SocketAddr>>,
 }
 
 /// Opens the registry and reads this node's Node (bounded: an unreachable API server does not
@@ -51,12 +53,27 @@ pub async fn start(cfg: &mut Config) -> Result<(Arc<KubeRegistry>, FromNode)> {
     let mut out = FromNode::default();
     let node_cidrs = match &info {
         Some(i) => {
-            if cfg.endpoints.is_empty() {
-                out.endpoints = Some(
-                    i.endpoints(cfg.listen_port)
-                        .map_err(anyhow::Error::msg)
-                        .context("taking this node's endpoint from its Node")?,
-                );
+            if cfg.location.is_none() {
+                match i.location.as_deref().map(weft_core::record::check_location) {
+                    Some(Ok(())) => cfg.location = i.location.clone(),
+                    Some(Err(e)) => tracing::warn!(error = %e,
+                        "ignoring the Node's location (weft.dev/location annotation or topology.kubernetes.io/region label)"),
+                    None => {}
+                }
+            }
+            let scoped = NodeInfo {
+                location: cfg.location.clone(),
+                ..i.clone()
+            };
+            let (public, private) = scoped
+                .scoped_endpoints(cfg.listen_port)
+                .map_err(anyhow::Error::msg)
+                .context("taking this node's endpoint from its Node")?;
+            if cfg.endpoints.is_empty() && !cfg.behind_nat {
+                out.endpoints = Some(public);
+            }
+            if cfg.private_endpoints.is_empty() && cfg.location.is_some() {
+                out.private_endpoints = Some(private);
             }
             if !i.pod_cidrs.is_empty() {
                 remember(&cfg.state_dir, &i.pod_cidrs);

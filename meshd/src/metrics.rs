@@ -225,6 +225,69 @@ impl Collector for Metrics {
             f.gauge(&peer_labels(p), p.queued as i64)?;
         }
 
+        let mut f = family(
+            &mut enc,
+            "weft_peer_relayed",
+            "1 while the peer's datagrams go through a relay (label relay), 0 when direct",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in &peers {
+            let mut l = peer_labels(p);
+            l.push(("relay", p.relay.clone().unwrap_or_default()));
+            f.gauge(&l, i64::from(p.relay.is_some()))?;
+        }
+        let mut f = family(
+            &mut enc,
+            "weft_peer_path_changes",
+            "Path moves of the peer: direction upgrade (relayed to direct) or fallback",
+            None,
+            MetricType::Counter,
+        )?;
+        for p in &peers {
+            for (dir, n) in [("upgrade", p.path_upgrades), ("fallback", p.path_fallbacks)] {
+                let mut l = peer_labels(p);
+                l.push(("direction", dir.to_string()));
+                f.counter(&l, n)?;
+            }
+        }
+        let paths = self.shards.paths(false, false);
+        for (name, help, v) in [
+            (
+                "weft_relay_forwarded_packets",
+                "Datagrams this node forwarded as a relay",
+                paths.stats.relayed_packets,
+            ),
+            (
+                "weft_relay_forwarded_bytes",
+                "Bytes of datagrams this node forwarded as a relay",
+                paths.stats.relayed_bytes,
+            ),
+            (
+                "weft_relay_refused",
+                "Relay requests refused (not a relay, not a member, unknown destination)",
+                paths.stats.relay_refused,
+            ),
+            (
+                "weft_sent_via_relay",
+                "Datagrams this node sent through a relay",
+                paths.stats.sent_via_relay,
+            ),
+        ] {
+            let mut f = family(&mut enc, name, help, None, MetricType::Counter)?;
+            f.counter(&vec![], v)?;
+        }
+        let mut f = family(
+            &mut enc,
+            "weft_relay_up",
+            "1 while the relay answers this node's pings",
+            None,
+            MetricType::Gauge,
+        )?;
+        for r in &paths.relays {
+            f.gauge(&vec![("relay", r.name.clone())], i64::from(r.alive))?;
+        }
+
         // Drops by reason: the device's and every peer's together.
         let mut drops = self.shards.drops().by_name();
         for p in &peers {

@@ -17,6 +17,20 @@ use weft_core::peer::{Drops, PeerConfig};
 use weft_core::psk::ClusterSecret;
 use weft_core::reconcile::Command;
 
+/// `meshd status`'s `paths`: NAT traversal and relays.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PathsStatus {
+    pub use_relays: bool,
+    /// This node relays for others.
+    pub relay: bool,
+    /// This node's address as relays see it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reflexive_address: Option<String>,
+    pub relays: Vec<weft_core::node::RelayStatus>,
+    pub stats: weft_core::node::PathStats,
+}
+
 /// The shards of one node.
 pub struct Shards {
     nodes: Vec<Mutex<Node>>,
@@ -118,6 +132,36 @@ impl Shards {
             .collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         all
+    }
+
+    /// Path finding and relays (see `Node::set_paths`), on every shard.
+    pub fn set_paths(&self, use_relays: bool, relay: bool, own: &[std::net::SocketAddr]) {
+        self.each(|n| n.set_paths(use_relays, relay, own.to_vec()));
+    }
+
+    /// Path state of the device: counters of all shards, the relays as the shard that sees
+    /// them best measures them, and the reflexive address.
+    pub fn paths(&self, use_relays: bool, relay: bool) -> PathsStatus {
+        let mut stats = weft_core::node::PathStats::default();
+        let mut relays: BTreeMap<String, weft_core::node::RelayStatus> = BTreeMap::new();
+        let mut reflexive = None;
+        for (s, r, x) in self.each(|n| (n.path_stats(), n.relay_status(), n.reflexive_address())) {
+            stats.merge(&s);
+            reflexive = reflexive.or(x);
+            for st in r {
+                let better = relays.get(&st.name).is_none_or(|o| !o.alive && st.alive);
+                if better {
+                    relays.insert(st.name.clone(), st);
+                }
+            }
+        }
+        PathsStatus {
+            use_relays,
+            relay,
+            reflexive_address: reflexive.map(|a| a.to_string()),
+            relays: relays.into_values().collect(),
+            stats,
+        }
     }
 
     /// Drops of all shards together.

@@ -142,7 +142,7 @@ pub fn device(
                 last_handshake: handshake_time(now_unix, p.latest_handshake_secs_ago),
                 tx_bytes: p.tx_bytes,
                 rx_bytes: p.rx_bytes,
-                persistent_keepalive: keepalive,
+                persistent_keepalive: p.keepalive_secs.unwrap_or(keepalive),
                 allowed_ips: p
                     .allowed_ips
                     .iter()

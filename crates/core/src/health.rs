@@ -7,6 +7,7 @@
 //! names, states, handshake ages and PSK generations, never a key.
 
 use crate::node::PeerStatus;
+use crate::peer::EndpointSource;
 use crate::record::check_name;
 use serde::{Deserialize, Serialize};
 
@@ -110,6 +111,20 @@ pub struct LinkHealth {
     /// Packets to the peer waiting for a handshake right now.
     #[serde(default)]
     pub queued: u32,
+    /// The endpoint the link uses (absent: none yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Where it came from: `private` (same location), `public`, `learned` (from the peer's
+    /// packets: behind NAT or roamed) or `none`.
+    #[serde(default = "no_source")]
+    pub endpoint_source: EndpointSource,
+    /// The relay the link goes through (absent: direct).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+}
+
+fn no_source() -> EndpointSource {
+    EndpointSource::None
 }
 
 /// `health/NAME`: node NAME's links, as it last reported them.
@@ -161,6 +176,9 @@ impl HealthReport {
                 psk_generation: p.psk_generation,
                 key_pairs: u32::try_from(p.key_pairs).unwrap_or(u32::MAX),
                 queued: u32::try_from(p.queued).unwrap_or(u32::MAX),
+                endpoint: p.endpoint.clone(),
+                endpoint_source: p.endpoint_source,
+                relay: p.relay.clone(),
             })
             .collect();
         links.sort_by(|a, b| a.peer.cmp(&b.peer));
@@ -173,12 +191,30 @@ impl HealthReport {
     }
 
     /// True when a reader would see something new: a link added, gone, or with another state,
-    /// PSK generation or key pair count (handshake ages and queue lengths alone do not count).
+    /// PSK generation, key pair count or endpoint source (handshake ages, queue lengths and a
+    /// learnt endpoint's port alone do not count).
     pub fn differs(&self, other: &HealthReport) -> bool {
-        let key = |r: &HealthReport| -> Vec<(String, LinkState, Option<u64>, u32)> {
+        type Key = (
+            String,
+            LinkState,
+            Option<u64>,
+            u32,
+            EndpointSource,
+            Option<String>,
+        );
+        let key = |r: &HealthReport| -> Vec<Key> {
             r.links
                 .iter()
-                .map(|l| (l.peer.clone(), l.state, l.psk_generation, l.key_pairs))
+                .map(|l| {
+                    (
+                        l.peer.clone(),
+                        l.state,
+                        l.psk_generation,
+                        l.key_pairs,
+                        l.endpoint_source,
+                        l.relay.clone(),
+                    )
+                })
                 .collect()
         };
         self.node != other.node || key(self) != key(other)
@@ -229,6 +265,15 @@ mod tests {
             key_generation: 1,
             traffic_public_key: None,
             endpoint: None,
+            endpoint_source: crate::peer::EndpointSource::None,
+            endpoint_reason: String::new(),
+            location: None,
+            keepalive_secs: None,
+            path: "direct",
+            relay: None,
+            path_reason: "",
+            path_upgrades: 0,
+            path_fallbacks: 0,
             allowed_ips: vec![],
             latest_handshake_secs_ago: hs,
             psk_generation: psk,

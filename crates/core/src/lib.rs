@@ -78,6 +78,7 @@ pub mod keys;
 pub mod node;
 pub mod offload;
 pub mod packet;
+pub mod pathmsg;
 pub mod peer;
 pub mod psk;
 pub mod reconcile;

@@ -12,7 +12,9 @@
 use crate::allowed_ips::AllowedIps;
 use crate::keys::{PrivateKey, PublicKey};
 use crate::packet;
-use crate::peer::{DropReason, Drops, KeySlot, Peer, PeerConfig, PeerKind, PeerPsk, QUEUE_LIMIT};
+use crate::peer::{
+    DropReason, Drops, EndpointSource, KeySlot, Peer, PeerConfig, PeerKind, PeerPsk, QUEUE_LIMIT,
+};
 use crate::psk::ClusterSecret;
 use crate::reconcile::Command;
 use boringtun::noise::errors::WireGuardError;
@@ -232,10 +234,17 @@ pub struct Node {
     /// The cluster secret and this node's PSK generation, when the node holds the secret.
     psk: Option<(ClusterSecret, u64)>,
     persistent_keepalive: Option<u16>,
+    /// Persistent keepalive (seconds) on the pairs of peers reached through NAT
+    /// ([`PeerConfig::through_nat`]), so the mapping stays open for the peer to send in.
+    nat_keepalive: Option<u16>,
     peers: HashMap<PeerId, Peer>,
     names: HashMap<String, PeerId>,
     /// Every live key of every peer (current and next).
     keys: HashMap<PublicKey, PeerId>,
+    /// The same keys by key id (their first 8 bytes), for path messages.
+    key_ids: HashMap<crate::pathmsg::KeyId, PublicKey>,
+    /// Paths through NAT and relays (`node/paths.rs`).
+    paths: paths::Paths,
     /// Slot index → peer.
     indices: HashMap<u32, PeerId>,
     allowed: AllowedIps<PeerId>,
@@ -286,6 +295,28 @@ pub struct PeerStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub traffic_public_key: Option<String>,
     pub endpoint: Option<String>,
+    /// Where `endpoint` came from: `private` (same location), `public`, `learned` (from the
+    /// peer's packets: it is behind NAT or roamed) or `none`.
+    pub endpoint_source: EndpointSource,
+    /// Why that endpoint, in words.
+    pub endpoint_reason: String,
+    /// `direct` or `relayed`.
+    pub path: &'static str,
+    /// The relay the peer's datagrams go through, when relayed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+    /// Why the path is what it is (empty: direct from the start).
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub path_reason: &'static str,
+    /// Times the path moved from relayed to direct, and from direct to relayed.
+    pub path_upgrades: u64,
+    pub path_fallbacks: u64,
+    /// The peer's location, when it names one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// Persistent keepalive of the link (seconds): on when this node reaches the peer through NAT.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keepalive_secs: Option<u16>,
     pub allowed_ips: Vec<String>,
     pub latest_handshake_secs_ago: Option<f64>,
     /// The cluster PSK generation of the pair traffic uses now (absent: no PSK).
@@ -341,9 +372,12 @@ impl Node {
             own_next: None,
             psk: None,
             persistent_keepalive,
+            nat_keepalive: None,
             peers: HashMap::new(),
             names: HashMap::new(),
             keys: HashMap::new(),
+            key_ids: HashMap::new(),
+            paths: Default::default(),
             indices: HashMap::new(),
             allowed: AllowedIps::new(),
             next_id: 1,
@@ -354,6 +388,21 @@ impl Node {
             learnt_endpoints: HashMap::new(),
             shard_index,
             shard_count,
+        }
+    }
+
+    /// Sets the persistent keepalive (seconds, `None`: off) of links this node reaches through
+    /// NAT. Pairs made from now on use it; call it before adding peers.
+    pub fn set_nat_keepalive(&mut self, secs: Option<u16>) {
+        self.nat_keepalive = secs.filter(|s| *s > 0);
+    }
+
+    /// The keepalive of a peer's pairs.
+    fn keepalive_for(&self, cfg: &PeerConfig) -> Option<u16> {
+        if cfg.through_nat {
+            self.nat_keepalive.or(self.persistent_keepalive)
+        } else {
+            self.persistent_keepalive
         }
     }
 
@@ -452,7 +501,13 @@ impl Node {
         }
     }
 
-    fn new_slot(&self, own: &OwnKey, key: PublicKey, psk_generation: Option<u64>) -> KeySlot {
+    fn new_slot(
+        &self,
+        own: &OwnKey,
+        key: PublicKey,
+        psk_generation: Option<u64>,
+        keepalive: Option<u16>,
+    ) -> KeySlot {
         let index = self.fresh_index();
         let psk = match (&self.psk, psk_generation) {
             (Some((secret, _)), Some(g)) => Some(secret.derive(g, &own.key, &key).bytes()),
@@ -462,7 +517,7 @@ impl Node {
             own.private.secret().clone(),
             key.to_dalek(),
             psk,
-            self.persistent_keepalive,
+            keepalive,
             index,
             Some(own.limiter.clone()),
         );
@@ -496,6 +551,7 @@ impl Node {
             return Vec::new();
         };
         let psk = self.pair_psk(&peer.config);
+        let keepalive = self.keepalive_for(&peer.config);
         let own: Vec<PublicKey> = self.own_keys().map(|k| k.key).collect();
         let theirs = peer.live_keys();
         let missing: Vec<(PublicKey, PublicKey)> = own
@@ -516,7 +572,7 @@ impl Node {
                 self.own_next.as_ref().filter(|k| k.key == *o)
             };
             if let Some(ok) = ok {
-                let slot = self.new_slot(ok, *t, psk);
+                let slot = self.new_slot(ok, *t, psk, keepalive);
                 self.indices.insert(slot.index, id);
                 created.push((slot.own, slot.public_key));
                 if let Some(p) = self.peers.get_mut(&id) {
@@ -546,6 +602,20 @@ impl Node {
             }
         }
         created
+    }
+
+    fn index_key(&mut self, key: PublicKey, id: PeerId) {
+        self.keys.insert(key, id);
+        self.key_ids.insert(crate::pathmsg::key_id(&key), key);
+    }
+
+    fn unindex_key(&mut self, key: &PublicKey) {
+        self.keys.remove(key);
+        let kid = crate::pathmsg::key_id(key);
+        if self.key_ids.get(&kid) == Some(key) {
+            self.key_ids.remove(&kid);
+        }
+        self.paths.forget_key(key);
     }
 
     /// Applies one reconcile command.
@@ -588,7 +658,7 @@ impl Node {
         let id = self.next_id;
         self.next_id += 1;
         for key in std::iter::once(cfg.public_key).chain(cfg.next_public_key) {
-            self.keys.insert(key, id);
+            self.index_key(key, id);
         }
         for net in &cfg.allowed_ips {
             self.allowed.insert(*net, id);
@@ -612,6 +682,7 @@ impl Node {
             tx_bytes: 0,
             handshake_attempts: 0,
             handshake_timeouts: 0,
+            path: Default::default(),
         };
         if self.owner(&peer) == self.shard_index {
             tracing::info!(key = %peer.config.public_key.fingerprint(), "peer added");
@@ -648,10 +719,10 @@ impl Node {
         let psk_changed = psk_before != self.pair_psk(&cfg);
         if old_keys != new_keys {
             for k in &old_keys {
-                self.keys.remove(k);
+                self.unindex_key(k);
             }
             for k in &new_keys {
-                self.keys.insert(*k, id);
+                self.index_key(*k, id);
             }
             if self.owns(id) {
                 tracing::info!(
@@ -689,8 +760,19 @@ impl Node {
             }
             p.config = cfg;
         }
+        // Whether the link crosses this node's NAT changed (a location or endpoint change):
+        // pairs take their keepalive when made, so they are made anew.
+        let nat_changed =
+            old.through_nat != self.peers.get(&id).is_some_and(|p| p.config.through_nat);
+        if nat_changed {
+            if let Some(p) = self.peers.get_mut(&id) {
+                for s in p.slots.drain(..) {
+                    self.indices.remove(&s.index);
+                }
+            }
+        }
         self.sync_slots(id);
-        if key_replaced || psk_changed {
+        if key_replaced || psk_changed || nat_changed {
             // A PSK generation change seen in the peer's record: the peer already uses the new
             // generation, so a handshake on it answers at once (old sessions carry traffic
             // until it does).
@@ -707,7 +789,7 @@ impl Node {
             .ok_or_else(|| NodeError::UnknownPeer(name.to_string()))?;
         if let Some(p) = self.peers.remove(&id) {
             for k in p.live_keys() {
-                self.keys.remove(&k);
+                self.unindex_key(&k);
             }
             for s in &p.slots {
                 self.indices.remove(&s.index);
@@ -950,10 +1032,7 @@ impl Node {
         if payload.first() == Some(&MSG_HANDSHAKE_INIT) {
             peer.handshake_attempts += 1;
         }
-        match peer.endpoint {
-            Some(dst) => self.outputs.push_back(Output::Transmit { dst, payload }),
-            None => self.drop_packet(Some(id), DropReason::NoPeer, 1),
-        }
+        self.send_to_peer(id, payload);
     }
 
     /// Rank of a slot for outbound traffic: pairs with the newer keys first, then the pair's
@@ -990,6 +1069,16 @@ impl Node {
         if !self.owns(id) {
             return;
         }
+        // Nowhere to send it (a peer behind NAT that has not reached this node yet): its own
+        // handshake will set the endpoint.
+        if self
+            .peers
+            .get(&id)
+            .is_some_and(|p| p.endpoint.is_none() && p.path.relay.is_none())
+            && !self.can_relay_to(id)
+        {
+            return;
+        }
         let mut buf = std::mem::take(&mut self.scratch);
         let psk = self.peers.get(&id).and_then(|p| self.pair_psk(&p.config));
         let out = match self
@@ -1012,6 +1101,7 @@ impl Node {
     /// A packet read from the TUN: encrypt it for the peer that owns its destination.
     /// [`Dispatch::Shard`] when another shard owns that peer (nothing was done here).
     pub fn handle_tun(&mut self, pkt: &[u8], now: Instant) -> Dispatch {
+        self.paths.set_now(now);
         let Some((_src, dst)) = packet::addresses(pkt) else {
             return self.dropped(None, DropReason::InvalidPacket);
         };
@@ -1070,15 +1160,19 @@ impl Node {
     ///
     /// `now` is part of the input contract; today every time-dependent decision on a datagram
     /// is `Tunn`'s (it reads its own clock), so the node does not look at it yet.
-    pub fn handle_udp(&mut self, from: SocketAddr, datagram: &[u8], _now: Instant) -> Dispatch {
+    pub fn handle_udp(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) -> Dispatch {
+        self.paths.set_now(now);
         if datagram.len() > MAX_DATAGRAM {
             return self.dropped(None, DropReason::Oversize);
+        }
+        if crate::pathmsg::is_path_message(datagram) {
+            return self.handle_path_message(from, datagram);
         }
         let mut buf = std::mem::take(&mut self.scratch);
         if buf.len() < datagram.len() + MIN_BUF {
             buf.resize(datagram.len() + MIN_BUF, 0);
         }
-        let d = self.route_datagram(from, datagram, &mut buf);
+        let d = self.route_datagram(from, paths::Via::Direct, None, datagram, &mut buf);
         self.scratch = buf;
         d
     }
@@ -1116,7 +1210,16 @@ impl Node {
         }
     }
 
-    fn route_datagram(&mut self, from: SocketAddr, datagram: &[u8], buf: &mut [u8]) -> Dispatch {
+    /// `via`: straight from `from`, or forwarded by a relay (at `from`) for node peer `expect`,
+    /// the only peer the datagram may belong to.
+    fn route_datagram(
+        &mut self,
+        from: SocketAddr,
+        via: paths::Via,
+        expect: Option<PeerId>,
+        datagram: &[u8],
+        buf: &mut [u8],
+    ) -> Dispatch {
         let parsed = match Tunn::parse_incoming_packet(datagram) {
             Ok(p) => p,
             Err(_) => return self.dropped(None, DropReason::InvalidPacket),
@@ -1216,7 +1319,11 @@ impl Node {
                 None => return self.dropped(None, DropReason::UnknownIndex),
             },
         };
-        self.decapsulate(target, from, datagram, buf);
+        if expect.is_some_and(|e| e != target.0) {
+            // A relay forwarded a datagram of another peer than it named.
+            return self.dropped(None, DropReason::InvalidPacket);
+        }
+        self.decapsulate(target, from, via, datagram, buf);
         Dispatch::Done
     }
 
@@ -1224,6 +1331,7 @@ impl Node {
         &mut self,
         (id, idx): (PeerId, u32),
         from: SocketAddr,
+        via: paths::Via,
         datagram: &[u8],
         buf: &mut [u8],
     ) {
@@ -1236,6 +1344,7 @@ impl Node {
         let mut authenticated = false;
         let mut drop: Option<DropReason> = None;
         let mut decrypted: Option<(&mut [u8], std::net::IpAddr)> = None;
+        let mut answer: Option<Vec<u8>> = None;
         let is_data = datagram.first() == Some(&MSG_DATA);
         match ks.tunn.decapsulate(Some(from.ip()), datagram, buf) {
             TunnResult::Done => {
@@ -1246,10 +1355,7 @@ impl Node {
             TunnResult::WriteToNetwork(p) => {
                 // A handshake response (authenticated initiation), or a cookie reply under load.
                 authenticated = p.first() != Some(&MSG_COOKIE_REPLY);
-                self.outputs.push_back(Output::Transmit {
-                    dst: from,
-                    payload: p.to_vec(),
-                });
+                answer = Some(p.to_vec());
             }
             TunnResult::WriteToTunnelV4(p, src) => decrypted = Some((p, src.into())),
             TunnResult::WriteToTunnelV6(p, src) => decrypted = Some((p, src.into())),
@@ -1274,17 +1380,16 @@ impl Node {
         if let Some(reason) = drop {
             self.drop_packet(Some(id), reason, 1);
         }
+        if authenticated {
+            // Roaming: the endpoint (or the relay) follows the last authenticated packet.
+            self.path_follows(id, from, via);
+        }
+        if let Some(a) = answer {
+            self.reply(id, from, via, a);
+        }
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
-        if authenticated {
-            // Roaming: the endpoint follows the last authenticated packet.
-            if peer.endpoint != Some(from) {
-                tracing::debug!(peer = %peer.config.name, %from, "endpoint now");
-            }
-            peer.endpoint = Some(from);
-            peer.endpoint_confirmed = true;
-        }
         let Some(ks) = peer.slot_by_index(idx) else {
             return;
         };
@@ -1333,6 +1438,7 @@ impl Node {
 
     /// Timers: retransmit handshakes, keepalives, rekeys, expiry. Call every ~250 ms.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.paths.set_now(now);
         for k in self.own_keys() {
             k.limiter.reset_count();
         }
@@ -1382,9 +1488,16 @@ impl Node {
                 }
             }
             peer.handshake_timeouts += timeouts;
+            let relayed = peer.path.relay.is_some();
             if next_endpoint {
                 peer.try_next_endpoint();
             }
+            if timeouts > 0 && !relayed {
+                self.direct_failed(id);
+            }
+            let Some(peer) = self.peers.get_mut(&id) else {
+                continue;
+            };
             let no_session = !peer.slots.iter().any(KeySlot::has_session);
             if expired_current && no_session && !peer.queue.is_empty() {
                 let n = peer.queue.len() as u64;
@@ -1406,6 +1519,7 @@ impl Node {
             self.flush_queue(id);
         }
         self.scratch = buf;
+        self.paths_timeout(now);
     }
 
     /// Status of every peer, sorted by name. A shard lists the peers it owns: a sharded
@@ -1426,6 +1540,18 @@ impl Node {
                     .and_then(|i| p.slots.get(i))
                     .map(|s| s.public_key.to_base64()),
                 endpoint: p.endpoint.map(|e| e.to_string()),
+                endpoint_source: p.endpoint_source(),
+                endpoint_reason: p.endpoint_reason(),
+                path: match p.path.relay {
+                    Some(_) => "relayed",
+                    None => "direct",
+                },
+                relay: self.relay_name(p.path.relay),
+                path_reason: p.path.reason,
+                path_upgrades: p.path.upgrades,
+                path_fallbacks: p.path.fallbacks,
+                location: p.config.location.clone(),
+                keepalive_secs: self.keepalive_for(&p.config),
                 allowed_ips: p.config.allowed_ips.iter().map(|n| n.to_string()).collect(),
                 latest_handshake_secs_ago: p
                     .slots
@@ -1469,1371 +1595,8 @@ fn reason_for(e: &WireGuardError) -> DropReason {
     }
 }
 
+mod paths;
+pub use paths::{PathStats, RelayStatus};
+
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MSG_HANDSHAKE_RESPONSE: u8 = 2;
-    /// Sizes of the WireGuard messages (a data message: at least this).
-    const HANDSHAKE_RESPONSE_LEN: usize = 92;
-    const COOKIE_REPLY_LEN: usize = 64;
-    const DATA_MIN_LEN: usize = 32;
-    use crate::peer::PeerConfig;
-
-    fn ipv4_packet(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
-        crate::packet::ipv4_packet(src, dst, 17, payload)
-    }
-
-    struct Net {
-        nodes: Vec<(SocketAddr, Node)>,
-        delivered: Vec<Vec<Vec<u8>>>,
-        /// Each node's first private key.
-        keys: Vec<PrivateKey>,
-    }
-
-    impl Net {
-        fn new(n: u8) -> (Net, Vec<PeerConfig>) {
-            let mut nodes = Vec::new();
-            let mut cfgs = Vec::new();
-            let mut keys = Vec::new();
-            for i in 1..=n {
-                let k = PrivateKey::generate();
-                let addr: SocketAddr = format!("198.18.0.{}:51820", 10 + i).parse().expect("addr");
-                cfgs.push(PeerConfig {
-                    name: format!("n{i}"),
-                    kind: PeerKind::Node,
-                    public_key: k.public_key(),
-                    next_public_key: None,
-                    endpoints: vec![addr],
-                    allowed_ips: vec![format!("10.42.{i}.0/24").parse().expect("net")],
-                    key_generation: 1,
-                    psk: PeerPsk::Cluster(None),
-                });
-                keys.push(k.clone());
-                nodes.push((addr, Node::new(k, None)));
-            }
-            let delivered = vec![Vec::new(); nodes.len()];
-            (
-                Net {
-                    nodes,
-                    delivered,
-                    keys,
-                },
-                cfgs,
-            )
-        }
-
-        fn drops_total(&self) -> u64 {
-            self.nodes.iter().map(|(_, n)| n.drops().total()).sum()
-        }
-
-        fn all_drops(&self) -> Vec<BTreeMap<&'static str, u64>> {
-            self.nodes
-                .iter()
-                .map(|(_, n)| n.drops().by_name())
-                .collect()
-        }
-
-        /// Moves datagrams between nodes until nothing is left in flight.
-        fn run(&mut self, now: Instant) {
-            for _ in 0..100 {
-                let mut moved = false;
-                for i in 0..self.nodes.len() {
-                    while let Some(o) = self.nodes[i].1.poll_output() {
-                        moved = true;
-                        match o {
-                            Output::Deliver(p) => self.delivered[i].push(p),
-                            Output::Transmit { dst, payload } => {
-                                let from = self.nodes[i].0;
-                                if let Some(j) = self.nodes.iter().position(|(a, _)| *a == dst) {
-                                    self.nodes[j].1.handle_udp(from, &payload, now);
-                                }
-                            }
-                        }
-                    }
-                }
-                if !moved {
-                    return;
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn two_nodes_handshake_and_exchange_both_ways() {
-        let now = Instant::now();
-        let (mut net, cfgs) = Net::new(2);
-        net.nodes[0].1.add_peer(cfgs[1].clone()).expect("add");
-        net.nodes[1].1.add_peer(cfgs[0].clone()).expect("add");
-        // Packet sent before any handshake waits in the queue and is delivered after it.
-        let p = ipv4_packet([10, 42, 1, 5], [10, 42, 2, 7], b"hello-weft");
-        net.nodes[0].1.handle_tun(&p, now);
-        net.run(now);
-        assert_eq!(net.delivered[1], vec![p.clone()]);
-        let back = ipv4_packet([10, 42, 2, 7], [10, 42, 1, 5], b"reply");
-        net.nodes[1].1.handle_tun(&back, now);
-        net.run(now);
-        assert_eq!(net.delivered[0], vec![back]);
-        let st = net.nodes[0].1.peer_status();
-        assert!(st[0].latest_handshake_secs_ago.is_some());
-        assert_eq!(st[0].tx_bytes, p.len() as u64);
-        assert_eq!(net.nodes[0].1.drops().total(), 0);
-    }
-
-    #[test]
-    fn inner_source_of_another_peer_is_dropped_and_counted() {
-        // A owns 10.42.1/24, B 10.42.2/24, C 10.42.3/24. C sends a packet with a source in B's
-        // range: A must drop it (sourceNotAllowed), device-wide.
-        let now = Instant::now();
-        let (mut net, cfgs) = Net::new(3);
-        for i in 0..3 {
-            for (j, cfg) in cfgs.iter().enumerate() {
-                if i != j {
-                    net.nodes[i].1.add_peer(cfg.clone()).expect("add");
-                }
-            }
-        }
-        net.run(now);
-        let spoofed = ipv4_packet([10, 42, 2, 99], [10, 42, 1, 5], b"spoof");
-        net.nodes[2].1.handle_tun(&spoofed, now);
-        net.run(now);
-        assert!(net.delivered[0].is_empty());
-        assert_eq!(net.nodes[0].1.drops().get(DropReason::SourceNotAllowed), 1);
-        let st = net.nodes[0].1.peer_status();
-        let c = st.iter().find(|p| p.name == "n3").expect("n3");
-        assert_eq!(c.drops.get("sourceNotAllowed"), Some(&1));
-        // The legitimate source still passes.
-        let ok = ipv4_packet([10, 42, 3, 9], [10, 42, 1, 5], b"fine");
-        net.nodes[2].1.handle_tun(&ok, now);
-        net.run(now);
-        assert_eq!(net.delivered[0], vec![ok]);
-    }
-
-    #[test]
-    fn garbage_datagrams_are_counted_not_fatal() {
-        let now = Instant::now();
-        let (mut net, cfgs) = Net::new(2);
-        net.nodes[0].1.add_peer(cfgs[1].clone()).expect("add");
-        let from: SocketAddr = "198.18.0.99:1234".parse().expect("addr");
-        let node = &mut net.nodes[0].1;
-        node.handle_udp(from, &[], now);
-        node.handle_udp(from, &[1, 2, 3], now);
-        node.handle_udp(from, &vec![0xAB; 65_507], now);
-        node.handle_udp(from, &vec![0u8; MAX_DATAGRAM + 1], now);
-        // Well-formed headers with random bodies: a bad-MAC initiation, unknown indices.
-        let mut init = vec![0u8; 148];
-        init[0] = 1;
-        node.handle_udp(from, &init, now);
-        let mut data = vec![0x5a; 1500];
-        data[..4].copy_from_slice(&4u32.to_le_bytes());
-        node.handle_udp(from, &data, now);
-        let mut x: u64 = 7;
-        for _ in 0..1000 {
-            let len = (x % 300) as usize;
-            let d: Vec<u8> = (0..len)
-                .map(|_| {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-                    (x >> 56) as u8
-                })
-                .collect();
-            node.handle_udp(from, &d, now);
-        }
-        let d = node.drops();
-        assert!(d.get(DropReason::InvalidPacket) >= 3);
-        assert_eq!(d.get(DropReason::Oversize), 1);
-        assert_eq!(d.get(DropReason::InvalidMac), 1);
-        assert!(d.get(DropReason::UnknownIndex) >= 1);
-        // Nothing was sent back to the stranger.
-        let mut to_stranger = 0;
-        while let Some(o) = node.poll_output() {
-            if matches!(o, Output::Transmit { dst, .. } if dst == from) {
-                to_stranger += 1;
-            }
-        }
-        assert_eq!(to_stranger, 0);
-    }
-
-    /// An external peer without an endpoint: packets for it wait (the handshake has nowhere to
-    /// go: noPeer) until its own handshake arrives, which sets the endpoint; then the queue is
-    /// flushed. A rotation neither handshakes with it on the next key nor waits for it.
-    #[test]
-    fn external_peer_without_endpoint_is_reached_after_it_handshakes_in() {
-        let now = Instant::now();
-        let (mut net, cfgs) = Net::new(3);
-        let mut ext = cfgs[1].clone();
-        ext.kind = PeerKind::External;
-        ext.endpoints.clear();
-        net.nodes[0].1.add_peer(ext).expect("add external");
-        net.nodes[0].1.add_peer(cfgs[2].clone()).expect("add n3");
-        net.nodes[2].1.add_peer(cfgs[0].clone()).expect("add n1");
-        net.run(now);
-        assert_eq!(net.nodes[0].1.peer("n2").and_then(|p| p.endpoint), None);
-        let no_peer = net.nodes[0].1.drops().get(DropReason::NoPeer);
-        assert!(no_peer >= 1, "the handshake had nowhere to go");
-        let p = ipv4_packet([10, 42, 1, 5], [10, 42, 2, 7], b"to-the-laptop");
-        net.nodes[0].1.handle_tun(&p, now);
-        net.run(now);
-        assert!(net.delivered[1].is_empty());
-        assert_eq!(net.nodes[0].1.peer("n2").map(|p| p.queue.len()), Some(1));
-        let st = net.nodes[0].1.peer_status();
-        assert_eq!(st[0].kind, PeerKind::External);
-        assert_eq!(st[0].endpoint, None);
-
-        // The external peer knows node 0's endpoint and handshakes in.
-        net.nodes[1].1.add_peer(cfgs[0].clone()).expect("add n1");
-        net.run(now);
-        assert_eq!(
-            net.nodes[0].1.peer("n2").and_then(|p| p.endpoint),
-            Some(net.nodes[1].0),
-            "endpoint learnt from the handshake"
-        );
-        assert_eq!(net.delivered[1], vec![p]);
-        let back = ipv4_packet([10, 42, 2, 7], [10, 42, 1, 5], b"reply");
-        net.nodes[1].1.handle_tun(&back, now);
-        net.run(now);
-        assert_eq!(net.delivered[0], vec![back]);
-
-        // Node 0 rotates: only the node peer gets a handshake on the next key, and only the
-        // node peer counts for the rotation.
-        let next = PrivateKey::generate();
-        net.nodes[0].1.set_next_key(next).expect("next");
-        net.nodes[0].1.initiate_next();
-        let mut to: Vec<SocketAddr> = Vec::new();
-        while let Some(o) = net.nodes[0].1.poll_output() {
-            if let Output::Transmit { dst, .. } = o {
-                to.push(dst);
-            }
-        }
-        assert_eq!(to, vec![net.nodes[2].0]);
-        let progress = net.nodes[0].1.rotation_progress();
-        assert_eq!(progress.keys().collect::<Vec<_>>(), ["n3"]);
-        net.nodes[0].1.drop_next_key();
-
-        // Removed and added back (say a revocation was lifted): the learnt endpoint is used
-        // again, so node 0 handshakes with it at once.
-        net.nodes[0].1.remove_peer("n2").expect("remove");
-        net.run(now);
-        let mut again = cfgs[1].clone();
-        again.kind = PeerKind::External;
-        again.endpoints.clear();
-        net.nodes[0].1.add_peer(again).expect("add again");
-        assert_eq!(
-            net.nodes[0].1.peer("n2").and_then(|p| p.endpoint),
-            Some(net.nodes[1].0)
-        );
-        assert!(matches!(
-            net.nodes[0].1.poll_output(),
-            Some(Output::Transmit { dst, .. }) if dst == net.nodes[1].0
-        ));
-    }
-
-    #[test]
-    fn handshake_from_unknown_key_is_refused() {
-        let now = Instant::now();
-        let (mut net, cfgs) = Net::new(2);
-        // Only node 0 knows node 1; node 1's initiation reaches node 0? No: node 0 initiates to
-        // node 1, which does not know node 0's key and must refuse it.
-        net.nodes[0].1.add_peer(cfgs[1].clone()).expect("add");
-        net.run(now);
-        assert_eq!(net.nodes[1].1.drops().get(DropReason::UnknownPeer), 1);
-    }
-
-    #[test]
-    fn removed_peer_gets_nothing_and_table_empties() {
-        let now = Instant::now();
-        let (mut net, cfgs) = Net::new(2);
-        net.nodes[0].1.add_peer(cfgs[1].clone()).expect("add");
-        net.nodes[1].1.add_peer(cfgs[0].clone()).expect("add");
-        net.run(now);
-        net.nodes[0].1.remove_peer("n2").expect("remove");
-        assert!(net.nodes[0].1.allowed.is_empty());
-        assert!(net.nodes[0].1.indices.is_empty() && net.nodes[0].1.keys.is_empty());
-        let p = ipv4_packet([10, 42, 1, 5], [10, 42, 2, 7], b"x");
-        net.nodes[0].1.handle_tun(&p, now);
-        assert_eq!(net.nodes[0].1.drops().get(DropReason::NoPeer), 1);
-        assert!(net.nodes[0].1.poll_output().is_none());
-    }
-
-    #[test]
-    fn key_change_of_one_peer_leaves_other_sessions_alone() {
-        let now = Instant::now();
-        let (mut net, mut cfgs) = Net::new(3);
-        for i in 0..3 {
-            for (j, cfg) in cfgs.iter().enumerate() {
-                if i != j {
-                    net.nodes[i].1.add_peer(cfg.clone()).expect("add");
-                }
-            }
-        }
-        net.run(now);
-        let idx_c_before = net.nodes[0].1.peer("n3").expect("n3").slots[0].index;
-        // Node 2 restarts with a new key.
-        let k = PrivateKey::generate();
-        cfgs[1].public_key = k.public_key();
-        net.nodes[1].1 = Node::new(k, None);
-        for j in [0usize, 2] {
-            net.nodes[1].1.add_peer(cfgs[j].clone()).expect("add");
-        }
-        for i in [0usize, 2] {
-            net.nodes[i].1.update_peer(cfgs[1].clone()).expect("update");
-        }
-        net.run(now);
-        assert_eq!(
-            net.nodes[0].1.peer("n3").expect("n3").slots[0].index,
-            idx_c_before
-        );
-        let p = ipv4_packet([10, 42, 1, 5], [10, 42, 2, 7], b"after");
-        net.nodes[0].1.handle_tun(&p, now);
-        net.run(now);
-        assert_eq!(net.delivered[1].last(), Some(&p));
-    }
-
-    #[test]
-    fn own_or_taken_keys_are_refused() {
-        let (mut net, cfgs) = Net::new(3);
-        let node = &mut net.nodes[0].1;
-        let mut own = cfgs[1].clone();
-        own.public_key = cfgs[0].public_key;
-        assert_eq!(
-            node.add_peer(own),
-            Err(NodeError::OwnKey(cfgs[0].public_key))
-        );
-        node.add_peer(cfgs[1].clone()).expect("add n2");
-        let mut thief = cfgs[2].clone();
-        thief.public_key = cfgs[1].public_key;
-        assert_eq!(
-            node.add_peer(thief.clone()),
-            Err(NodeError::DuplicateKey(cfgs[1].public_key, "n2".into()))
-        );
-        node.add_peer(cfgs[2].clone()).expect("add n3");
-        assert_eq!(
-            node.update_peer(thief),
-            Err(NodeError::DuplicateKey(cfgs[1].public_key, "n2".into()))
-        );
-        // Keeping its own key in an update is fine.
-        let mut moved = cfgs[1].clone();
-        moved.endpoints = vec!["198.18.0.99:51820".parse().expect("ep")];
-        node.update_peer(moved).expect("same key");
-        assert_eq!(
-            node.add_peer(cfgs[1].clone()),
-            Err(NodeError::DuplicateName("n2".into()))
-        );
-    }
-
-    #[test]
-    fn endpoints_tried_in_order() {
-        let (mut net, mut cfgs) = Net::new(2);
-        let dead: SocketAddr = "198.18.0.200:51820".parse().expect("addr");
-        cfgs[1].endpoints.insert(0, dead);
-        net.nodes[0].1.add_peer(cfgs[1].clone()).expect("add");
-        match net.nodes[0].1.poll_output() {
-            Some(Output::Transmit { dst, .. }) => assert_eq!(dst, dead),
-            other => panic!("expected an initiation to the first endpoint, got {other:?}"),
-        }
-        let st = net.nodes[0].1.peer_status();
-        assert_eq!(st[0].handshake_attempts, 1, "the initiation is counted");
-        assert_eq!(st[0].handshake_failures, 0, "not yet timed out");
-        let second = net.nodes[1].0;
-        let peer = net.nodes[0].1.peers.values_mut().next().expect("peer");
-        peer.try_next_endpoint();
-        assert_eq!(peer.endpoint, Some(second));
-    }
-
-    /// What the helpers shared by [`Net`] and [`ShardedNet`] need of a test network.
-    trait TestNet {
-        fn node_count(&self) -> usize;
-        /// Node `i` reads `pkt` from its TUN.
-        fn send(&mut self, i: usize, pkt: &[u8], now: Instant);
-        /// Moves datagrams between nodes until nothing is left in flight.
-        fn settle(&mut self, now: Instant);
-        fn last_delivered(&self, j: usize) -> Option<&Vec<u8>>;
-        /// Node `j` learns a peer's new config.
-        fn update(&mut self, j: usize, cfg: &PeerConfig);
-    }
-
-    impl TestNet for Net {
-        fn node_count(&self) -> usize {
-            self.nodes.len()
-        }
-        fn send(&mut self, i: usize, pkt: &[u8], now: Instant) {
-            self.nodes[i].1.handle_tun(pkt, now);
-        }
-        fn settle(&mut self, now: Instant) {
-            self.run(now);
-        }
-        fn last_delivered(&self, j: usize) -> Option<&Vec<u8>> {
-            self.delivered[j].last()
-        }
-        fn update(&mut self, j: usize, cfg: &PeerConfig) {
-            self.nodes[j].1.update_peer(cfg.clone()).expect("update");
-        }
-    }
-
-    /// Sends one packet from every node to every other and checks each arrived.
-    fn all_pairs_deliver(net: &mut impl TestNet, now: Instant, tag: &str) {
-        let n = net.node_count();
-        for i in 0..n {
-            for j in 0..n {
-                if i == j {
-                    continue;
-                }
-                let p = ipv4_packet(
-                    [10, 42, i as u8 + 1, 5],
-                    [10, 42, j as u8 + 1, 7],
-                    format!("{tag} {i}->{j}").as_bytes(),
-                );
-                net.send(i, &p, now);
-                net.settle(now);
-                assert_eq!(
-                    net.last_delivered(j),
-                    Some(&p),
-                    "{tag}: {i} -> {j} not delivered"
-                );
-            }
-        }
-    }
-
-    fn full_mesh(n: u8) -> (Net, Vec<PeerConfig>) {
-        let (mut net, cfgs) = Net::new(n);
-        for i in 0..n as usize {
-            for (j, cfg) in cfgs.iter().enumerate() {
-                if i != j {
-                    net.nodes[i].1.add_peer(cfg.clone()).expect("add");
-                }
-            }
-        }
-        (net, cfgs)
-    }
-
-    /// Tells every other node about node `i`'s config.
-    fn announce(net: &mut impl TestNet, cfgs: &[PeerConfig], i: usize) {
-        for j in 0..net.node_count() {
-            if j != i {
-                net.update(j, &cfgs[i]);
-            }
-        }
-    }
-
-    /// Which key pair a node's outbound traffic to a peer uses right now.
-    fn outbound_pair(node: &Node, peer: &str) -> Option<(PublicKey, PublicKey)> {
-        let p = node.peer(peer)?;
-        let i = node.best_session(p)?;
-        Some((p.slots[i].own, p.slots[i].public_key))
-    }
-
-    /// One node rotates: next key added, announced, handshaken, every peer moves, old key
-    /// retired everywhere. Every packet at every step arrives, and afterwards the old key can
-    /// no longer handshake with anyone.
-    #[test]
-    fn rotation_of_one_node_loses_nothing_and_retires_the_old_key() {
-        let now = Instant::now();
-        let (mut net, mut cfgs) = full_mesh(3);
-        net.run(now);
-        all_pairs_deliver(&mut net, now, "before");
-
-        let old = cfgs[0].public_key;
-        let next = PrivateKey::generate();
-        let next_pub = next.public_key();
-        net.nodes[0].1.set_next_key(next).expect("next key");
-        all_pairs_deliver(&mut net, now, "next key added");
-        cfgs[0].next_public_key = Some(next_pub);
-        announce(&mut net, &cfgs, 0);
-        assert_eq!(
-            net.nodes[1].1.peer("n1").expect("n1").slots.len(),
-            2,
-            "a peer holds one slot per live key pair"
-        );
-        all_pairs_deliver(&mut net, now, "announced");
-        // Until the new pair has a session, traffic stays on the old one.
-        assert_eq!(
-            outbound_pair(&net.nodes[1].1, "n1"),
-            Some((cfgs[1].public_key, old))
-        );
-        net.nodes[0].1.initiate_next();
-        net.run(now);
-        let progress = net.nodes[0].1.rotation_progress();
-        assert!(
-            progress.values().all(|p| *p != PeerRotation::Handshaking),
-            "{progress:?}"
-        );
-        all_pairs_deliver(&mut net, now, "handshaken");
-        let progress = net.nodes[0].1.rotation_progress();
-        assert!(
-            progress.values().all(|p| *p == PeerRotation::Moved),
-            "{progress:?}"
-        );
-        // Outbound on both ends already uses the new pair.
-        #[allow(clippy::needless_range_loop)]
-        for j in 1..3 {
-            let name = format!("n{}", j + 1);
-            assert_eq!(
-                outbound_pair(&net.nodes[0].1, &name),
-                Some((next_pub, cfgs[j].public_key))
-            );
-            assert_eq!(
-                outbound_pair(&net.nodes[j].1, "n1"),
-                Some((cfgs[j].public_key, next_pub))
-            );
-        }
-        assert!(net.nodes[0].1.promote_next_key());
-        all_pairs_deliver(&mut net, now, "retired here, not yet announced");
-        cfgs[0].public_key = next_pub;
-        cfgs[0].next_public_key = None;
-        cfgs[0].key_generation += 1;
-        announce(&mut net, &cfgs, 0);
-        all_pairs_deliver(&mut net, now, "after");
-        assert_eq!(net.nodes[0].1.public_key(), next_pub);
-        for j in 1..3 {
-            assert_eq!(net.nodes[j].1.peer("n1").expect("n1").slots.len(), 1);
-        }
-        assert_eq!(net.drops_total(), 0, "{:?}", net.all_drops());
-
-        // A handshake from the old key is refused: nobody holds a slot for it.
-        let mut stale = Tunn::new(
-            net.keys[0].secret().clone(),
-            cfgs[1].public_key.to_dalek(),
-            None,
-            None,
-            7,
-            None,
-        );
-        assert_ne!(old, net.nodes[0].1.public_key());
-        let mut buf = vec![0u8; 256];
-        let TunnResult::WriteToNetwork(init) = stale.format_handshake_initiation(&mut buf, false)
-        else {
-            panic!("no initiation");
-        };
-        let init = init.to_vec();
-        let from = net.nodes[0].0;
-        net.nodes[1].1.handle_udp(from, &init, now);
-        assert_eq!(net.nodes[1].1.drops().get(DropReason::UnknownPeer), 1);
-        // Nor does anyone answer a handshake addressed to node 0's old key.
-        let mut to_old = Tunn::new(
-            net.keys[1].secret().clone(),
-            old.to_dalek(),
-            None,
-            None,
-            8,
-            None,
-        );
-        let TunnResult::WriteToNetwork(init) = to_old.format_handshake_initiation(&mut buf, false)
-        else {
-            panic!("no initiation");
-        };
-        let init = init.to_vec();
-        let from = net.nodes[1].0;
-        net.nodes[0].1.handle_udp(from, &init, now);
-        assert_eq!(net.nodes[0].1.drops().get(DropReason::InvalidMac), 1);
-        assert!(
-            net.nodes[0].1.poll_output().is_none(),
-            "answered the old key"
-        );
-    }
-
-    /// Both ends rotate at once: four key pairs per link while it lasts, and traffic flows at
-    /// every step.
-    #[test]
-    fn both_ends_rotating_at_once_use_four_pairs_and_lose_nothing() {
-        let now = Instant::now();
-        let (mut net, mut cfgs) = full_mesh(2);
-        net.run(now);
-        let nexts: Vec<PrivateKey> = (0..2).map(|_| PrivateKey::generate()).collect();
-        for (i, k) in nexts.iter().enumerate() {
-            net.nodes[i].1.set_next_key(k.clone()).expect("next");
-            cfgs[i].next_public_key = Some(k.public_key());
-        }
-        for i in 0..2 {
-            announce(&mut net, &cfgs, i);
-        }
-        assert_eq!(net.nodes[0].1.peer("n2").expect("n2").slots.len(), 4);
-        all_pairs_deliver(&mut net, now, "both announced");
-        for i in 0..2 {
-            net.nodes[i].1.initiate_next();
-        }
-        net.run(now);
-        all_pairs_deliver(&mut net, now, "both handshaken");
-        assert_eq!(
-            outbound_pair(&net.nodes[0].1, "n2"),
-            Some((nexts[0].public_key(), nexts[1].public_key()))
-        );
-        for i in 0..2 {
-            assert!(net.nodes[i].1.promote_next_key());
-            all_pairs_deliver(&mut net, now, "one promoted");
-        }
-        for i in 0..2 {
-            cfgs[i].public_key = nexts[i].public_key();
-            cfgs[i].next_public_key = None;
-            announce(&mut net, &cfgs, i);
-            all_pairs_deliver(&mut net, now, "one announced");
-        }
-        assert_eq!(net.nodes[0].1.peer("n2").expect("n2").slots.len(), 1);
-        assert_eq!(net.drops_total(), 0, "{:?}", net.all_drops());
-    }
-
-    /// A rotation rolled back (meshd killed before it published the new key): the next key's
-    /// slots go, traffic stays on the current key.
-    #[test]
-    fn dropping_the_next_key_rolls_back() {
-        let now = Instant::now();
-        let (mut net, mut cfgs) = full_mesh(2);
-        net.run(now);
-        let k = PrivateKey::generate();
-        net.nodes[0].1.set_next_key(k.clone()).expect("next");
-        cfgs[0].next_public_key = Some(k.public_key());
-        announce(&mut net, &cfgs, 0);
-        net.nodes[0].1.initiate_next();
-        net.run(now);
-        net.nodes[0].1.drop_next_key();
-        cfgs[0].next_public_key = None;
-        announce(&mut net, &cfgs, 0);
-        all_pairs_deliver(&mut net, now, "rolled back");
-        assert_eq!(net.nodes[0].1.next_key(), None);
-        assert_eq!(net.nodes[1].1.peer("n1").expect("n1").slots.len(), 1);
-        assert_eq!(net.drops_total(), 0, "{:?}", net.all_drops());
-    }
-
-    /// An idle peer (nothing to send) still moves: the rotating node confirms the new session
-    /// with keepalives, after which the peer's outbound uses the new pair too.
-    #[test]
-    fn idle_peer_is_confirmed_by_keepalives() {
-        let now = Instant::now();
-        let (mut net, mut cfgs) = full_mesh(2);
-        net.run(now);
-        let k = PrivateKey::generate();
-        net.nodes[0].1.set_next_key(k.clone()).expect("next");
-        cfgs[0].next_public_key = Some(k.public_key());
-        announce(&mut net, &cfgs, 0);
-        net.nodes[0].1.initiate_next();
-        net.run(now);
-        assert_eq!(
-            net.nodes[0].1.rotation_progress().get("n2"),
-            Some(&PeerRotation::Established)
-        );
-        for i in 1..=3u32 {
-            net.nodes[0]
-                .1
-                .handle_timeout(now + CONFIRMATION_INTERVAL * i);
-            net.run(now);
-        }
-        assert_eq!(
-            net.nodes[0].1.rotation_progress().get("n2"),
-            Some(&PeerRotation::Moved)
-        );
-        assert_eq!(
-            outbound_pair(&net.nodes[1].1, "n1"),
-            Some((cfgs[1].public_key, k.public_key()))
-        );
-        assert!(net.nodes[0].1.promote_next_key());
-        all_pairs_deliver(&mut net, now, "after an idle rotation");
-        assert_eq!(net.drops_total(), 0, "{:?}", net.all_drops());
-    }
-
-    fn secret(byte: u8) -> ClusterSecret {
-        use base64::Engine as _;
-        ClusterSecret::from_base64(&base64::engine::general_purpose::STANDARD.encode([byte; 32]))
-            .expect("secret")
-    }
-
-    /// Every node holds `secrets[i]` at generation 0 and publishes generation 0.
-    fn psk_mesh(secrets: &[u8]) -> (Net, Vec<PeerConfig>) {
-        let (mut net, mut cfgs) = Net::new(secrets.len() as u8);
-        for (i, b) in secrets.iter().enumerate() {
-            net.nodes[i].1.set_cluster_secret(secret(*b), 0);
-            cfgs[i].psk = PeerPsk::Cluster(Some(0));
-        }
-        for i in 0..secrets.len() {
-            for (j, cfg) in cfgs.iter().enumerate() {
-                if i != j {
-                    net.nodes[i].1.add_peer(cfg.clone()).expect("add");
-                }
-            }
-        }
-        (net, cfgs)
-    }
-
-    fn pair_gen(node: &Node, peer: &str) -> Option<u64> {
-        let p = node.peer(peer)?;
-        let i = node.best_session(p)?;
-        p.slots[i].psk_generation
-    }
-
-    #[test]
-    fn same_cluster_secret_connects_a_wrong_one_reaches_no_one() {
-        let now = Instant::now();
-        // n1 and n2 share the secret; n3 holds another one.
-        let (mut net, _) = psk_mesh(&[1, 1, 2]);
-        net.run(now);
-        let p = ipv4_packet([10, 42, 1, 5], [10, 42, 2, 7], b"psk ok");
-        net.nodes[0].1.handle_tun(&p, now);
-        net.run(now);
-        assert_eq!(net.delivered[1], vec![p]);
-        assert_eq!(pair_gen(&net.nodes[0].1, "n2"), Some(0));
-        for (i, peer) in [(0, "n3"), (1, "n3"), (2, "n1"), (2, "n2")] {
-            assert!(
-                net.nodes[i]
-                    .1
-                    .peer(peer)
-                    .expect("peer")
-                    .slots
-                    .iter()
-                    .all(|s| !s.has_session()),
-                "node {i} has a session with {peer} despite different secrets"
-            );
-        }
-        let p = ipv4_packet([10, 42, 3, 5], [10, 42, 1, 7], b"wrong secret");
-        net.nodes[2].1.handle_tun(&p, now);
-        net.run(now);
-        assert!(net.delivered[0].is_empty());
-        // A node without the secret does not reach a node with it either.
-        let (mut net, cfgs) = Net::new(2);
-        net.nodes[0].1.set_cluster_secret(secret(1), 0);
-        net.nodes[0].1.add_peer(cfgs[1].clone()).expect("add");
-        net.nodes[1].1.add_peer(cfgs[0].clone()).expect("add");
-        net.run(now);
-        let p = ipv4_packet([10, 42, 2, 5], [10, 42, 1, 7], b"no secret");
-        net.nodes[1].1.handle_tun(&p, now);
-        net.run(now);
-        assert!(net.delivered[0].is_empty());
-    }
-
-    #[test]
-    fn external_peers_never_use_the_psk() {
-        let now = Instant::now();
-        let (mut net, mut cfgs) = Net::new(2);
-        net.nodes[0].1.set_cluster_secret(secret(1), 4);
-        cfgs[1].psk = PeerPsk::Never;
-        net.nodes[0].1.add_peer(cfgs[1].clone()).expect("add");
-        net.nodes[1].1.add_peer(cfgs[0].clone()).expect("add");
-        net.run(now);
-        all_pairs_deliver(&mut net, now, "external");
-        assert_eq!(pair_gen(&net.nodes[0].1, "n2"), None);
-    }
-
-    /// `keyctl psk rotate`: every node moves to the next generation, in any order, while
-    /// traffic flows; nothing is lost and the old generation's slots go.
-    #[test]
-    fn psk_rotation_loses_nothing_and_retires_the_old_generation() {
-        let now = Instant::now();
-        let (mut net, mut cfgs) = psk_mesh(&[7, 7, 7]);
-        net.run(now);
-        all_pairs_deliver(&mut net, now, "gen 0");
-        for i in 0..3 {
-            // Node i moves and publishes; the others see its record.
-            net.nodes[i].1.set_psk_generation(1);
-            all_pairs_deliver(&mut net, now, &format!("node {i} moved, unpublished"));
-            cfgs[i].psk = PeerPsk::Cluster(Some(1));
-            announce(&mut net, &cfgs, i);
-            net.run(now);
-            all_pairs_deliver(&mut net, now, &format!("node {i} published"));
-            for t in 1..=4u32 {
-                for j in 0..3 {
-                    net.nodes[j]
-                        .1
-                        .handle_timeout(now + CONFIRMATION_INTERVAL * t);
-                }
-                net.run(now);
-            }
-            all_pairs_deliver(&mut net, now, &format!("node {i} settled"));
-        }
-        for i in 0..3 {
-            for p in net.nodes[i].1.peer_status() {
-                assert_eq!(p.psk_generation, Some(1), "node {i} peer {}", p.name);
-                assert_eq!(p.key_pairs, 1, "node {i} peer {}: old slot kept", p.name);
-            }
-        }
-        assert_eq!(net.drops_total(), 0, "{:?}", net.all_drops());
-    }
-
-    /// A node that moved first keeps the old generation with peers that have not moved: the
-    /// pair uses the lower of the two.
-    #[test]
-    fn pairs_use_the_lower_generation() {
-        let now = Instant::now();
-        let (mut net, mut cfgs) = psk_mesh(&[3, 3]);
-        net.run(now);
-        net.nodes[0].1.set_psk_generation(2);
-        cfgs[0].psk = PeerPsk::Cluster(Some(2));
-        announce(&mut net, &cfgs, 0);
-        net.run(now);
-        all_pairs_deliver(&mut net, now, "one moved");
-        assert_eq!(pair_gen(&net.nodes[0].1, "n2"), Some(0));
-        assert_eq!(pair_gen(&net.nodes[1].1, "n1"), Some(0));
-        assert_eq!(net.drops_total(), 0, "{:?}", net.all_drops());
-    }
-
-    // ---------------- sharding ----------------
-
-    /// A device split into shards as meshd runs it: every command goes to every shard, a
-    /// datagram first reaches the shard its source hashes to (as `SO_REUSEPORT` would), a TUN
-    /// packet an arbitrary one (as a multi-queue TUN would), and `Dispatch::Shard` is followed.
-    struct ShardedNet {
-        nodes: Vec<(SocketAddr, Vec<Node>)>,
-        delivered: Vec<Vec<Vec<u8>>>,
-        keys: Vec<PrivateKey>,
-        /// Inputs handed on to another shard, from the UDP socket (and of those, handshake
-        /// initiations) and from the TUN.
-        udp_hops: usize,
-        init_hops: usize,
-        tun_hops: usize,
-        /// Picks the first shard of a TUN packet.
-        tun_turn: usize,
-    }
-
-    impl TestNet for ShardedNet {
-        fn node_count(&self) -> usize {
-            self.nodes.len()
-        }
-        fn send(&mut self, i: usize, pkt: &[u8], now: Instant) {
-            self.tun(i, pkt, now);
-        }
-        fn settle(&mut self, now: Instant) {
-            self.run(now);
-        }
-        fn last_delivered(&self, j: usize) -> Option<&Vec<u8>> {
-            self.delivered[j].last()
-        }
-        fn update(&mut self, j: usize, cfg: &PeerConfig) {
-            self.each(j, |n| n.update_peer(cfg.clone()).expect("update"));
-        }
-    }
-
-    /// `n` names such that the first `count` are owned by shards 0, 1, .. `count - 1`.
-    fn spread_names(n: usize, count: u16) -> Vec<String> {
-        let mut names: Vec<String> = Vec::new();
-        let candidates = (0..).map(|k| format!("node-{k}"));
-        for s in 0..count {
-            let name = candidates
-                .clone()
-                .find(|c| shard_of(c, count) == s && !names.contains(c))
-                .expect("a name");
-            names.push(name);
-        }
-        for c in candidates {
-            if names.len() >= n {
-                break;
-            }
-            if !names.contains(&c) {
-                names.push(c);
-            }
-        }
-        names.truncate(n);
-        names
-    }
-
-    impl ShardedNet {
-        /// Nodes named `names`, node `i` owning 10.42.(i+1).0/24, each split into `count`.
-        fn new(names: &[String], count: u16) -> (ShardedNet, Vec<PeerConfig>) {
-            let mut nodes = Vec::new();
-            let mut cfgs = Vec::new();
-            let mut keys = Vec::new();
-            for (i, name) in names.iter().enumerate() {
-                let k = PrivateKey::generate();
-                let addr: SocketAddr = format!("198.18.0.{}:51820", 11 + i).parse().expect("addr");
-                cfgs.push(PeerConfig {
-                    name: name.clone(),
-                    kind: PeerKind::Node,
-                    public_key: k.public_key(),
-                    next_public_key: None,
-                    endpoints: vec![addr],
-                    allowed_ips: vec![format!("10.42.{}.0/24", i + 1).parse().expect("net")],
-                    key_generation: 1,
-                    psk: PeerPsk::Cluster(None),
-                });
-                let shards = (0..count)
-                    .map(|s| Node::new_shard(k.clone(), None, s, count).expect("shard"))
-                    .collect();
-                keys.push(k);
-                nodes.push((addr, shards));
-            }
-            let delivered = vec![Vec::new(); nodes.len()];
-            let net = ShardedNet {
-                nodes,
-                delivered,
-                keys,
-                udp_hops: 0,
-                init_hops: 0,
-                tun_hops: 0,
-                tun_turn: 0,
-            };
-            (net, cfgs)
-        }
-
-        /// Every node knows every other.
-        fn full_mesh(names: &[String], count: u16) -> (ShardedNet, Vec<PeerConfig>) {
-            let (mut net, cfgs) = ShardedNet::new(names, count);
-            for i in 0..cfgs.len() {
-                for (j, cfg) in cfgs.iter().enumerate() {
-                    if i != j {
-                        net.each(i, |n| n.add_peer(cfg.clone()).expect("add"));
-                    }
-                }
-            }
-            (net, cfgs)
-        }
-
-        /// What the driver does with a command: the same call on every shard of node `i`.
-        fn each(&mut self, i: usize, mut f: impl FnMut(&mut Node)) {
-            for n in &mut self.nodes[i].1 {
-                f(n);
-            }
-        }
-
-        fn count(&self) -> usize {
-            self.nodes[0].1.len()
-        }
-
-        fn udp(&mut self, j: usize, from: SocketAddr, payload: &[u8], now: Instant) {
-            let first = (usize::from(from.port())
-                + match from.ip() {
-                    std::net::IpAddr::V4(a) => usize::from(a.octets()[3]),
-                    std::net::IpAddr::V6(a) => usize::from(a.octets()[15]),
-                })
-                % self.count();
-            match self.nodes[j].1[first].handle_udp(from, payload, now) {
-                Dispatch::Done => {}
-                Dispatch::Shard(k) => {
-                    let k = usize::from(k);
-                    assert_ne!(k, first, "dispatched to itself");
-                    self.udp_hops += 1;
-                    if payload.first() == Some(&MSG_HANDSHAKE_INIT) {
-                        self.init_hops += 1;
-                    }
-                    assert_eq!(
-                        self.nodes[j].1[k].handle_udp(from, payload, now),
-                        Dispatch::Done,
-                        "the owner handles it"
-                    );
-                }
-            }
-        }
-
-        fn tun(&mut self, i: usize, pkt: &[u8], now: Instant) {
-            self.tun_turn += 1;
-            let first = self.tun_turn % self.count();
-            match self.nodes[i].1[first].handle_tun(pkt, now) {
-                Dispatch::Done => {}
-                Dispatch::Shard(k) => {
-                    let k = usize::from(k);
-                    assert_ne!(k, first, "dispatched to itself");
-                    self.tun_hops += 1;
-                    assert_eq!(
-                        self.nodes[i].1[k].handle_tun(pkt, now),
-                        Dispatch::Done,
-                        "the owner handles it"
-                    );
-                }
-            }
-        }
-
-        /// Moves datagrams between nodes until nothing is left in flight.
-        fn run(&mut self, now: Instant) {
-            for _ in 0..100 {
-                let mut moved = false;
-                for i in 0..self.nodes.len() {
-                    for s in 0..self.count() {
-                        while let Some(o) = self.nodes[i].1[s].poll_output() {
-                            moved = true;
-                            match o {
-                                Output::Deliver(p) => self.delivered[i].push(p),
-                                Output::Transmit { dst, payload } => {
-                                    let from = self.nodes[i].0;
-                                    if let Some(j) = self.nodes.iter().position(|(a, _)| *a == dst)
-                                    {
-                                        self.udp(j, from, &payload, now);
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-                if !moved {
-                    return;
-                }
-            }
-        }
-
-        fn drops(&self, i: usize) -> Drops {
-            let mut d = Drops::default();
-            for n in &self.nodes[i].1 {
-                d.merge(n.drops());
-            }
-            d
-        }
-
-        fn drops_total(&self) -> u64 {
-            (0..self.nodes.len()).map(|i| self.drops(i).total()).sum()
-        }
-
-        fn all_drops(&self) -> Vec<BTreeMap<&'static str, u64>> {
-            (0..self.nodes.len())
-                .map(|i| self.drops(i).by_name())
-                .collect()
-        }
-
-        fn peer_status(&self, i: usize) -> Vec<PeerStatus> {
-            let mut v: Vec<PeerStatus> = self.nodes[i]
-                .1
-                .iter()
-                .flat_map(|n| n.peer_status())
-                .collect();
-            v.sort_by(|a, b| a.name.cmp(&b.name));
-            v
-        }
-
-        fn rotation_progress(&self, i: usize) -> BTreeMap<String, PeerRotation> {
-            let mut m = BTreeMap::new();
-            for n in &self.nodes[i].1 {
-                m.extend(n.rotation_progress());
-            }
-            m
-        }
-
-        /// Node `i`'s peer `name` as its owner shard holds it.
-        fn owned_peer(&self, i: usize, name: &str) -> &Peer {
-            let s = usize::from(shard_of(name, self.count() as u16));
-            self.nodes[i].1[s].peer(name).expect("peer")
-        }
-
-        /// Every peer has slots (with a session) in its owner shard only, and every shard's
-        /// indices name it.
-        fn check_ownership(&self) {
-            let count = self.count() as u16;
-            for (i, (_, shards)) in self.nodes.iter().enumerate() {
-                for (s, node) in shards.iter().enumerate() {
-                    assert_eq!(node.shard(), (s as u16, count));
-                    assert_eq!(
-                        node.peers.len(),
-                        self.nodes.len() - 1,
-                        "every shard knows all"
-                    );
-                    for p in node.peers.values() {
-                        let owner = usize::from(shard_of(&p.config.name, count));
-                        if owner == s {
-                            assert!(
-                                p.slots.iter().any(KeySlot::has_session),
-                                "node {i} shard {s}: no session with {}",
-                                p.config.name
-                            );
-                        } else {
-                            assert!(
-                                p.slots.is_empty() && p.queue.is_empty() && !p.endpoint_confirmed,
-                                "node {i} shard {s} holds state of {} (owner {owner})",
-                                p.config.name
-                            );
-                        }
-                        for sl in &p.slots {
-                            assert_eq!(sl.index % u32::from(count), s as u32);
-                        }
-                    }
-                    assert!(node
-                        .indices
-                        .keys()
-                        .all(|x| x % u32::from(count) == s as u32));
-                }
-                let st = self.peer_status(i);
-                assert_eq!(
-                    st.len(),
-                    self.nodes.len() - 1,
-                    "node {i}: each peer listed once"
-                );
-                assert!(st.windows(2).all(|w| w[0].name < w[1].name));
-            }
-        }
-    }
-
-    /// Full mesh of 4 nodes split into 2 and into 3 shards: every pair handshakes and
-    /// exchanges both ways, each peer lives in its owner shard only, indices name the shard.
-    #[test]
-    fn sharded_full_mesh_handshakes_and_delivers_between_all_pairs() {
-        for count in [2u16, 3] {
-            let now = Instant::now();
-            let names = spread_names(5, count);
-            let (mut net, _) = ShardedNet::full_mesh(&names, count);
-            net.run(now);
-            all_pairs_deliver(&mut net, now, "sharded");
-            // And again, now that every session is up.
-            all_pairs_deliver(&mut net, now, "again");
-            net.check_ownership();
-            assert_eq!(net.drops_total(), 0, "{count}: {:?}", net.all_drops());
-            for i in 0..net.nodes.len() {
-                for st in net.peer_status(i) {
-                    assert!(
-                        st.latest_handshake_secs_ago.is_some(),
-                        "{count} {i} {}",
-                        st.name
-                    );
-                    assert!(st.tx_bytes > 0 && st.rx_bytes > 0);
-                }
-            }
-        }
-    }
-
-    /// Peers really spread over the shards, and inputs really cross between shards.
-    #[test]
-    fn sharded_peers_spread_across_shards() {
-        let now = Instant::now();
-        let names = spread_names(4, 2);
-        let (mut net, _) = ShardedNet::full_mesh(&names, 2);
-        net.run(now);
-        all_pairs_deliver(&mut net, now, "spread");
-        for i in 0..net.nodes.len() {
-            for s in 0..2 {
-                let owned = net.nodes[i].1[s].peer_status().len();
-                assert!(owned >= 1, "node {i}: shard {s} owns no peer");
-                assert!(
-                    net.nodes[i].1[s].peers.values().any(|p| p.rx_bytes > 0),
-                    "node {i}: shard {s} decrypted nothing"
-                );
-            }
-        }
-        assert!(
-            net.udp_hops > 0,
-            "no datagram reached a shard that does not own its peer"
-        );
-        assert!(
-            net.tun_hops > 0,
-            "no TUN packet reached a shard that does not own its peer"
-        );
-        assert!(
-            net.init_hops > 0,
-            "no initiation reached a shard that does not own its peer"
-        );
-        assert_eq!(net.drops_total(), 0, "{:?}", net.all_drops());
-    }
-
-    /// Crypto-routing is device-wide across shards: C's packet with a source in B's range is
-    /// dropped by A's shard that owns C even though another shard owns B.
-    #[test]
-    fn sharded_inner_source_of_a_peer_of_another_shard_is_dropped_and_counted() {
-        let now = Instant::now();
-        let mut names = spread_names(3, 2);
-        // names[0] (shard 0) and names[1] (shard 1) become B and C; A is names[2].
-        names.rotate_right(1);
-        let (a, b, c) = (0usize, 1usize, 2usize);
-        assert_ne!(shard_of(&names[b], 2), shard_of(&names[c], 2));
-        let (mut net, _) = ShardedNet::full_mesh(&names, 2);
-        net.run(now);
-        let spoofed = ipv4_packet([10, 42, 2, 99], [10, 42, 1, 5], b"spoof");
-        net.tun(c, &spoofed, now);
-        net.run(now);
-        assert!(net.delivered[a].is_empty());
-        assert_eq!(net.drops(a).get(DropReason::SourceNotAllowed), 1);
-        let owner_c = usize::from(shard_of(&names[c], 2));
-        assert_eq!(
-            net.nodes[a].1[owner_c]
-                .drops()
-                .get(DropReason::SourceNotAllowed),
-            1,
-            "counted by the shard that decrypted it"
-        );
-        let st = net.peer_status(a);
-        let sc = st.iter().find(|p| p.name == names[c]).expect("C");
-        assert_eq!(sc.drops.get("sourceNotAllowed"), Some(&1));
-        // The legitimate source still passes, and B's own source too.
-        let ok = ipv4_packet([10, 42, 3, 9], [10, 42, 1, 5], b"fine");
-        net.tun(c, &ok, now);
-        net.run(now);
-        assert_eq!(net.delivered[a], vec![ok]);
-        let ok = ipv4_packet([10, 42, 2, 99], [10, 42, 1, 5], b"b is fine");
-        net.tun(b, &ok, now);
-        net.run(now);
-        assert_eq!(net.delivered[a].last(), Some(&ok));
-        assert_eq!(net.drops_total(), 1, "{:?}", net.all_drops());
-    }
-
-    /// One node of a sharded mesh rotates its key: every shard gets every call, the merged
-    /// progress ends with every peer moved, nothing is lost, the old key is refused afterwards.
-    #[test]
-    fn sharded_rotation_loses_nothing_and_retires_the_old_key() {
-        let now = Instant::now();
-        let names = spread_names(4, 2);
-        let (mut net, mut cfgs) = ShardedNet::full_mesh(&names, 2);
-        net.run(now);
-        all_pairs_deliver(&mut net, now, "before");
-
-        let old = cfgs[0].public_key;
-        let next = PrivateKey::generate();
-        let next_pub = next.public_key();
-        net.each(0, |n| n.set_next_key(next.clone()).expect("next key"));
-        cfgs[0].next_public_key = Some(next_pub);
-        announce(&mut net, &cfgs, 0);
-        all_pairs_deliver(&mut net, now, "announced");
-        net.each(0, Node::initiate_next);
-        net.run(now);
-        let progress = net.rotation_progress(0);
-        assert_eq!(progress.len(), names.len() - 1, "{progress:?}");
-        assert!(
-            progress.values().all(|p| *p != PeerRotation::Handshaking),
-            "{progress:?}"
-        );
-        all_pairs_deliver(&mut net, now, "handshaken");
-        let progress = net.rotation_progress(0);
-        assert!(
-            progress.values().all(|p| *p == PeerRotation::Moved),
-            "{progress:?}"
-        );
-        net.each(0, |n| assert!(n.promote_next_key()));
-        all_pairs_deliver(&mut net, now, "retired here, not yet announced");
-        cfgs[0].public_key = next_pub;
-        cfgs[0].next_public_key = None;
-        cfgs[0].key_generation += 1;
-        announce(&mut net, &cfgs, 0);
-        all_pairs_deliver(&mut net, now, "after");
-        for j in 1..names.len() {
-            assert_eq!(net.owned_peer(j, &names[0]).slots.len(), 1);
-        }
-        net.check_ownership();
-        assert_eq!(net.drops_total(), 0, "{:?}", net.all_drops());
-
-        // A handshake from the old key is refused by node 1 (in whichever shard reads it).
-        let mut stale = Tunn::new(
-            net.keys[0].secret().clone(),
-            cfgs[1].public_key.to_dalek(),
-            None,
-            None,
-            7,
-            None,
-        );
-        assert_ne!(old, net.nodes[0].1[0].public_key());
-        let mut buf = vec![0u8; 256];
-        let TunnResult::WriteToNetwork(init) = stale.format_handshake_initiation(&mut buf, false)
-        else {
-            panic!("no initiation");
-        };
-        let init = init.to_vec();
-        let from = net.nodes[0].0;
-        net.udp(1, from, &init, now);
-        assert_eq!(net.drops(1).get(DropReason::UnknownPeer), 1);
-    }
-
-    #[test]
-    fn shard_of_datagram_reads_the_receiver_index_of_each_message_type() {
-        let idx: u32 = 0x0012_3457;
-        let receiver = (idx << 8) | 5;
-        let mut resp = vec![0u8; HANDSHAKE_RESPONSE_LEN];
-        resp[0] = MSG_HANDSHAKE_RESPONSE;
-        resp[4..8].copy_from_slice(&0xdead_beefu32.to_le_bytes());
-        resp[8..12].copy_from_slice(&receiver.to_le_bytes());
-        let mut cookie = vec![0u8; COOKIE_REPLY_LEN];
-        cookie[0] = MSG_COOKIE_REPLY;
-        cookie[4..8].copy_from_slice(&receiver.to_le_bytes());
-        let mut data = vec![0u8; 1400];
-        data[0] = MSG_DATA;
-        data[4..8].copy_from_slice(&receiver.to_le_bytes());
-        let keepalive = data[..DATA_MIN_LEN].to_vec();
-        for m in [&resp, &cookie, &data, &keepalive] {
-            assert!(Tunn::parse_incoming_packet(m).is_ok());
-            assert_eq!(shard_of_datagram(m, 2), Some((idx % 2) as u16));
-            assert_eq!(shard_of_datagram(m, 3), Some((idx % 3) as u16));
-            assert_eq!(shard_of_datagram(m, 7), Some((idx % 7) as u16));
-            assert_eq!(shard_of_datagram(m, u16::MAX), Some((idx % 65535) as u16));
-            assert_eq!(shard_of_datagram(m, 1), None);
-            assert_eq!(shard_of_datagram(m, 0), None);
-        }
-        let mut init = vec![0u8; 148];
-        init[0] = MSG_HANDSHAKE_INIT;
-        assert_eq!(
-            shard_of_datagram(&init, 2),
-            None,
-            "an initiation names no index"
-        );
-        // Malformed: wrong lengths, reserved bytes set, unknown types, short, oversize.
-        let mut bad: Vec<Vec<u8>> = vec![
-            Vec::new(),
-            vec![4],
-            vec![4, 0, 0, 0],
-            vec![4, 0, 0, 0, 1, 2, 3],
-            data[..DATA_MIN_LEN - 1].to_vec(),
-            resp[..HANDSHAKE_RESPONSE_LEN - 1].to_vec(),
-            [resp.clone(), vec![0]].concat(),
-            cookie[..COOKIE_REPLY_LEN - 1].to_vec(),
-            [cookie.clone(), vec![0]].concat(),
-            vec![0u8; 92],
-            vec![5u8; 64],
-            vec![0xff; 2000],
-        ];
-        let mut reserved = data.clone();
-        reserved[1] = 1;
-        bad.push(reserved);
-        let mut huge = vec![0u8; MAX_DATAGRAM + 1];
-        huge[0] = MSG_DATA;
-        bad.push(huge);
-        for b in &bad {
-            assert_eq!(shard_of_datagram(b, 2), None, "{:?}", &b[..b.len().min(8)]);
-        }
-        // Never panics on anything.
-        let mut x: u64 = 11;
-        for _ in 0..5000 {
-            let len = (x % 200) as usize;
-            let mut d: Vec<u8> = (0..len)
-                .map(|_| {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-                    (x >> 56) as u8
-                })
-                .collect();
-            if let Some(first) = d.first_mut() {
-                *first %= 6;
-            }
-            for shards in [0, 1, 2, 3, 255, u16::MAX] {
-                if let Some(k) = shard_of_datagram(&d, shards) {
-                    assert!(k < shards);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn shard_of_is_fnv1a_stable_and_in_range() {
-        // FNV-1a 64 test vectors: "" → offset basis, "a" → 0xaf63dc4c8601ec8c.
-        assert_eq!(shard_of("", 1000), (0xcbf2_9ce4_8422_2325u64 % 1000) as u16);
-        assert_eq!(
-            shard_of("a", 1000),
-            (0xaf63_dc4c_8601_ec8cu64 % 1000) as u16
-        );
-        assert_eq!(shard_of("a", 0), 0);
-        assert_eq!(shard_of("a", 1), 0);
-        for count in [2u16, 3, 4, 16, u16::MAX] {
-            let mut seen = std::collections::HashSet::new();
-            for k in 0..2000 {
-                let name = format!("node-{k}");
-                let s = shard_of(&name, count);
-                assert!(s < count);
-                assert_eq!(s, shard_of(&name, count));
-                seen.insert(s);
-            }
-            assert!(
-                seen.len() >= usize::from(count.min(16)),
-                "{count}: {seen:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn new_shard_refuses_bad_shards_and_indices_name_the_shard() {
-        let k = PrivateKey::generate();
-        for (index, count) in [(0u16, 0u16), (1, 1), (2, 2), (5, 3), (u16::MAX, u16::MAX)] {
-            assert_eq!(
-                Node::new_shard(k.clone(), None, index, count).map(|n| n.shard()),
-                Err(NodeError::InvalidShard { index, count })
-            );
-        }
-        assert_eq!(Node::new(k.clone(), None).shard(), (0, 1));
-        for (index, count) in [(0u16, 1u16), (2, 3), (u16::MAX - 1, u16::MAX)] {
-            let n = Node::new_shard(k.clone(), None, index, count).expect("shard");
-            assert_eq!(n.shard(), (index, count));
-            for _ in 0..200 {
-                let idx = n.fresh_index();
-                assert!(idx <= 0x00ff_ffff);
-                assert_eq!(idx % u32::from(count), u32::from(index));
-            }
-        }
-        // Shards of one device share their keys' rate limiters; separate devices do not.
-        let a = Node::new_shard(k.clone(), None, 0, 2).expect("shard");
-        let b = Node::new_shard(k.clone(), None, 1, 2).expect("shard");
-        assert!(Arc::ptr_eq(&a.own.limiter, &b.own.limiter));
-        assert!(!Arc::ptr_eq(
-            &a.own.limiter,
-            &Node::new(k, None).own.limiter
-        ));
-    }
-}
+mod tests;

@@ -30,7 +30,19 @@ pub struct PeerConfig {
     pub public_key: PublicKey,
     /// The key the peer is rotating to, while it rotates: handshakes from it are accepted too.
     pub next_public_key: Option<PublicKey>,
+    /// Where to reach the peer, tried in order (for a node: its private endpoints first when
+    /// it is in this node's location, then its public ones). Empty: the peer's address is
+    /// learnt from its authenticated packets.
     pub endpoints: Vec<SocketAddr>,
+    /// Those of `endpoints` that are private (same location).
+    pub private_endpoints: Vec<SocketAddr>,
+    /// The peer's location, when it names one.
+    pub location: Option<String>,
+    /// This node reaches the peer through NAT (it publishes no public endpoint of its own):
+    /// pairs with the peer send persistent keepalives to keep the mapping open.
+    pub through_nat: bool,
+    /// The peer relays for mesh members (a node with a public endpoint that allows it).
+    pub relay: bool,
     pub allowed_ips: Vec<IpNet>,
     pub key_generation: u64,
     /// Whether pairs with this peer use the cluster PSK, and its published generation.
@@ -205,9 +217,98 @@ pub struct Peer {
     /// Initiations that got no response within WireGuard's rekey timeout (5 s) and were sent
     /// again.
     pub handshake_timeouts: u64,
+    /// Direct or relayed, and what is known of the paths (see `node/paths.rs`).
+    pub path: PeerPath,
+}
+
+/// How a peer's datagrams travel, and what this node knows of the possible paths. Owned by the
+/// peer's shard.
+#[derive(Debug, Default, Clone)]
+pub struct PeerPath {
+    /// `Some(relay peer)`: datagrams go through that relay; `None`: directly to `endpoint`.
+    pub relay: Option<u64>,
+    /// Why the path is what it is, for status.
+    pub reason: &'static str,
+    /// The last authenticated packet received directly / through a relay.
+    pub direct_rx: Option<Instant>,
+    pub relayed_rx: Option<Instant>,
+    /// Addresses the peer asked this node to ping (its `CALL`).
+    pub candidates: Vec<SocketAddr>,
+    /// The last `CALL` sent to the peer, and until when its candidates are pinged.
+    pub last_call: Option<Instant>,
+    pub punch_until: Option<Instant>,
+    pub last_punch: Option<Instant>,
+    /// Times the path went from relayed to direct and back.
+    pub upgrades: u64,
+    pub fallbacks: u64,
+}
+
+/// Where the endpoint a peer's datagrams go to came from (`meshd status`, health reports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum EndpointSource {
+    /// A private endpoint of a node in this node's location.
+    Private,
+    /// A public endpoint from the peer's record (or an external peer's configured one).
+    Public,
+    /// Learnt from the peer's authenticated packets: it publishes no endpoint this node can
+    /// use (it is behind NAT), or it roamed away from the one it publishes.
+    Learned,
+    /// None yet: the peer publishes no endpoint this node can use and has not reached this
+    /// node; packets for it wait for its handshake.
+    None,
+}
+
+impl EndpointSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            EndpointSource::Private => "private",
+            EndpointSource::Public => "public",
+            EndpointSource::Learned => "learned",
+            EndpointSource::None => "none",
+        }
+    }
 }
 
 impl Peer {
+    /// Where the current endpoint came from.
+    pub fn endpoint_source(&self) -> EndpointSource {
+        match self.endpoint {
+            None => EndpointSource::None,
+            Some(e) if self.config.private_endpoints.contains(&e) => EndpointSource::Private,
+            Some(e) if self.config.endpoints.contains(&e) => EndpointSource::Public,
+            Some(_) => EndpointSource::Learned,
+        }
+    }
+
+    /// Why the current endpoint is used, in words for operators.
+    pub fn endpoint_reason(&self) -> String {
+        let loc = self.config.location.as_deref();
+        match self.endpoint_source() {
+            EndpointSource::Private => format!(
+                "same location {}: the peer's private endpoint",
+                loc.unwrap_or("?")
+            ),
+            EndpointSource::Public => match (self.config.kind, loc) {
+                (PeerKind::External, _) => "the endpoint its record configures".into(),
+                (_, Some(l)) if self.config.private_endpoints.is_empty() => {
+                    format!("the peer's public endpoint (its location {l} is not this node's, or it names no private endpoint)")
+                }
+                (_, Some(l)) => format!("the peer's public endpoint (its private endpoints in {l} did not answer)"),
+                (_, None) => "the peer's public endpoint (it names no location)".into(),
+            },
+            EndpointSource::Learned if self.config.endpoints.is_empty() => {
+                "learnt from its authenticated packets: it publishes no endpoint this node can use (behind NAT)".into()
+            }
+            EndpointSource::Learned => {
+                "learnt from its authenticated packets: it roamed away from its published endpoint".into()
+            }
+            EndpointSource::None => {
+                "none yet: it publishes no endpoint this node can use; waiting for its handshake".into()
+            }
+        }
+    }
+
     /// The slot a receiver index (already shifted: `receiver_idx >> 8`) belongs to.
     pub fn slot_by_index(&mut self, index: u32) -> Option<&mut KeySlot> {
         self.slots.iter_mut().find(|s| s.index == index)

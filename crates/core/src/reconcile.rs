@@ -20,18 +20,43 @@ pub enum Command {
     Remove(String),
 }
 
-/// The peer a record describes.
-pub fn peer_config(r: &NodeRecord) -> PeerConfig {
+/// The peer a record describes, as node `own` sees it: the endpoints it may use in order (the
+/// peer's private endpoints first when both nodes name the same location, then its public
+/// ones), and whether `own` reaches it through NAT (`own` publishes no public endpoint and
+/// uses no private endpoint of the peer: its links then need persistent keepalives to keep the
+/// NAT mapping open).
+pub fn peer_config(own: &NodeRecord, r: &NodeRecord) -> PeerConfig {
+    let same_location = own.location.is_some() && own.location == r.location;
+    let private: Vec<SocketAddr> = if same_location {
+        r.private_endpoints.clone()
+    } else {
+        Vec::new()
+    };
+    let mut endpoints = private.clone();
+    for ep in &r.endpoints {
+        if !endpoints.contains(ep) {
+            endpoints.push(*ep);
+        }
+    }
     PeerConfig {
         name: r.name.clone(),
         kind: PeerKind::Node,
         public_key: r.public_key,
         next_public_key: r.next_public_key,
-        endpoints: r.endpoints.clone(),
+        endpoints,
+        private_endpoints: private,
+        location: r.location.clone(),
+        through_nat: own.endpoints.is_empty() && !same_location_private(own, r),
+        relay: r.relay && !r.endpoints.is_empty(),
         allowed_ips: r.pod_cidrs.clone(),
         key_generation: r.key_generation,
         psk: PeerPsk::Cluster(r.psk_generation),
     }
+}
+
+/// Whether `own` reaches `r` on a private endpoint (same location, and `r` names one).
+fn same_location_private(own: &NodeRecord, r: &NodeRecord) -> bool {
+    own.location.is_some() && own.location == r.location && !r.private_endpoints.is_empty()
 }
 
 /// Picks the records this node will peer with: never its own name, never a record that
@@ -46,7 +71,12 @@ pub fn desired_peers(
     records: impl IntoIterator<Item = NodeRecord>,
 ) -> (Vec<PeerConfig>, Vec<(String, RecordError)>) {
     let s = select_nodes(own, records);
-    let peers = s.accepted.iter().skip(1).map(peer_config).collect();
+    let peers = s
+        .accepted
+        .iter()
+        .skip(1)
+        .map(|r| peer_config(own, r))
+        .collect();
     (peers, s.refused)
 }
 
@@ -123,7 +153,7 @@ pub fn desired_peer_set(
     let peers = accepted
         .iter()
         .skip(1)
-        .map(peer_config)
+        .map(|r| peer_config(own, r))
         .chain(taken.iter().map(ExternalPeer::peer_config))
         .collect();
     DesiredPeers {
@@ -143,13 +173,17 @@ struct Selection {
     index: ConflictIndex,
 }
 
+fn endpoints_of(r: &NodeRecord) -> Vec<SocketAddr> {
+    r.all_endpoints().copied().collect()
+}
+
 fn select_nodes(own: &NodeRecord, records: impl IntoIterator<Item = NodeRecord>) -> Selection {
     let mut records: Vec<NodeRecord> = records.into_iter().filter(|r| r.name != own.name).collect();
     records.sort_by(|a, b| a.name.cmp(&b.name));
     let mut accepted: Vec<NodeRecord> = vec![own.clone()];
     let mut keys: HashMap<PublicKey, usize> = HashMap::from([(own.public_key, 0)]);
     let mut index = ConflictIndex::new();
-    index.insert(&own.pod_cidrs, &own.endpoints);
+    index.insert(&own.pod_cidrs, &endpoints_of(own));
     let mut refused = Vec::new();
     for r in records {
         if r.public_key == own.public_key {
@@ -172,7 +206,7 @@ fn select_nodes(own: &NodeRecord, records: impl IntoIterator<Item = NodeRecord>)
             ));
             continue;
         }
-        let verdict = if index.may_conflict(&r.pod_cidrs, &r.endpoints) {
+        let verdict = if index.may_conflict(&r.pod_cidrs, &endpoints_of(&r)) {
             validate_against(&r, &accepted)
         } else {
             Ok(())
@@ -180,7 +214,7 @@ fn select_nodes(own: &NodeRecord, records: impl IntoIterator<Item = NodeRecord>)
         match verdict {
             Ok(()) => {
                 keys.insert(r.public_key, accepted.len());
-                index.insert(&r.pod_cidrs, &r.endpoints);
+                index.insert(&r.pod_cidrs, &endpoints_of(&r));
                 accepted.push(r);
             }
             Err(e) => refused.push((r.name.clone(), e)),
@@ -291,12 +325,104 @@ mod tests {
             name: name.into(),
             public_key: PrivateKey::generate().public_key(),
             endpoints: vec![format!("198.18.0.{}:51820", 10 + i).parse().expect("ep")],
+            private_endpoints: Vec::new(),
+            location: None,
+            relay: false,
             pod_cidrs: vec![format!("10.42.{i}.0/24").parse().expect("cidr")],
             key_generation: 1,
             next_public_key: None,
             key_created_at: 0,
             psk_generation: None,
         }
+    }
+
+    /// Private endpoints go to the nodes of the same location only, before the public ones;
+    /// a node with no public endpoint reaches other locations through NAT.
+    #[test]
+    fn endpoints_by_location() {
+        let rec = |name: &str, public: &[&str], private: &[&str], loc: Option<&str>, net: &str| {
+            let mut r: NodeRecord = NodeRecord::from_json(
+                serde_json::json!({
+                    "schema": 1, "name": name,
+                    "publicKey": crate::keys::PrivateKey::generate().public_key().to_base64(),
+                    "endpoints": public, "podCidrs": [net],
+                })
+                .to_string()
+                .as_bytes(),
+            )
+            .expect("record");
+            r.private_endpoints = private.iter().map(|e| e.parse().expect("ep")).collect();
+            r.location = loc.map(String::from);
+            r
+        };
+        let a = rec(
+            "a",
+            &["203.0.113.1:51820"],
+            &["10.0.0.1:51820"],
+            Some("eu"),
+            "10.42.1.0/24",
+        );
+        let b = rec(
+            "b",
+            &["203.0.113.2:51820"],
+            &["10.0.0.2:51820"],
+            Some("eu"),
+            "10.42.2.0/24",
+        );
+        let c = rec(
+            "c",
+            &["198.51.100.3:51820"],
+            &["10.1.0.3:51820"],
+            Some("us"),
+            "10.42.3.0/24",
+        );
+        let nat = rec(
+            "n",
+            &[],
+            &["192.168.1.10:51820"],
+            Some("edge"),
+            "10.42.4.0/24",
+        );
+        let old = rec("o", &["192.0.2.5:51820"], &[], None, "10.42.5.0/24");
+        let eps = |own: &NodeRecord, r: &NodeRecord| -> Vec<String> {
+            peer_config(own, r)
+                .endpoints
+                .iter()
+                .map(|e| e.to_string())
+                .collect()
+        };
+        assert_eq!(eps(&a, &b), ["10.0.0.2:51820", "203.0.113.2:51820"]);
+        assert_eq!(peer_config(&a, &b).private_endpoints.len(), 1);
+        assert_eq!(eps(&a, &c), ["198.51.100.3:51820"]);
+        assert_eq!(eps(&a, &nat), Vec::<String>::new());
+        assert_eq!(
+            eps(&old, &a),
+            ["203.0.113.1:51820"],
+            "no location: public only"
+        );
+        assert_eq!(peer_config(&a, &old).location, None);
+        assert!(!peer_config(&a, &c).through_nat);
+        assert!(
+            peer_config(&nat, &a).through_nat,
+            "the NAT'd node keeps its mapping open"
+        );
+        let nat2 = rec(
+            "m",
+            &[],
+            &["192.168.1.11:51820"],
+            Some("edge"),
+            "10.42.6.0/24",
+        );
+        assert!(
+            !peer_config(&nat, &nat2).through_nat,
+            "same site: private, no NAT"
+        );
+        assert_eq!(eps(&nat, &nat2), ["192.168.1.11:51820"]);
+        // Through desired_peers too.
+        let (peers, refused) = desired_peers(&nat, vec![a.clone(), nat2.clone()]);
+        assert!(refused.is_empty());
+        assert_eq!(peers.len(), 2);
+        assert!(peers.iter().any(|p| p.name == "a" && p.through_nat));
     }
 
     #[test]
@@ -315,7 +441,7 @@ mod tests {
         b2.public_key = PrivateKey::generate().public_key();
         let (peers2, _) = desired_peers(&own, vec![b2.clone(), c.clone()]);
         let cmds = plan(&peers2, &peers);
-        assert_eq!(cmds, vec![Command::Update(peer_config(&b2))]);
+        assert_eq!(cmds, vec![Command::Update(peer_config(&own, &b2))]);
 
         // c disappears: one Remove.
         let (peers3, _) = desired_peers(&own, vec![b2.clone()]);
@@ -332,7 +458,7 @@ mod tests {
         dup_key.public_key = own.public_key;
         let good = rec("d", 4);
         let (peers, refused) = desired_peers(&own, vec![thief, dup_key, good.clone()]);
-        assert_eq!(peers, vec![peer_config(&good)]);
+        assert_eq!(peers, vec![peer_config(&own, &good)]);
         let names: Vec<&str> = refused.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["b", "c"]);
     }
@@ -373,7 +499,14 @@ mod tests {
                 Err(e) => refused.push((r.name.clone(), e)),
             }
         }
-        (accepted.iter().skip(1).map(peer_config).collect(), refused)
+        (
+            accepted
+                .iter()
+                .skip(1)
+                .map(|r| peer_config(own, r))
+                .collect(),
+            refused,
+        )
     }
 
     /// Random record sets full of conflicts (nested and equal ranges, endpoints inside ranges,
@@ -423,6 +556,9 @@ mod tests {
                 name,
                 public_key: keys[next(keys.len() as u64) as usize],
                 endpoints,
+                private_endpoints: Vec::new(),
+                location: None,
+                relay: false,
                 pod_cidrs,
                 key_generation: 1,
                 next_public_key: None,
@@ -490,7 +626,7 @@ mod tests {
                 underlay,
             ],
         );
-        assert_eq!(d.peers, vec![peer_config(&b), laptop.peer_config()]);
+        assert_eq!(d.peers, vec![peer_config(&own, &b), laptop.peer_config()]);
         assert!(d.refused_nodes.is_empty());
         let why: BTreeMap<&str, String> = d
             .refused_external
@@ -516,14 +652,14 @@ mod tests {
         let mut c = rec("c", 3);
         c.pod_cidrs = vec!["10.99.0.0/24".parse().expect("cidr")];
         let d2 = desired_peer_set(&own, vec![b.clone(), c.clone()], vec![laptop.clone()]);
-        assert_eq!(d2.peers, vec![peer_config(&b), peer_config(&c)]);
+        assert_eq!(d2.peers, vec![peer_config(&own, &b), peer_config(&own, &c)]);
         assert_eq!(d2.refused_external.len(), 1);
         let cmds = plan(&d2.peers, &d.peers);
         assert_eq!(
             cmds,
             vec![
                 Command::Remove("laptop".into()),
-                Command::Add(peer_config(&c))
+                Command::Add(peer_config(&own, &c))
             ]
         );
         // A rotating node's next key is taken as well.

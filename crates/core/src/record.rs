@@ -22,8 +22,21 @@ pub struct NodeRecord {
     pub schema: u32,
     pub name: String,
     pub public_key: PublicKey,
-    /// Underlay endpoints, tried in order until one completes a handshake.
+    /// Public underlay endpoints, tried in order until one completes a handshake: what peers
+    /// of other locations (and every peer, when the node names no location) use. Empty for a
+    /// node behind NAT: peers then learn its address from its authenticated packets.
     pub endpoints: Vec<SocketAddr>,
+    /// Private underlay endpoints, used (before `endpoints`) by the peers of this node's own
+    /// `location` only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub private_endpoints: Vec<SocketAddr>,
+    /// The node's location (a cloud region, a site): nodes of one location reach each other on
+    /// their private endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// The node relays for mesh members whose direct paths fail (it needs a public endpoint).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub relay: bool,
     /// Pod ranges routed to this node: one IPv4 and optionally one IPv6.
     pub pod_cidrs: Vec<IpNet>,
     /// Bumped each time the node's key changes.
@@ -83,6 +96,9 @@ fn json_error(e: serde_json::Error) -> RecordError {
         ("keyGeneration", "keyGeneration"),
         ("nextPublicKey", "nextPublicKey"),
         ("keyCreatedAt", "keyCreatedAt"),
+        ("privateEndpoints", "privateEndpoints"),
+        ("location", "location"),
+        ("relay", "relay"),
     ] {
         if msg.contains(&format!("`{json}`")) {
             return field(f, msg);
@@ -116,20 +132,19 @@ impl NodeRecord {
             .ok_or_else(|| field("publicKey", "must be a string"))?
             .parse::<PublicKey>()
             .map_err(|e| field("publicKey", e.to_string()))?;
-        let mut endpoints = Vec::new();
-        for ep in obj
-            .get("endpoints")
-            .and_then(|v| v.as_array())
-            .ok_or_else(|| field("endpoints", "must be a list of ip:port strings"))?
-        {
-            let s = ep
-                .as_str()
-                .ok_or_else(|| field("endpoints", "each endpoint must be a string"))?;
-            endpoints.push(
-                s.parse::<SocketAddr>()
-                    .map_err(|_| field("endpoints", format!("{s:?} is not ip:port")))?,
-            );
-        }
+        let endpoints = endpoint_list(obj.get("endpoints"), "endpoints")?;
+        let private_endpoints = match obj.get("privateEndpoints") {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            v => endpoint_list(v, "privateEndpoints")?,
+        };
+        let location = match obj.get("location") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(
+                v.as_str()
+                    .ok_or_else(|| field("location", "must be a string"))?
+                    .to_string(),
+            ),
+        };
         let mut pod_cidrs = Vec::new();
         for c in obj
             .get("podCidrs")
@@ -182,11 +197,20 @@ impl NodeRecord {
                     .ok_or_else(|| field("pskGeneration", "must be a non-negative integer"))?,
             ),
         };
+        let relay = match obj.get("relay") {
+            None | Some(serde_json::Value::Null) => false,
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| field("relay", "must be true or false"))?,
+        };
         let record = NodeRecord {
+            relay,
             schema,
             name,
             public_key,
             endpoints,
+            private_endpoints,
+            location,
             pod_cidrs,
             key_generation,
             next_public_key,
@@ -211,16 +235,10 @@ impl NodeRecord {
             return Err(field("nextPublicKey", "must differ from publicKey"));
         }
         check_name(&self.name)?;
-        if self.endpoints.is_empty() {
-            return Err(field("endpoints", "at least one endpoint is required"));
-        }
-        for ep in &self.endpoints {
-            if ep.port() == 0 {
-                return Err(field("endpoints", format!("{ep}: port 0")));
-            }
-            if ep.ip().is_unspecified() || ep.ip().is_multicast() {
-                return Err(field("endpoints", format!("{ep}: not a unicast address")));
-            }
+        check_endpoints(&self.endpoints, "endpoints")?;
+        check_endpoints(&self.private_endpoints, "privateEndpoints")?;
+        if let Some(l) = &self.location {
+            check_location(l)?;
         }
         let v4 = self
             .pod_cidrs
@@ -248,7 +266,7 @@ impl NodeRecord {
                 // The first host address is the node's mesh address; a pod needs another.
                 return Err(field("podCidrs", format!("{c} is too small")));
             }
-            for ep in &self.endpoints {
+            for ep in self.all_endpoints() {
                 if c.contains(&ep.ip()) {
                     return Err(RecordError::ContainsEndpoint {
                         cidr: *c,
@@ -259,6 +277,11 @@ impl NodeRecord {
             }
         }
         Ok(())
+    }
+
+    /// Every underlay endpoint the record names: private, then public.
+    pub fn all_endpoints(&self) -> impl Iterator<Item = &SocketAddr> {
+        self.private_endpoints.iter().chain(&self.endpoints)
     }
 
     /// The node's own address on the mesh: the first host address of each pod CIDR.
@@ -278,6 +301,64 @@ pub fn mesh_address(cidr: &IpNet) -> Option<std::net::IpAddr> {
             let base = u128::from(n.network());
             Some(std::net::Ipv6Addr::from(base.checked_add(1)?).into())
         }
+    }
+}
+
+/// A list of `ip:port` strings (`what` names the field in errors).
+fn endpoint_list(
+    v: Option<&serde_json::Value>,
+    what: &'static str,
+) -> Result<Vec<SocketAddr>, RecordError> {
+    let mut out = Vec::new();
+    for ep in v
+        .and_then(|v| v.as_array())
+        .ok_or_else(|| field(what, "must be a list of ip:port strings"))?
+    {
+        let s = ep
+            .as_str()
+            .ok_or_else(|| field(what, "each endpoint must be a string"))?;
+        out.push(
+            s.parse::<SocketAddr>()
+                .map_err(|_| field(what, format!("{s:?} is not ip:port")))?,
+        );
+    }
+    Ok(out)
+}
+
+/// Most endpoints one record may name per scope.
+pub const MAX_ENDPOINTS: usize = 8;
+
+fn check_endpoints(eps: &[SocketAddr], what: &'static str) -> Result<(), RecordError> {
+    if eps.len() > MAX_ENDPOINTS {
+        return Err(field(what, format!("at most {MAX_ENDPOINTS} endpoints")));
+    }
+    for ep in eps {
+        if ep.port() == 0 {
+            return Err(field(what, format!("{ep}: port 0")));
+        }
+        if ep.ip().is_unspecified() || ep.ip().is_multicast() {
+            return Err(field(what, format!("{ep}: not a unicast address")));
+        }
+    }
+    Ok(())
+}
+
+/// Location names: what a Kubernetes label value allows (1 to 63 of `A-Za-z0-9-_.`, starting
+/// and ending alphanumeric), so a `topology.kubernetes.io/region` label is always one.
+pub fn check_location(l: &str) -> Result<(), RecordError> {
+    let ok = !l.is_empty()
+        && l.len() <= 63
+        && l.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && l.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && l.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(field(
+            "location",
+            format!("{l:?} is not a label value (1-63 of A-Z a-z 0-9 - _ ., alphanumeric ends)"),
+        ))
     }
 }
 
@@ -338,7 +419,7 @@ pub fn validate_against<'a>(
                     });
                 }
             }
-            for ep in &other.endpoints {
+            for ep in other.all_endpoints() {
                 if c.contains(&ep.ip()) {
                     return Err(RecordError::ContainsEndpoint {
                         cidr: *c,
@@ -350,7 +431,7 @@ pub fn validate_against<'a>(
         }
         // The reverse direction: the other node's range must not swallow our endpoints.
         for oc in &other.pod_cidrs {
-            for ep in &record.endpoints {
+            for ep in record.all_endpoints() {
                 if oc.contains(&ep.ip()) {
                     return Err(RecordError::ContainsEndpoint {
                         cidr: *oc,
@@ -393,6 +474,9 @@ mod tests {
             name: name.into(),
             public_key: PrivateKey::generate().public_key(),
             endpoints: vec![ep.parse().expect("ep")],
+            private_endpoints: Vec::new(),
+            location: None,
+            relay: false,
             pod_cidrs: vec![cidr.parse().expect("cidr")],
             key_generation: 1,
             next_public_key: None,
@@ -420,6 +504,31 @@ mod tests {
     }
 
     #[test]
+    fn node_behind_nat_publishes_private_endpoints_and_a_location_only() {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&rec("edge-1", "192.0.2.1:51820", "10.42.1.0/24").to_json())
+                .expect("json");
+        v["endpoints"] = serde_json::json!([]);
+        v["privateEndpoints"] = serde_json::json!(["192.168.1.10:51820"]);
+        v["location"] = "site-a".into();
+        let r = NodeRecord::from_json(v.to_string().as_bytes()).expect("a NAT'd node's record");
+        assert!(r.endpoints.is_empty());
+        assert_eq!(r.location.as_deref(), Some("site-a"));
+        assert_eq!(
+            r.all_endpoints().map(|e| e.to_string()).collect::<Vec<_>>(),
+            ["192.168.1.10:51820"]
+        );
+        // Round trip, and an old-style record has neither field in its JSON.
+        assert_eq!(NodeRecord::from_json(&r.to_json()).expect("back"), r);
+        let old = rec("n", "192.0.2.1:51820", "10.42.1.0/24").to_json();
+        let s = String::from_utf8(old).expect("utf8");
+        assert!(
+            !s.contains("privateEndpoints") && !s.contains("location"),
+            "{s}"
+        );
+    }
+
+    #[test]
     fn bad_records_name_their_field() {
         let good = serde_json::from_slice::<serde_json::Value>(
             &rec("node-a", "192.0.2.1:51820", "10.42.1.0/24").to_json(),
@@ -442,10 +551,27 @@ mod tests {
             err_field(with("endpoints", serde_json::json!(["nope"]))),
             "endpoints"
         );
+        let nine: Vec<String> = (1..=9).map(|i| format!("192.0.2.{i}:51820")).collect();
         assert_eq!(
-            err_field(with("endpoints", serde_json::json!([]))),
+            err_field(with("endpoints", serde_json::json!(nine))),
             "endpoints"
         );
+        assert_eq!(
+            err_field(with("privateEndpoints", serde_json::json!(["0.0.0.0:1"]))),
+            "privateEndpoints"
+        );
+        assert_eq!(
+            err_field(with("location", serde_json::json!("eu west"))),
+            "location"
+        );
+        assert_eq!(
+            err_field(with("location", serde_json::json!(7))),
+            "location"
+        );
+        // A private endpoint inside the node's own pod range is refused like a public one.
+        let mut inside = with("privateEndpoints", serde_json::json!(["10.42.1.9:51820"]));
+        inside["location"] = "eu-west-1".into();
+        assert_eq!(err_field(inside), "podCidrs");
         assert_eq!(
             err_field(with("podCidrs", serde_json::json!(["0.0.0.0/0"]))),
             "podCidrs"

@@ -46,8 +46,20 @@ pub struct MeshNodeSpec {
     pub schema: u32,
     /// The node's WireGuard public key (base64).
     pub public_key: String,
-    /// Where peers reach the node (IP:PORT), tried in order.
+    /// Where peers reach the node (IP:PORT), tried in order: its public endpoints, used by
+    /// nodes of other locations. Empty for a node behind NAT (peers learn its address from its
+    /// packets).
     pub endpoints: Vec<String>,
+    /// Private endpoints (IP:PORT), used before `endpoints` by the nodes of the same location.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub private_endpoints: Vec<String>,
+    /// The node's location (cloud region, site; by default its `topology.kubernetes.io/region`
+    /// label).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// The node relays for mesh members whose direct paths fail.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub relay: bool,
     /// The pod ranges routed to the node.
     pub pod_cidrs: Vec<String>,
     /// Goes up with every new key.
@@ -144,6 +156,19 @@ pub struct LinkHealthSpec {
     pub key_pairs: u32,
     #[serde(default)]
     pub queued: u32,
+    /// The endpoint the link uses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// `private`, `public`, `learned` or `none`.
+    #[serde(default = "no_source")]
+    pub endpoint_source: String,
+    /// The relay the link goes through (absent: direct).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+}
+
+fn no_source() -> String {
+    "none".into()
 }
 
 /// Link counts of a [`MeshNodeHealth`]: `down` are links with no working session.
@@ -456,6 +481,9 @@ mod tests {
             name: "n1".into(),
             public_key: key,
             endpoints: vec!["192.0.2.1:51820".parse().expect("ep")],
+            private_endpoints: vec!["10.0.0.1:51820".parse().expect("ep")],
+            location: Some("eu-west-1".into()),
+            relay: true,
             pod_cidrs: vec!["10.42.1.0/24".parse().expect("cidr")],
             key_generation: 3,
             next_public_key: Some(next),
@@ -515,6 +543,9 @@ mod tests {
                 psk_generation: Some(1),
                 key_pairs: 1,
                 queued: 2,
+                endpoint: None,
+                endpoint_source: weft_core::peer::EndpointSource::None,
+                relay: None,
             }],
         };
         round_trip::<MeshNodeHealthSpec>(

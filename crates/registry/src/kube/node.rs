@@ -3,6 +3,11 @@
 //! watch of that one object (a field selector on its name: meshd never watches all Nodes).
 
 use super::{Inner, KubeRegistry, FORCE_ENDPOINT_ANNOTATION};
+
+/// Annotation naming the node's location; else its `topology.kubernetes.io/region` label.
+pub const LOCATION_ANNOTATION: &str = "weft.dev/location";
+/// The well-known region label, the default location.
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
 use crate::RegistryError;
 use futures::StreamExt;
 use ipnet::IpNet;
@@ -27,6 +32,8 @@ pub struct NodeInfo {
     pub pod_cidrs: Vec<IpNet>,
     /// The `weft.dev/force-endpoint` annotation, unparsed.
     pub force_endpoint: Option<String>,
+    /// The `weft.dev/location` annotation, else the `topology.kubernetes.io/region` label.
+    pub location: Option<String>,
 }
 
 impl NodeInfo {
@@ -74,6 +81,18 @@ impl NodeInfo {
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(FORCE_ENDPOINT_ANNOTATION).cloned()),
+            location: node
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(LOCATION_ANNOTATION).cloned())
+                .or_else(|| {
+                    node.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(REGION_LABEL).cloned())
+                })
+                .filter(|l| !l.is_empty()),
             name,
         }
     }
@@ -81,15 +100,8 @@ impl NodeInfo {
     /// The endpoints peers should use, on WireGuard port `port`: the forced one if the
     /// annotation is set (`IP` or `IP:PORT`), else the InternalIPs then the ExternalIPs.
     pub fn endpoints(&self, port: u16) -> Result<Vec<SocketAddr>, String> {
-        if let Some(f) = &self.force_endpoint {
-            let f = f.trim();
-            let ep = f
-                .parse::<SocketAddr>()
-                .or_else(|_| f.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, port)))
-                .map_err(|_| {
-                    format!("annotation {FORCE_ENDPOINT_ANNOTATION}={f:?} is not IP or IP:PORT")
-                })?;
-            return Ok(vec![ep]);
+        if let Some(f) = self.forced(port)? {
+            return Ok(vec![f]);
         }
         let eps: Vec<SocketAddr> = self
             .internal_ips
@@ -104,6 +116,48 @@ impl NodeInfo {
             ));
         }
         Ok(eps)
+    }
+
+    /// With a location: (public, private) endpoints: the forced one or the ExternalIPs (none:
+    /// the node is behind NAT), and the InternalIPs for the nodes of its location. Without a
+    /// location: [`NodeInfo::endpoints`], all public.
+    pub fn scoped_endpoints(
+        &self,
+        port: u16,
+    ) -> Result<(Vec<SocketAddr>, Vec<SocketAddr>), String> {
+        if self.location.is_none() {
+            return Ok((self.endpoints(port)?, Vec::new()));
+        }
+        let public = match self.forced(port)? {
+            Some(f) => vec![f],
+            None => self
+                .external_ips
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, port))
+                .collect(),
+        };
+        let private = self
+            .internal_ips
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, port))
+            .filter(|e| !public.contains(e))
+            .collect();
+        Ok((public, private))
+    }
+
+    /// The `weft.dev/force-endpoint` annotation, parsed.
+    fn forced(&self, port: u16) -> Result<Option<SocketAddr>, String> {
+        if let Some(f) = &self.force_endpoint {
+            let f = f.trim();
+            let ep = f
+                .parse::<SocketAddr>()
+                .or_else(|_| f.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, port)))
+                .map_err(|_| {
+                    format!("annotation {FORCE_ENDPOINT_ANNOTATION}={f:?} is not IP or IP:PORT")
+                })?;
+            return Ok(Some(ep));
+        }
+        Ok(None)
     }
 }
 

@@ -5,7 +5,8 @@
 # the shell-script lint, fmt, clippy, the sans-IO dependency rule, unit tests (they include the check that
 # deploy/crds is what the Rust types generate), a short fuzz run, virtual-clock tests, then the
 # netns end-to-end tests (serial, one thread; they include the real kube-apiserver tier and the
-# real-node tier: kubelet + containerd per node, weft deployed by its DaemonSet), and
+# real-node tier: kubelet + containerd per node, weft deployed by its DaemonSet, and the
+# multi-site NAT topology self-test, tests/harness/tests/nat_selftest.rs), and
 # the data-path ones of those again with offloads off and one worker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,6 +67,8 @@ step "virtual-clock tests (separate workspace: boringtun mock-instant)"
 CARGO_TARGET_DIR="$PWD/target" cargo test --manifest-path tests/vclock/Cargo.toml
 
 step "netns end-to-end tests (serial; meshd with its default --offload on)"
+# Every test binary of weft-tests, nat_selftest (NAT routers, hole punching, UDP blocks between
+# sites; plain UDP, no meshd) included; it is not in the data-path rerun below.
 cargo test -p weft-tests -- --test-threads=1
 
 # The data-path tests again on the plain path (one packet per system call, no virtio_net_hdr)

@@ -2,12 +2,14 @@
 //! their own namespaces behind each node, and the processes (meshd, wireguard-go, boringtun-cli)
 //! that run inside the nodes.
 //!
-//! Naming: every namespace is `wt-<pid>-<seq>-<role>` (role `sw`, `n<i>`, `n<i>p<k>`); interfaces
-//! are created directly inside those namespaces (never in the root namespace) and carry a per-test
-//! short id `wt<4 hex>` where a name could matter outside the namespace (TUN names of
-//! wireguard-go/boringtun, whose UAPI sockets live in the shared /var/run/wireguard).
+//! Naming: every namespace is `wt-<pid>-<seq>-<role>` (role `sw`, `n<i>`, `n<i>p<k>`, and `r<s>`
+//! for the NAT router of site `s`, see [`crate::sites`]); interfaces are created directly inside
+//! those namespaces (never in the root namespace) and carry a per-test short id `wt<4 hex>` where a
+//! name could matter outside the namespace (TUN names of wireguard-go/boringtun, whose UAPI
+//! sockets live in the shared /var/run/wireguard).
 
 use crate::capture::Capture;
+use crate::sites::{SiteSpec, SiteState};
 use crate::traffic::{ping, BgPing, PingOpts, PingResult};
 use crate::util::{
     find_program, ns_cmd, require_root, run, run_args, run_in, run_timeout, tail, wait_for,
@@ -48,6 +50,8 @@ pub struct ClusterOpts {
     pub router_pod_routes: bool,
     /// Keep the temp dir (logs, captures) even on success. Also env `WEFT_KEEP_TMP=1`.
     pub keep_tmp: bool,
+    /// Sites (locations, NAT routers), see [`crate::sites`]; empty: the flat topology.
+    pub sites: Vec<SiteSpec>,
 }
 
 impl Default for ClusterOpts {
@@ -58,6 +62,7 @@ impl Default for ClusterOpts {
             direct_link: false,
             router_pod_routes: false,
             keep_tmp: false,
+            sites: Vec::new(),
         }
     }
 }
@@ -338,6 +343,7 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     pub opts: ClusterOpts,
     captures: AtomicU32,
+    pub(crate) site_state: SiteState,
     _lock: HarnessLock,
 }
 
@@ -468,6 +474,7 @@ impl Cluster {
         if opts.direct_link && n_nodes != 2 {
             bail!("direct_link needs exactly 2 nodes");
         }
+        crate::sites::validate(&opts.sites, n_nodes, opts.direct_link)?;
         let lock = HarnessLock::acquire()?;
         remove_leftovers();
         let seq = SEQ.fetch_add(1, Ordering::SeqCst);
@@ -490,6 +497,7 @@ impl Cluster {
             nodes: Vec::new(),
             opts: opts.clone(),
             captures: AtomicU32::new(0),
+            site_state: SiteState::default(),
             _lock: lock,
         };
         // From here on, an error drops `c`, which deletes whatever was created.
@@ -527,6 +535,7 @@ impl Cluster {
                     &c.bridge,
                 ],
             )?;
+            c.build_site_routers()?;
         }
         for i in 0..n_nodes {
             let ns = format!("{prefix}-n{i}");
@@ -537,7 +546,7 @@ impl Cluster {
                 index: i,
                 name: format!("node-{i}"),
                 ns: ns.clone(),
-                underlay_ip: Ipv4Addr::new(198, 18, 0, 10 + i as u8),
+                underlay_ip: crate::sites::node_addr(&opts.sites, i).0,
                 underlay_if: "eth0".into(),
                 pod_cidr: format!("10.42.{}.0/24", i + 1),
                 mesh_ip: Ipv4Addr::new(10, 42, i as u8 + 1, 1),
@@ -564,19 +573,20 @@ impl Cluster {
                     "net.ipv4.conf.default.rp_filter=0",
                 ],
             )?;
-            if let Some(sw) = &c.switch_ns {
+            // On the switch bridge, or on the LAN bridge of its site's NAT router.
+            if let Some((sw, bridge)) = c.node_port(i) {
                 let port = format!("{short}n{i}");
                 run_args(
                     "ip",
                     &[
-                        "-n", sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                        "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
                         "netns", &ns,
                     ],
                 )?;
                 run_args(
                     "ip",
                     &[
-                        "-n", sw, "link", "set", &port, "master", &c.bridge, "mtu", &mtu, "up",
+                        "-n", &sw, "link", "set", &port, "master", &bridge, "mtu", &mtu, "up",
                     ],
                 )?;
             }
@@ -609,6 +619,7 @@ impl Cluster {
                 ],
             )?;
             if let Some(sw) = &c.switch_ns {
+                let gateway = crate::sites::node_addr(&opts.sites, n.index).1;
                 run_args(
                     "ip",
                     &[
@@ -618,10 +629,11 @@ impl Cluster {
                         "add",
                         "default",
                         "via",
-                        &UNDERLAY_ROUTER.to_string(),
+                        &gateway.to_string(),
                     ],
                 )?;
-                if opts.router_pod_routes {
+                // A NATed node's private address is not routable from the switch.
+                if opts.router_pod_routes && !c.is_natted(n.index) {
                     run_args(
                         "ip",
                         &[
@@ -640,7 +652,7 @@ impl Cluster {
         // Underlay sanity check.
         for n in &c.nodes {
             let target = match &c.switch_ns {
-                Some(_) => UNDERLAY_ROUTER,
+                Some(_) => crate::sites::node_addr(&c.opts.sites, n.index).1,
                 None => c.nodes[1 - n.index].underlay_ip,
             };
             let ok = wait_until(Duration::from_secs(5), || {
@@ -1012,7 +1024,7 @@ impl Cluster {
             .into_iter()
             .filter(|n| n.starts_with(&format!("{}-", self.prefix)))
             .collect();
-        // Pods first, then nodes, then the switch.
+        // Pods first, then nodes and site routers, then the switch.
         let mut ordered = mine.clone();
         ordered.sort_by_key(|n| {
             let role = n.rsplit('-').next().unwrap_or("");
@@ -2003,6 +2015,7 @@ mod tests {
     fn naming_schemes() {
         assert!(is_harness_ns("wt-1234-0-sw"));
         assert!(is_harness_ns("wt-1234-12-n0p3"));
+        assert!(is_harness_ns("wt-1234-12-r3"));
         assert!(!is_harness_ns("wt-abc-0-sw"));
         assert!(!is_harness_ns("wt-1234-sw"));
         assert!(!is_harness_ns("weft-1234-0-sw"));

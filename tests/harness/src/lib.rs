@@ -12,6 +12,19 @@
 //! - pods attached by the weft-cni plugin instead (empty namespaces `wt-<pid>-<seq>-n<i>cp<k>`,
 //!   see [`cni`]).
 //!
+//! **Sites** ([`ClusterOpts::sites`], a list of [`SiteSpec`]; empty = the flat topology above):
+//! locations for the NAT-traversal, hole-punching and relay tests (see [`sites`]).
+//! - a public site (`nat: None`) keeps its nodes on the bridge; only the location differs;
+//! - a NAT site `s` gets a router `wt-<pid>-<seq>-r<s>`: `wan` 198.18.0.(200+s) on the bridge,
+//!   LAN bridge 192.168.(s+1).1/24; its node `i` is 192.168.(s+1).(10+i) (that is its
+//!   `underlay_ip`), masqueraded to the WAN address, unsolicited inbound dropped;
+//!   [`NatKind::PortPreserving`] keeps the source port, [`NatKind::Symmetric`] maps every
+//!   destination to another random port; `udp_timeout_secs` sets the router's UDP conntrack
+//!   timeouts;
+//! - [`Cluster::block_udp_between_sites`] drops UDP between two sites on the switch (ICMP passes),
+//!   [`Cluster::nat_mappings`] lists a router's conntrack entries, [`Node::udp_socket`] opens a
+//!   plain UDP socket in a node; `tests/nat_selftest.rs` proves each property.
+//!
 //! All nodes share one `dir:` registry in the cluster's temp dir, or an etcd started by
 //! [`Cluster::start_etcd`] (or, with TLS, client certificates and per-node users,
 //! [`Cluster::start_etcd_secure`]) in the switch namespace (see [`etcd`]). meshd is run as
@@ -51,6 +64,7 @@ pub mod etcd;
 pub mod kube;
 pub mod kube_mesh;
 pub mod kubelet;
+pub mod sites;
 pub mod traffic;
 pub mod util;
 
@@ -69,6 +83,7 @@ pub use etcd::{
     node_user, rbac_script, Etcd, EtcdAuthOpts, EtcdLogin, MeshdEtcdArgs, ADMIN_USER,
     ETCD_CLIENT_PORT, ETCD_PEER_PORT, NO_USER_CN,
 };
+pub use sites::{udp_socket_in, NatKind, SiteSpec};
 pub use traffic::{
     assert_tcp_intact, ping, sh_in, tcp_transfer, udp_send, BgPing, PingOpts, PingResult, TcpOpts,
     TcpResult, UdpReceived, UdpReceiver, UdpSend,

@@ -467,8 +467,12 @@ pub async fn run(mut cfg: Config) -> Result<()> {
     for i in 0..shards.count() {
         shards.lock(i).set_nat_keepalive(Some(cfg.nat_keepalive));
     }
-    let own_endpoints: Vec<std::net::SocketAddr> = own.all_endpoints().copied().collect();
-    shards.set_paths(cfg.use_relays, cfg.relay, &own_endpoints);
+    shards.set_paths(
+        cfg.use_relays,
+        cfg.relay,
+        &own.endpoints,
+        &own.private_endpoints,
+    );
     let uapi_file = match uapi {
         Some((listener, file)) => {
             let shards = shards.clone();

@@ -27,6 +27,9 @@ pub struct PathsStatus {
     /// This node's address as relays see it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reflexive_address: Option<String>,
+    /// How this node's NAT maps, from what two or more relays see.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nat_mapping: Option<&'static str>,
     pub relays: Vec<weft_core::node::RelayStatus>,
     pub stats: weft_core::node::PathStats,
 }
@@ -135,8 +138,14 @@ impl Shards {
     }
 
     /// Path finding and relays (see `Node::set_paths`), on every shard.
-    pub fn set_paths(&self, use_relays: bool, relay: bool, own: &[std::net::SocketAddr]) {
-        self.each(|n| n.set_paths(use_relays, relay, own.to_vec()));
+    pub fn set_paths(
+        &self,
+        use_relays: bool,
+        relay: bool,
+        public: &[std::net::SocketAddr],
+        private: &[std::net::SocketAddr],
+    ) {
+        self.each(|n| n.set_paths(use_relays, relay, public.to_vec(), private.to_vec()));
     }
 
     /// Path state of the device: counters of all shards, the relays as the shard that sees
@@ -145,9 +154,18 @@ impl Shards {
         let mut stats = weft_core::node::PathStats::default();
         let mut relays: BTreeMap<String, weft_core::node::RelayStatus> = BTreeMap::new();
         let mut reflexive = None;
-        for (s, r, x) in self.each(|n| (n.path_stats(), n.relay_status(), n.reflexive_address())) {
+        let mut symmetric = None;
+        for (s, r, x, sym) in self.each(|n| {
+            (
+                n.path_stats(),
+                n.relay_status(),
+                n.reflexive_address(),
+                n.nat_is_symmetric(),
+            )
+        }) {
             stats.merge(&s);
             reflexive = reflexive.or(x);
+            symmetric = symmetric.or(sym);
             for st in r {
                 let better = relays.get(&st.name).is_none_or(|o| !o.alive && st.alive);
                 if better {
@@ -159,6 +177,13 @@ impl Shards {
             use_relays,
             relay,
             reflexive_address: reflexive.map(|a| a.to_string()),
+            nat_mapping: symmetric.map(|s| {
+                if s {
+                    "endpoint-dependent (symmetric: relays see different ports)"
+                } else {
+                    "endpoint-independent (relays see one address)"
+                }
+            }),
             relays: relays.into_values().collect(),
             stats,
         }

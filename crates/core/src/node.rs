@@ -1031,6 +1031,13 @@ impl Node {
         };
         if payload.first() == Some(&MSG_HANDSHAKE_INIT) {
             peer.handshake_attempts += 1;
+            if peer.path.relay.is_none() && peer.endpoint.is_some() {
+                // One more direct initiation since the peer last answered directly.
+                peer.path.direct_misses += 1;
+                if peer.path.direct_misses >= paths::DIRECT_MISSES {
+                    self.direct_failed(id);
+                }
+            }
         }
         self.send_to_peer(id, payload);
     }
@@ -1488,12 +1495,8 @@ impl Node {
                 }
             }
             peer.handshake_timeouts += timeouts;
-            let relayed = peer.path.relay.is_some();
             if next_endpoint {
                 peer.try_next_endpoint();
-            }
-            if timeouts > 0 && !relayed {
-                self.direct_failed(id);
             }
             let Some(peer) = self.peers.get_mut(&id) else {
                 continue;

@@ -238,6 +238,8 @@ pub struct PeerPath {
     pub last_call: Option<Instant>,
     pub punch_until: Option<Instant>,
     pub last_punch: Option<Instant>,
+    /// Direct handshake initiations sent since the peer last answered directly.
+    pub direct_misses: u32,
     /// Times the path went from relayed to direct and back.
     pub upgrades: u64,
     pub fallbacks: u64,

@@ -4,8 +4,10 @@
 //! Rules (all per peer, in the peer's shard):
 //! - A peer with an endpoint is reached directly. A peer with none (behind NAT, not heard from
 //!   yet) is reached through the best live relay, if there is one.
-//! - A handshake initiation sent directly that gets no answer within WireGuard's rekey timeout
-//!   (5 s) moves the peer to a relay.
+//! - A third handshake initiation sent directly with no authenticated packet from the peer
+//!   since the first (two went unanswered for WireGuard's rekey timeout, 5 s each: the peer may
+//!   just not know this node yet the first time) moves the peer to a relay. A session whose
+//!   path breaks gets there too: WireGuard handshakes again after 15 s without an answer.
 //! - The path follows the last authenticated packet, as WireGuard's endpoint does: one received
 //!   directly makes the path direct (to where it came from); one received through a relay makes
 //!   the path go through that relay, unless a packet came directly within the last
@@ -35,10 +37,15 @@ use std::time::{Duration, Instant};
 pub const RELAY_PING_INTERVAL: Duration = Duration::from_secs(1);
 /// A relay is alive while it answered a ping this recently.
 pub const RELAY_ALIVE: Duration = Duration::from_millis(2500);
+/// Direct initiations without an answer in between that move a peer to a relay.
+pub const DIRECT_MISSES: u32 = 3;
 /// A packet received directly this recently keeps the path direct against relayed ones.
 pub const DIRECT_FRESH: Duration = Duration::from_secs(3);
-/// While relayed: how often the peer is called to punch holes.
+/// While relayed: how often the peer is called to punch holes, once it called back (its
+/// candidates are known); until then every [`CALL_RETRY`] (a call the relay could not forward
+/// yet, say because it has not heard from the peer, is not waited for long).
 pub const CALL_INTERVAL: Duration = Duration::from_secs(10);
+pub const CALL_RETRY: Duration = Duration::from_secs(2);
 /// After a call (sent or received): how long the other end's candidates are pinged, and how
 /// often.
 pub const PUNCH_WINDOW: Duration = Duration::from_secs(5);
@@ -127,11 +134,14 @@ pub(crate) struct Paths {
     relay: bool,
     /// This node's own endpoints (public and private), offered as candidates in calls.
     own_endpoints: Vec<SocketAddr>,
+    /// Some of them are public.
+    has_public: bool,
     keys: HashMap<(PublicKey, PublicKey), PairKey>,
     relays: BTreeMap<PeerId, RelayHealth>,
     pings: HashMap<u64, PingSent>,
-    /// This node's address as the last relay pong saw it.
-    reflexive: Option<SocketAddr>,
+    /// This node's address as each relay saw it in its last pong (the same for all relays
+    /// behind an endpoint-independent NAT, different behind a symmetric one).
+    reflexive: BTreeMap<PeerId, SocketAddr>,
     stats: PathStats,
     now: Option<Instant>,
 }
@@ -148,11 +158,20 @@ impl Paths {
 
 impl Node {
     /// Turns path finding and relays on (`use_relays`), and relaying for others (`relay`).
-    /// `own_endpoints`: this node's endpoints, offered to peers behind NAT as candidates.
-    pub fn set_paths(&mut self, use_relays: bool, relay: bool, own_endpoints: Vec<SocketAddr>) {
+    /// `public` and `private`: this node's endpoints, offered to peers as candidates (with its
+    /// address as relays see it).
+    pub fn set_paths(
+        &mut self,
+        use_relays: bool,
+        relay: bool,
+        public: Vec<SocketAddr>,
+        private: Vec<SocketAddr>,
+    ) {
         self.paths.enabled = use_relays || relay;
         self.paths.relay = relay;
-        self.paths.own_endpoints = own_endpoints;
+        self.paths.has_public = !public.is_empty();
+        self.paths.own_endpoints = public;
+        self.paths.own_endpoints.extend(private);
     }
 
     /// Path counters of this shard.
@@ -160,9 +179,24 @@ impl Node {
         self.paths.stats
     }
 
-    /// This node's address as relays see it (from their pongs), if known.
+    /// This node's address as relays see it (from their pongs), if known: the one most relays
+    /// agree on.
     pub fn reflexive_address(&self) -> Option<SocketAddr> {
-        self.paths.reflexive
+        let mut count: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+        for a in self.paths.reflexive.values() {
+            *count.entry(*a).or_default() += 1;
+        }
+        count.into_iter().max_by_key(|(_, n)| *n).map(|(a, _)| a)
+    }
+
+    /// Whether relays see this node at different addresses (a NAT that maps per destination:
+    /// symmetric, where hole punching fails). None until two relays answered.
+    pub fn nat_is_symmetric(&self) -> Option<bool> {
+        let mut seen = self.paths.reflexive.values();
+        let first = seen.next()?;
+        let mut others = seen.peekable();
+        others.peek()?;
+        Some(others.any(|a| a != first))
     }
 
     /// The relays this shard measures.
@@ -261,10 +295,24 @@ impl Node {
         let body = pathmsg::body(d);
         match h.kind {
             MSG_PING => {
-                // Any shard answers: the pong goes back where the ping came from.
+                // The sender's shard answers: the pong goes back where the ping came from, and
+                // a peer with no address yet (behind NAT, its handshake not through yet) is
+                // reachable there from now on (so a relay can forward to it at once).
                 let Some((txid, _)) = pathmsg::parse_ping(body) else {
                     return self.path_refused();
                 };
+                if let Some(p) = self.peers.get(&sender) {
+                    let owner = self.owner(p);
+                    if owner != self.shard_index {
+                        return Dispatch::Shard(owner);
+                    }
+                }
+                if let Some(p) = self.peers.get_mut(&sender) {
+                    if p.endpoint.is_none() {
+                        tracing::debug!(peer = %p.config.name, %from, "endpoint from its ping");
+                        p.endpoint = Some(from);
+                    }
+                }
                 let pong = pathmsg::ping_body(txid, Some(from));
                 if let Some(m) = self.seal_to(sender, MSG_PONG, &[&pong]) {
                     self.outputs.push_back(Output::Transmit {
@@ -489,6 +537,7 @@ impl Node {
                 peer.endpoint = Some(from);
                 peer.endpoint_confirmed = true;
                 peer.path.direct_rx = now;
+                peer.path.direct_misses = 0;
                 if peer.path.relay.take().is_some() {
                     peer.path.upgrades += 1;
                     peer.path.reason = "direct: an authenticated packet came straight from it";
@@ -526,11 +575,19 @@ impl Node {
         if self.peers.get(&id).map(|p| p.config.kind) != Some(PeerKind::Node) {
             return;
         }
+        if self
+            .peers
+            .get(&id)
+            .is_none_or(|p| p.path.direct_misses < DIRECT_MISSES)
+        {
+            return;
+        }
         if let Some(r) = self.best_relay(id) {
             if let Some(p) = self.peers.get_mut(&id) {
                 p.path.relay = Some(r);
                 p.path.fallbacks += 1;
-                p.path.reason = "relayed: a direct handshake got no answer";
+                p.path.direct_misses = 0;
+                p.path.reason = "relayed: direct handshakes got no answer";
                 tracing::info!(peer = %p.config.name, "no direct answer: path relayed");
             }
         }
@@ -606,14 +663,16 @@ impl Node {
         if let Some(h) = self.paths.relays.get_mut(&sender) {
             h.last_pong = Some(now);
             h.rtt = Some(now.saturating_duration_since(ping.at));
-            if observed.is_some() && self.paths.reflexive != observed {
-                tracing::info!(address = ?observed, "this node's address as relays see it");
-                self.paths.reflexive = observed;
+            if let Some(o) = observed {
+                if self.paths.reflexive.insert(sender, o) != Some(o) {
+                    tracing::debug!(address = %o, "this node's address as a relay sees it");
+                }
             }
         }
         // A pong from a peer this node reaches through a relay: a direct path works.
         if self.owns(sender) {
             if let Some(p) = self.peers.get_mut(&sender) {
+                p.path.direct_misses = 0;
                 if p.path.relay.is_some() {
                     p.path.relay = None;
                     p.path.upgrades += 1;
@@ -630,7 +689,12 @@ impl Node {
     /// This node's candidate addresses for a peer: its address as relays see it and its own
     /// endpoints.
     fn candidates(&self) -> Vec<SocketAddr> {
-        let mut c: Vec<SocketAddr> = self.paths.reflexive.into_iter().collect();
+        let mut c: Vec<SocketAddr> = self.reflexive_address().into_iter().collect();
+        for a in self.paths.reflexive.values() {
+            if !c.contains(a) {
+                c.push(*a);
+            }
+        }
         for e in &self.paths.own_endpoints {
             if !c.contains(e) {
                 c.push(*e);
@@ -686,6 +750,9 @@ impl Node {
         self.paths
             .relays
             .retain(|id, _| relays.iter().any(|(r, _)| r == id));
+        self.paths
+            .reflexive
+            .retain(|id, _| relays.iter().any(|(r, _)| r == id));
         for (id, ep) in relays {
             let h = self.paths.relays.entry(id).or_default();
             let due = h
@@ -708,11 +775,12 @@ impl Node {
             .filter(|id| self.owns(*id))
             .collect();
         for id in owned {
-            // Packets waiting for a peer with no endpoint: a relay can carry the handshake now.
+            // A peer with no endpoint and no session (both behind NAT): a relay can carry the
+            // handshake now (and calls then punch a direct path), as a peer with an endpoint is
+            // handshaked with as soon as it is added.
             let stuck = self.peers.get(&id).is_some_and(|p| {
                 p.endpoint.is_none()
                     && p.path.relay.is_none()
-                    && !p.queue.is_empty()
                     && !p.slots.iter().any(|s| s.has_session())
             });
             if stuck && self.can_relay_to(id) {
@@ -722,10 +790,18 @@ impl Node {
                 continue;
             };
             let relay = p.path.relay;
+            // A call is worth sending once this node knows an address of its own to offer.
+            let addressable = !self.paths.reflexive.is_empty() || self.paths.has_public;
+            let every = if p.path.candidates.is_empty() {
+                CALL_RETRY
+            } else {
+                CALL_INTERVAL
+            };
             let call_due = relay.is_some()
+                && addressable
                 && p.path
                     .last_call
-                    .is_none_or(|t| now.saturating_duration_since(t) >= CALL_INTERVAL);
+                    .is_none_or(|t| now.saturating_duration_since(t) >= every);
             let punching = p.path.punch_until.is_some_and(|u| now < u)
                 && p.path
                     .last_punch

@@ -1487,7 +1487,7 @@ fn relay_net() -> (Net, Vec<PeerConfig>) {
     net.blocked = vec![(a2, a3), (a3, a2)];
     for i in 0..3 {
         let eps: Vec<SocketAddr> = vec![net.nodes[i].0];
-        net.nodes[i].1.set_paths(true, i == 0, eps);
+        net.nodes[i].1.set_paths(true, i == 0, eps, vec![]);
     }
     for i in 0..3 {
         for (j, c) in cfgs.iter().enumerate() {
@@ -1585,7 +1585,7 @@ fn a_relay_forwards_only_for_members_and_only_when_it_relays() {
     net.nodes[0].1.handle_udp(from, &ping, t0);
     assert_eq!(net.nodes[0].1.poll_output(), None);
     // A node that does not relay refuses members too.
-    net.nodes[0].1.set_paths(true, false, vec![]);
+    net.nodes[0].1.set_paths(true, false, vec![], vec![]);
     let p = ipv4_packet([10, 42, 2, 5], [10, 42, 3, 7], b"x");
     net.nodes[1].1.handle_tun(&p, t0);
     net.run(t0);
@@ -1644,7 +1644,9 @@ fn a_dead_relay_is_replaced_by_a_live_one() {
     net.blocked = vec![(a2, a3), (a3, a2)];
     for i in 0..4 {
         let eps = vec![net.nodes[i].0];
-        net.nodes[i].1.set_paths(true, i == 0 || i == 3, eps);
+        net.nodes[i]
+            .1
+            .set_paths(true, i == 0 || i == 3, eps, vec![]);
         for (j, c) in cfgs.iter().enumerate() {
             if i == j {
                 continue;

@@ -21,7 +21,7 @@ if ! command -v cargo-fuzz >/dev/null; then
 fi
 cargo +nightly fuzz build || exit 2
 
-targets=(offload_segment offload_coalesce uapi_request)
+targets=(offload_segment offload_coalesce uapi_request path_message)
 failed=()
 for t in "${targets[@]}"; do
     mkdir -p "corpus/$t" "artifacts/$t"

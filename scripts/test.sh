@@ -60,7 +60,7 @@ cargo build -p weft-cni --features failpoints --target-dir target/failpoints
 step "unit and integration tests (no namespaces)"
 cargo test --workspace --exclude weft-tests
 
-step "fuzz the offload parsing code and the WireGuard UAPI parser (fuzz/: cargo-fuzz, nightly), 30 s per target"
+step "fuzz the offload parsing code, the WireGuard UAPI parser and the path messages (fuzz/: cargo-fuzz, nightly), 30 s per target"
 scripts/fuzz.sh 30
 
 step "virtual-clock tests (separate workspace: boringtun mock-instant)"

@@ -897,6 +897,15 @@ mod tests {
             (&["--interface", "a-very-long-interface-name"], "interface"),
             (&["--interface", "we/ft"], "interface"),
             (&["--mtu", "100"], "mtu"),
+            (&["--behind-nat", "--endpoint", "192.0.2.1"], "behind-nat"),
+            (&["--relay", "--behind-nat"], "relay"),
+            (&["--location", "eu west"], "location"),
+            (&["--private-endpoint", "10.0.0.1"], "private-endpoint"),
+            (
+                &["--location", "a", "--private-endpoint", "nope"],
+                "private-endpoint",
+            ),
+            (&["--nat-keepalive", "0"], "nat-keepalive"),
             (&["--registry", "etcd://127.0.0.1"], "registry"),
             (
                 &["--registry", "etcd://u:secret@127.0.0.1:2379"],

@@ -353,3 +353,49 @@ fn rotation_straddling_a_rekey_loses_nothing() {
     }
     assert_eq!(sim.nodes[0].1.public_key(), next_pub);
 }
+
+/// A node behind NAT (`through_nat` on its link to a public node) sends a keepalive on that link
+/// every `--nat-keepalive` seconds while idle, so the NAT mapping never times out; the public
+/// node sends none, and a node-to-node link without NAT none either. After two idle minutes the
+/// public node still reaches the NAT'd one first.
+#[test]
+fn nat_keepalive_only_on_links_through_nat() {
+    let mut s = Sim::new(3, None);
+    // n2 is behind NAT: n1 knows no endpoint of it; n2 reaches n1 through its NAT.
+    let mut n2_seen = s.cfgs[1].clone();
+    n2_seen.endpoints.clear();
+    let mut n1_from_n2 = s.cfgs[0].clone();
+    n1_from_n2.through_nat = true;
+    s.nodes[1].1.set_nat_keepalive(Some(3));
+    s.nodes[0].1.set_nat_keepalive(Some(3));
+    s.nodes[0].1.add_peer(n2_seen).expect("add");
+    s.nodes[1].1.add_peer(n1_from_n2).expect("add");
+    // n1 and n3: plain public link.
+    let (c1, c3) = (s.cfgs[0].clone(), s.cfgs[2].clone());
+    s.nodes[0].1.add_peer(c3).expect("add");
+    s.nodes[2].1.add_peer(c1).expect("add");
+    s.pump();
+    s.advance(Duration::from_secs(2));
+    s.sent.clear();
+    s.advance(Duration::from_secs(120));
+    let (a1, a2, a3) = (s.nodes[0].0, s.nodes[1].0, s.nodes[2].0);
+    let keepalives = |from: usize, to: SocketAddr| {
+        s.sent
+            .iter()
+            .filter(|(f, d, t, len)| *f == from && *d == to && *t == 4 && *len == 32)
+            .count()
+    };
+    let from_nat = keepalives(1, a1);
+    assert!(
+        (35..=41).contains(&from_nat),
+        "{from_nat} keepalives from the NAT'd node in 120 s at 3 s"
+    );
+    assert_eq!(keepalives(0, a2), 0, "the public side sends none");
+    assert_eq!(keepalives(0, a3) + keepalives(2, a1), 0, "no NAT, no keepalive");
+    // The public node speaks first after the idle time: answered.
+    let p = ipv4_packet([10, 42, 1, 5], [10, 42, 2, 7], b"after-idle");
+    let now = s.now;
+    s.nodes[0].1.handle_tun(&p, now);
+    s.pump();
+    assert_eq!(s.delivered[1].last(), Some(&p));
+}

@@ -277,4 +277,50 @@ mod tests {
             vec!["10.42.9.0/24".parse::<IpNet>().expect("net")]
         );
     }
+
+    /// The region label names the location (the annotation wins); with a location the
+    /// InternalIPs are private endpoints and the ExternalIPs (or the forced one) public ones;
+    /// a node with only InternalIPs then has no public endpoint (behind NAT).
+    #[test]
+    fn location_scopes_the_endpoints() {
+        let n = node(serde_json::json!({
+            "metadata": {"name": "a", "labels": {"topology.kubernetes.io/region": "eu-west-1"}},
+            "status": {"addresses": [
+                {"type": "ExternalIP", "address": "203.0.113.7"},
+                {"type": "InternalIP", "address": "10.0.1.7"}]}
+        }));
+        let info = NodeInfo::from_node(&n);
+        assert_eq!(info.location.as_deref(), Some("eu-west-1"));
+        let (public, private) = info.scoped_endpoints(51820).expect("scoped");
+        assert_eq!(
+            public,
+            vec!["203.0.113.7:51820".parse::<SocketAddr>().expect("ep")]
+        );
+        assert_eq!(
+            private,
+            vec!["10.0.1.7:51820".parse::<SocketAddr>().expect("ep")]
+        );
+        let n = node(serde_json::json!({
+            "metadata": {"name": "b",
+                "labels": {"topology.kubernetes.io/region": "eu-west-1"},
+                "annotations": {"weft.dev/location": "edge-7"}},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.7.2"}]}
+        }));
+        let info = NodeInfo::from_node(&n);
+        assert_eq!(info.location.as_deref(), Some("edge-7"));
+        let (public, private) = info.scoped_endpoints(51820).expect("scoped");
+        assert!(public.is_empty(), "only an InternalIP: behind NAT");
+        assert_eq!(private.len(), 1);
+        let plain = NodeInfo {
+            location: None,
+            ..info
+        };
+        let (public, private) = plain.scoped_endpoints(51820).expect("plain");
+        assert_eq!(
+            public.len(),
+            1,
+            "no location: every address is public, as before"
+        );
+        assert!(private.is_empty());
+    }
 }

@@ -68,6 +68,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use weft_core::record::{NodeRecord, SCHEMA_VERSION};
 use weft_core::PrivateKey;
 use weft_tests::kube::{KubeControlPlane, KubeOpts};
+use weft_tests::perf::cpu_secs;
 use weft_tests::util::{ns_cmd, percentile, run_args, run_in_netns, run_timeout};
 use weft_tests::{Cluster, Etcd, Node};
 
@@ -769,26 +770,6 @@ fn mem_kib(pid: u32) -> Result<(u64, u64)> {
             .ok_or_else(|| anyhow!("no {name} in /proc/{pid}/status"))
     };
     Ok((field("VmRSS:")?, field("VmHWM:")?))
-}
-
-/// utime + stime of the process (all threads), in seconds.
-fn cpu_secs(pid: u32) -> Result<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // Fields after the `(comm)`: state is the first, utime the 12th, stime the 13th.
-    let rest = s
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow!("odd /proc/{pid}/stat"))?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let num = |i: usize| -> Result<f64> {
-        f.get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .ok_or_else(|| anyhow!("odd /proc/{pid}/stat"))
-    };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Ok((num(11)? + num(12)?) / hz)
 }
 
 /// Seconds since the epoch of an RFC 3339 UTC timestamp as tracing-subscriber and the audit log

@@ -46,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
     node.handle_timeout(now);
     while node.poll_output().is_some() {}
     let from = "203.0.113.9:4000".parse().expect("from");
-    let mut check = |node: &mut Node, d: &[u8]| {
+    let check = |node: &mut Node, d: &[u8]| {
         node.handle_udp(from, d, now);
         while let Some(o) = node.poll_output() {
             if let Output::Transmit { payload, .. } = o {

@@ -7,10 +7,14 @@
 //! Every message is `[type, 'w', 'f', 't'][sender key id: 8][receiver key id: 8][body][tag: 16]`.
 //! A key id is the first 8 bytes of a node's public key. The types are 0x10 to 0x14, never
 //! WireGuard's 1 to 4, so a standard WireGuard peer drops one as an invalid message (and weft
-//! sends them to weft nodes only). The tag is a keyed BLAKE2s-128 of everything before it, keyed
-//! with `BLAKE2s-256("weft path v1" || X25519(own static, peer static))`: only the two nodes of
-//! the pair can make or check it. So only mesh members get an answer, a relay forwards only
-//! between members, and a node removed from the mesh (a revoked one) gets nothing.
+//! sends them to weft nodes only). The tag is a keyed BLAKE2s-128, keyed with
+//! `BLAKE2s-256("weft path v1" || X25519(own static, peer static))`: only the two nodes of the
+//! pair can make or check it. So only mesh members get an answer, a relay forwards only between
+//! members, and a node removed from the mesh (a revoked one) gets nothing. The tag covers the
+//! whole message, except in `RELAY` and `RELAYED`, where it covers the header, the other end's
+//! key id, the datagram's length and its first [`RELAY_TAGGED_PREFIX`] bytes (WireGuard's type,
+//! receiver index and counter): the rest is the two end nodes' own WireGuard ciphertext, which
+//! their AEAD authenticates end to end, so the relay does not hash every byte it forwards.
 //!
 //! - `PING` (body: transaction id, padded) asks a peer directly whether a path works; `PONG`
 //!   answers from the same socket with the transaction id and the address the ping came from
@@ -43,6 +47,8 @@ const ADDR_LEN: usize = 18;
 /// What relaying adds to a datagram: header, the other end's key id, tag (44 bytes). The mesh
 /// MTU leaves room for it when relays are in use.
 pub const RELAY_OVERHEAD: usize = HEADER_LEN + 8 + TAG_LEN;
+/// Bytes of a relayed datagram the hop's tag covers (see the module docs).
+pub const RELAY_TAGGED_PREFIX: usize = 32;
 /// Most candidate addresses one `CALL` carries.
 pub const MAX_CANDIDATES: usize = 8;
 /// Ping and pong body: transaction id and an address (zero in a ping).
@@ -105,6 +111,7 @@ impl PairKey {
         PairKey(h.finalize().into())
     }
 
+    /// The tag of `msg` (a message without its tag).
     fn tag(&self, msg: &[u8]) -> [u8; TAG_LEN] {
         // A 32-byte key is always a valid BLAKE2s key.
         let mut mac =
@@ -112,7 +119,14 @@ impl PairKey {
                 Ok(m) => m,
                 Err(_) => return [0u8; TAG_LEN],
             };
-        mac.update(msg);
+        let relayed = matches!(msg.first(), Some(&MSG_RELAY) | Some(&MSG_RELAYED));
+        if relayed && msg.len() > HEADER_LEN + 8 + RELAY_TAGGED_PREFIX {
+            mac.update(&msg[..HEADER_LEN + 8 + RELAY_TAGGED_PREFIX]);
+            // The length, so a cut or padded datagram does not verify.
+            mac.update(&(msg.len() as u64).to_be_bytes());
+        } else {
+            mac.update(msg);
+        }
         mac.finalize_fixed().into()
     }
 
@@ -296,5 +310,34 @@ mod tests {
         }
         assert!(!is_path_message(b"\x10wft"));
         assert_eq!(RELAY_OVERHEAD, 44);
+    }
+
+    /// A relayed datagram's tag covers the routing, the length and the WireGuard header: a
+    /// changed destination, a cut or a longer datagram, or another WireGuard header fails; the
+    /// ciphertext beyond is left to the end nodes' AEAD.
+    #[test]
+    fn relay_tags_cover_routing_length_and_wireguard_header() {
+        let (a, r) = (PrivateKey::generate(), PrivateKey::generate());
+        let k = PairKey::derive(&a, &r.public_key());
+        let datagram = vec![4u8; 1400];
+        let m = k.seal(
+            MSG_RELAY,
+            key_id(&a.public_key()),
+            key_id(&r.public_key()),
+            &[&[9u8; 8], &datagram],
+        );
+        let kr = PairKey::derive(&r, &a.public_key());
+        assert!(kr.verify(&m));
+        for i in 0..HEADER_LEN + 8 + RELAY_TAGGED_PREFIX {
+            let mut x = m.clone();
+            x[i] ^= 1;
+            assert!(!kr.verify(&x), "byte {i} is covered");
+        }
+        let mut cut = m.clone();
+        cut.remove(100);
+        assert!(!kr.verify(&cut));
+        let mut longer = m.clone();
+        longer.insert(100, 0);
+        assert!(!kr.verify(&longer));
     }
 }

@@ -1,6 +1,7 @@
 //! Multi-cloud paths on the netns harness: locations, nodes behind NAT, hole punching and relays.
 //!
-//! `mesh_across_nat_sites` (dir registry), sites:
+//! `mesh_across_nat_sites` (dir registry) and `mesh_across_nat_sites_etcd` (the same on etcd),
+//! sites:
 //! - `cloud`: node-0 and node-1, public, both relays (`--relay`);
 //! - `site-a`: node-2 and node-3 behind a port-preserving NAT (5 s UDP conntrack timeout);
 //! - `site-b`: node-4 behind a port-preserving NAT;
@@ -89,6 +90,33 @@ fn all_pods_reach_each_other(c: &Cluster, pods: &[Pod]) {
 
 #[test]
 fn mesh_across_nat_sites() {
+    mesh_across_nat_sites_on(false);
+}
+
+/// The same on etcd: the records with locations and no public endpoints, rotation and
+/// revocation through etcd.
+#[test]
+fn mesh_across_nat_sites_etcd() {
+    mesh_across_nat_sites_on(true);
+}
+
+/// Runs keyctl against the cluster's registry (`registry`: its `--registry` value).
+fn keyctl(c: &Cluster, registry: &str, args: &[&str]) -> (Option<i32>, String) {
+    let sw = c.switch_ns.clone().expect("switch namespace");
+    let mut a: Vec<&str> = args.to_vec();
+    a.extend(["--registry", registry]);
+    let out = weft_tests::keyctl_in(&sw, &a, Duration::from_secs(60)).expect("keyctl");
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn mesh_across_nat_sites_on(etcd: bool) {
     weft_tests::set_nettool(env!("CARGO_BIN_EXE_weft-nettool"));
     let opts = ClusterOpts {
         pod_mtu: POD_MTU,
@@ -101,6 +129,12 @@ fn mesh_across_nat_sites() {
         ..Default::default()
     };
     let c = Cluster::new(6, opts).expect("cluster");
+    let etcd = etcd.then(|| c.start_etcd().expect("etcd"));
+    let registry = match &etcd {
+        Some(e) => e.spec(),
+        None => c.registry.spec(),
+    };
+    let reg = ["--registry", registry.as_str()];
     let pods: Vec<Pod> = (0..6).map(|i| c.node(i).add_pod(0).expect("pod")).collect();
     let (wan_a, wan_b, wan_c) = (
         c.site_public_ip(1).expect("a"),
@@ -117,11 +151,11 @@ fn mesh_across_nat_sites() {
     let cap_lan_a = c
         .capture(&c.node(2).ns, "eth0", "udp")
         .expect("capture site-a lan");
-    start(&c, 0, true, &[]);
-    start(&c, 1, true, &[]);
+    start(&c, 0, true, &reg);
+    start(&c, 1, true, &reg);
     let t_start = Instant::now();
     for i in 2..6 {
-        start(&c, i, false, &[]);
+        start(&c, i, false, &reg);
     }
     let started = t_start.elapsed();
 
@@ -353,10 +387,8 @@ fn mesh_across_nat_sites() {
 
     // Key rotation on a relayed link, then revocation: a revoked node cannot use the relay.
     let live = 1 - dead;
-    let (code, out, err) = c
-        .keyctl(&["rotate", "--node", "node-5", "--wait"])
-        .expect("rotate");
-    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out) = keyctl(&c, &registry, &["rotate", "--node", "node-5", "--wait"]);
+    assert_eq!(code, Some(0), "{out}");
     let rotated = weft_tests::wait_until(Duration::from_secs(30), || {
         c.node(2)
             .status_json()
@@ -373,8 +405,8 @@ fn mesh_across_nat_sites() {
     let refused_before = c.node(live).status_json().expect("st")["paths"]["stats"]["relayRefused"]
         .as_u64()
         .unwrap_or(0);
-    let (code, out, err) = c.keyctl(&["revoke", "node-5"]).expect("revoke");
-    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out) = keyctl(&c, &registry, &["revoke", "node-5"]);
+    assert_eq!(code, Some(0), "{out}");
     let gone = weft_tests::wait_until(Duration::from_secs(15), || {
         c.node(live).status_peer("node-5").ok().flatten().is_none()
             && c.node(2).status_peer("node-5").ok().flatten().is_none()

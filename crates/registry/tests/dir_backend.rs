@@ -122,11 +122,17 @@ async fn names_are_checked_and_invalid_records_not_stored() {
     assert!(!tmp.path().join("escape.json").exists());
 
     let mut r = record("node-a", 1);
-    r.endpoints.clear();
+    r.endpoints = vec!["0.0.0.0:51820".parse().expect("ep")];
     let e = put_node(&*reg, &r)
         .await
         .expect_err("invalid record stored");
     assert!(e.to_string().contains("endpoints"), "{e}");
+    let mut r = record("node-a", 1);
+    r.location = Some("not a label".into());
+    let e = put_node(&*reg, &r)
+        .await
+        .expect_err("invalid record stored");
+    assert!(e.to_string().contains("location"), "{e}");
 
     // A stored record that does not decode is an error for get (a watch would skip it).
     reg.put(Kind::Nodes, "node-b", b"{garbage")

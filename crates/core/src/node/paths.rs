@@ -17,9 +17,12 @@
 //!   pings the peer's candidates for [`PUNCH_WINDOW`]; the peer does the same on receiving the
 //!   call. A pong from a candidate makes the path direct to it: the holes are punched.
 //! - Relays (node peers whose records offer relaying, with a public endpoint) are pinged every
-//!   [`RELAY_PING_INTERVAL`]; one not answering for [`RELAY_ALIVE`] is dead, and the peers it
-//!   carried move to the live relay with the shortest round trip. The pongs also tell this node
-//!   its own address as seen from outside (its reflexive address).
+//!   [`RELAY_PING_INTERVAL`] while this node needs them (a peer relayed, or one with no address
+//!   and no session), else every [`RELAY_IDLE_PING_INTERVAL`] (a relay answers 1000 idle nodes
+//!   with 100 pongs a second, not 1000). A relay that leaves a ping unanswered for
+//!   [`RELAY_ALIVE`] is dead, and the peers it carried move to the live relay with the shortest
+//!   round trip. The pongs also tell this node its own address as seen from outside (its
+//!   reflexive address).
 //! - A relay forwards a `RELAY` only when both ends are node peers of its own and it knows
 //!   where the destination is; it never answers anyone else.
 
@@ -33,10 +36,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-/// How often relays are pinged.
+/// How often relays are pinged while this node needs one, and while it does not.
 pub const RELAY_PING_INTERVAL: Duration = Duration::from_secs(1);
-/// A relay is alive while it answered a ping this recently.
-pub const RELAY_ALIVE: Duration = Duration::from_millis(2500);
+pub const RELAY_IDLE_PING_INTERVAL: Duration = Duration::from_secs(10);
+/// A relay that answered a ping once is alive until a ping stays unanswered this long.
+pub const RELAY_ALIVE: Duration = Duration::from_secs(2);
 /// Direct initiations without an answer in between that move a peer to a relay.
 pub const DIRECT_MISSES: u32 = 3;
 /// A packet received directly this recently keeps the path direct against relayed ones.
@@ -115,6 +119,8 @@ pub struct RelayStatus {
 struct RelayHealth {
     last_ping: Option<Instant>,
     last_pong: Option<Instant>,
+    /// The first ping sent since the last pong (None: every ping answered).
+    unanswered_since: Option<Instant>,
     rtt: Option<Duration>,
 }
 
@@ -594,13 +600,12 @@ impl Node {
     }
 
     fn relay_alive(&self, r: PeerId) -> bool {
-        match (
-            self.paths.relays.get(&r).and_then(|h| h.last_pong),
-            self.paths.now,
-        ) {
-            (Some(t), Some(now)) => now.saturating_duration_since(t) < RELAY_ALIVE,
-            _ => false,
-        }
+        let (Some(h), Some(now)) = (self.paths.relays.get(&r), self.paths.now) else {
+            return false;
+        };
+        h.last_pong.is_some()
+            && h.unanswered_since
+                .is_none_or(|t| now.saturating_duration_since(t) < RELAY_ALIVE)
     }
 
     /// The live relay with the shortest round trip, other than `not`.
@@ -662,6 +667,7 @@ impl Node {
         };
         if let Some(h) = self.paths.relays.get_mut(&sender) {
             h.last_pong = Some(now);
+            h.unanswered_since = None;
             h.rtt = Some(now.saturating_duration_since(ping.at));
             if let Some(o) = observed {
                 if self.paths.reflexive.insert(sender, o) != Some(o) {
@@ -753,13 +759,28 @@ impl Node {
         self.paths
             .reflexive
             .retain(|id, _| relays.iter().any(|(r, _)| r == id));
+        // Needed now: a peer relayed, or one with no address and no session yet.
+        let busy = self.peers.values().any(|p| {
+            p.config.kind == PeerKind::Node
+                && self.owner(p) == self.shard_index
+                && (p.path.relay.is_some()
+                    || (p.endpoint.is_none() && !p.slots.iter().any(|s| s.has_session())))
+        });
+        let interval = if busy {
+            RELAY_PING_INTERVAL
+        } else {
+            RELAY_IDLE_PING_INTERVAL
+        };
         for (id, ep) in relays {
             let h = self.paths.relays.entry(id).or_default();
             let due = h
                 .last_ping
-                .is_none_or(|t| now.saturating_duration_since(t) >= RELAY_PING_INTERVAL);
+                .is_none_or(|t| now.saturating_duration_since(t) >= interval);
             if due {
                 h.last_ping = Some(now);
+                if h.unanswered_since.is_none() {
+                    h.unanswered_since = Some(now);
+                }
                 self.send_ping(id, ep, now);
             }
         }

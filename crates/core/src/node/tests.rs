@@ -1681,7 +1681,7 @@ fn a_dead_relay_is_replaced_by_a_live_one() {
         net.blocked.push((a, dead_addr));
     }
     let mut t = t0;
-    for _ in 0..12 {
+    for _ in 0..16 {
         t += Duration::from_millis(250);
         tick(&mut net, t);
     }

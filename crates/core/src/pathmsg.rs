@@ -142,8 +142,21 @@ impl PairKey {
 
     /// A sealed message of `kind` from `sender` to `receiver` with `body`.
     pub fn seal(&self, kind: u8, sender: KeyId, receiver: KeyId, body: &[&[u8]]) -> Vec<u8> {
+        self.seal_into(Vec::new(), kind, sender, receiver, body)
+    }
+
+    /// [`PairKey::seal`] into `out` (cleared first): a relay reuses packet buffers.
+    pub fn seal_into(
+        &self,
+        mut out: Vec<u8>,
+        kind: u8,
+        sender: KeyId,
+        receiver: KeyId,
+        body: &[&[u8]],
+    ) -> Vec<u8> {
         let len = HEADER_LEN + body.iter().map(|b| b.len()).sum::<usize>() + TAG_LEN;
-        let mut out = Vec::with_capacity(len);
+        out.clear();
+        out.reserve(len);
         out.push(kind);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&sender);

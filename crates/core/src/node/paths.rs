@@ -269,7 +269,14 @@ impl Node {
         let theirs = self.peers.get(&to)?.config.public_key;
         let own = self.own.key;
         let k = self.pair_key(own, theirs)?;
-        Some(k.seal(kind, pathmsg::key_id(&own), pathmsg::key_id(&theirs), body))
+        let buf = super::take_buf(&mut self.free, 0);
+        Some(k.seal_into(
+            buf,
+            kind,
+            pathmsg::key_id(&own),
+            pathmsg::key_id(&theirs),
+            body,
+        ))
     }
 
     /// Checks a path message's tag: (sender peer, sender key, own key) when it verifies.
@@ -447,7 +454,8 @@ impl Node {
         let Some(k) = self.pair_key(own, dst_key) else {
             return refuse(self);
         };
-        let m = k.seal(
+        let m = k.seal_into(
+            super::take_buf(&mut self.free, 0),
             MSG_RELAYED,
             pathmsg::key_id(&own),
             pathmsg::key_id(&dst_key),
@@ -490,7 +498,11 @@ impl Node {
             }
         }
         match (relay, endpoint) {
-            (Some(r), _) if self.paths.enabled => self.send_via_relay(id, r, &payload),
+            (Some(r), _) if self.paths.enabled => {
+                self.send_via_relay(id, r, &payload);
+                // The sealed copy went out in a recycled buffer; this one goes back for the next.
+                self.recycle(payload);
+            }
             (_, Some(dst)) => self.outputs.push_back(Output::Transmit { dst, payload }),
             _ => self.drop_packet(Some(id), DropReason::NoPeer, 1),
         }

@@ -6,7 +6,9 @@
 # deploy/crds is what the Rust types generate), a short fuzz run, virtual-clock tests, then the
 # netns end-to-end tests (serial, one thread; they include the real kube-apiserver tier and the
 # real-node tier: kubelet + containerd per node, weft deployed by its DaemonSet, and the
-# multi-site NAT topology self-test, tests/harness/tests/nat_selftest.rs), and
+# multi-site NAT topology self-test, tests/harness/tests/nat_selftest.rs; and the NetworkPolicy
+# tier, tests/harness/tests/netpol.rs: upstream's netpol model and the cases of
+# tests/netpol/cases.json on a 3-node mesh on the real API server), and
 # the data-path ones of those again with offloads off and one worker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -68,7 +70,10 @@ CARGO_TARGET_DIR="$PWD/target" cargo test --manifest-path tests/vclock/Cargo.tom
 
 step "netns end-to-end tests (serial; meshd with its default --offload on)"
 # Every test binary of weft-tests, nat_selftest (NAT routers, hole punching, UDP blocks between
-# sites; plain UDP, no meshd) included; it is not in the data-path rerun below.
+# sites; plain UDP, no meshd) included; it is not in the data-path rerun below, and neither are
+# netpol (NetworkPolicy: the upstream truth tables, TCP, UDP and raw-socket SCTP probes by
+# weft-netpol-agent) and nft_policy (the policy table against the kernel): policy is enforced by
+# the kernel's forward hook, whatever meshd's data path does.
 cargo test -p weft-tests -- --test-threads=1
 
 # The data-path tests again on the plain path (one packet per system call, no virtio_net_hdr)

@@ -247,6 +247,9 @@ async fn add_steps(
     if conf.ip_masq {
         ensure_masquerade(&node)?;
     }
+    if node.network_policy {
+        crate::policy::place(env, conf, &ips).await?;
+    }
     failpoint("before-result")?;
 
     let host_mac = host.link_mac(&host_if).await?.unwrap_or_default();
@@ -307,6 +310,9 @@ pub fn result(
 
 /// DEL: releases the addresses and removes the veth pair; succeeds when any of it is gone.
 pub async fn del(env: &Env, conf: &NetConf) -> Result<()> {
+    if crate::conf::read_node_info(&conf.state_dir).is_ok_and(|n| n.network_policy) {
+        crate::policy::forget(env, conf).await;
+    }
     let host = Netlink::new()?;
     host.delete_link(&host_ifname(&env.container_id, &env.ifname))
         .await?;
@@ -433,29 +439,17 @@ pub async fn gc(conf: &NetConf) -> Result<()> {
 pub async fn status(conf: &NetConf) -> Result<()> {
     let unavailable = |d: String| CniError::new(NOT_AVAILABLE, "weft is not ready", d);
     crate::conf::read_node_info(&conf.state_dir).map_err(|e| unavailable(e.details))?;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let ask = async {
-        let mut s = tokio::net::UnixStream::connect(&conf.meshd_socket).await?;
-        s.write_all(b"status\n").await?;
-        s.shutdown().await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf)
-    };
-    match tokio::time::timeout(std::time::Duration::from_secs(2), ask).await {
-        Ok(Ok(reply))
+    match crate::policy::ask_raw(conf, "status", std::time::Duration::from_secs(2)).await {
+        Ok(reply)
             if serde_json::from_slice::<Value>(&reply).is_ok_and(|v| v.get("node").is_some()) =>
         {
             Ok(())
         }
-        Ok(Ok(_)) => Err(unavailable(
+        Ok(_) => Err(unavailable(
             "meshd answered, but not with its status".into(),
         )),
-        Ok(Err(e)) => Err(unavailable(format!("{}: {e}", conf.meshd_socket.display()))),
-        Err(_) => Err(unavailable(format!(
-            "{}: no answer in 2 s",
-            conf.meshd_socket.display()
-        ))),
+        // A timeout reads "no answer in 2 s".
+        Err(e) => Err(unavailable(format!("{}: {e}", conf.meshd_socket.display()))),
     }
 }
 

@@ -365,6 +365,9 @@ fn valid_network_name(n: &str) -> bool {
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeInfo {
+    /// meshd enforces NetworkPolicy: ADD must place the pod under its policies.
+    #[serde(default)]
+    pub network_policy: bool,
     pub pod_cidrs: Vec<IpNet>,
     pub cluster_cidrs: Vec<IpNet>,
     pub mesh_addresses: Vec<std::net::IpAddr>,

@@ -24,6 +24,7 @@ mod attach;
 mod conf;
 mod error;
 mod ipam;
+mod policy;
 
 use conf::Command;
 use error::CniError;

@@ -59,6 +59,9 @@ pub struct Status {
     pub offload: crate::datapath::OffloadStatus,
     /// What each data-path worker did.
     pub workers: Vec<crate::worker::WorkerStatus>,
+    /// NetworkPolicy enforcement (absent when off): policies per local pod, drops.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<serde_json::Value>,
 }
 
 /// Sends one request and returns the reply text.
@@ -301,6 +304,84 @@ pub fn render(v: &serde_json::Value) -> String {
             let d: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
             out.push_str(&format!("device drops: {}\n", d.join(" ")));
         }
+    }
+    if v["policy"].is_object() {
+        out.push_str(&render_policy(&v["policy"]));
+    }
+    out
+}
+
+/// The NetworkPolicy part of `meshd status`: the program in force and each local pod.
+fn render_policy(p: &serde_json::Value) -> String {
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let mut out = format!(
+        "\nnetwork policy: {} generation {}  last apply {:.1} ms  seen {} pods {} namespaces {} policies  \
+         program {} sets {} elements {} chains {} rules  guard drops {}  flows cut {}\n",
+        if p["synced"].as_bool() == Some(true) {
+            "in force,"
+        } else {
+            "waiting for the first listing,"
+        },
+        n(&p["generation"]),
+        p["lastApplyMs"].as_f64().unwrap_or(0.0),
+        n(&p["seen"]["pods"]),
+        n(&p["seen"]["namespaces"]),
+        n(&p["seen"]["policies"]),
+        n(&p["program"]["sets"]),
+        n(&p["program"]["elements"]),
+        n(&p["program"]["chains"]),
+        n(&p["program"]["rules"]),
+        n(&p["guardDrops"]),
+        n(&p["flowsCut"]),
+    );
+    if let Some(e) = p["lastError"].as_str() {
+        out.push_str(&format!("  last error: {e}\n"));
+    }
+    for (k, e) in p["watchErrors"].as_object().into_iter().flatten() {
+        out.push_str(&format!("  watch {k} failing: {e}\n"));
+    }
+    for (k, e) in p["refusedPolicies"].as_object().into_iter().flatten() {
+        out.push_str(&format!(
+            "  refused policy {k} (isolates its namespace for ingress): {e}\n"
+        ));
+    }
+    let list = |v: &serde_json::Value| -> String {
+        let l: Vec<&str> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str())
+            .collect();
+        if l.is_empty() {
+            "-".into()
+        } else {
+            l.join(",")
+        }
+    };
+    out.push_str(&format!(
+        "{:<32} {:<16} {:<28} {:<28} {:>8} {:>8}\n",
+        "POD", "IPS", "INGRESS POLICIES", "EGRESS POLICIES", "IN DROP", "EG DROP"
+    ));
+    for pod in p["pods"].as_array().into_iter().flatten() {
+        let name = format!(
+            "{}/{}{}",
+            pod["namespace"].as_str().unwrap_or("?"),
+            pod["name"].as_str().unwrap_or("?"),
+            if pod["placed"].as_bool() == Some(true) {
+                ""
+            } else {
+                " (isolated)"
+            }
+        );
+        out.push_str(&format!(
+            "{:<32} {:<16} {:<28} {:<28} {:>8} {:>8}\n",
+            name,
+            list(&pod["ips"]),
+            list(&pod["ingressPolicies"]),
+            list(&pod["egressPolicies"]),
+            n(&pod["drops"]["ingress"]),
+            n(&pod["drops"]["egress"]),
+        ));
     }
     out
 }

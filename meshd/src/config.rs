@@ -126,6 +126,15 @@ pub struct RunArgs {
     /// CNI plugin need not (`meshd install-cni --ip-masq false`).
     #[arg(long, env = "WEFT_MASQUERADE")]
     pub masquerade: bool,
+    /// Kubernetes NetworkPolicy enforcement: `auto` (on with `--registry kube`), `on` or
+    /// `off`. meshd watches Pods, Namespaces and NetworkPolicies and writes nftables table
+    /// `inet weft-policy` over netlink (no `nft` binary needed).
+    #[arg(long, env = "WEFT_NETWORK_POLICY", default_value = "auto")]
+    pub network_policy: String,
+    /// Keep established connections a policy change now denies (by default their conntrack
+    /// entries are removed, so they stop within a second).
+    #[arg(long, env = "WEFT_KEEP_ESTABLISHED_FLOWS")]
+    pub keep_established_flows: bool,
     /// TUN offloads: `on` (TSO/USO super-packets from the kernel, segmented by meshd, and
     /// received TCP segments coalesced before they go to the kernel; each falls back when the
     /// kernel lacks it) or `off` (one plain packet per read and write).
@@ -263,6 +272,10 @@ pub struct Config {
     pub proc_sys_dir: PathBuf,
     /// `--masquerade`.
     pub masquerade: bool,
+    /// `--network-policy`, resolved (needs `--registry kube`).
+    pub network_policy: bool,
+    /// `--keep-established-flows`.
+    pub keep_established_flows: bool,
     /// Set with `--registry kube`.
     pub kube: Option<KubeConfig>,
     /// `--health-listen`.
@@ -741,7 +754,24 @@ impl RunArgs {
         if !self.proc_sys_dir.is_absolute() {
             return Err(bad("proc-sys-dir", "must be an absolute path"));
         }
+        let network_policy = match (self.network_policy.as_str(), kube.is_some()) {
+            ("auto", k) => k,
+            ("off", _) => false,
+            ("on", true) => true,
+            ("on", false) => return Err(bad(
+                "network-policy",
+                "on needs --registry kube (policies, pods and namespaces come from the API server)",
+            )),
+            (other, _) => {
+                return Err(bad(
+                    "network-policy",
+                    format!("{other:?}: use auto, on or off"),
+                ))
+            }
+        };
         Ok(Config {
+            network_policy,
+            keep_established_flows: self.keep_established_flows,
             proc_sys_dir: self.proc_sys_dir.clone(),
             masquerade: self.masquerade,
             kube,
@@ -866,6 +896,20 @@ mod tests {
             vec!["10.42.0.0/16".parse::<IpNet>().expect("net")]
         );
         assert_eq!(c.interface, "weft0");
+        // NetworkPolicy: `auto` is on only with --registry kube.
+        assert!(!c.network_policy && !c.keep_established_flows);
+        let k = [
+            "--registry",
+            "kube",
+            "--kube-api-server",
+            "https://10.0.0.1:6443",
+        ];
+        let c = parse(&k).expect("kube");
+        assert!(c.network_policy);
+        let c = parse(&[&k[..], &["--network-policy", "off"]].concat()).expect("off");
+        assert!(!c.network_policy);
+        let c = parse(&[&k[..], &["--keep-established-flows"]].concat()).expect("keep");
+        assert!(c.network_policy && c.keep_established_flows);
         assert_eq!(c.etcd.prefix, "/weft");
         assert_eq!(c.etcd.lease_ttl_secs, 60);
         let c = parse(&[
@@ -953,6 +997,8 @@ mod tests {
             (&["--workers", "0"], "workers"),
             (&["--workers", "65"], "workers"),
             (&["--workers", "many"], "workers"),
+            (&["--network-policy", "on"], "network-policy"),
+            (&["--network-policy", "yes"], "network-policy"),
         ];
         for (args, flag) in cases {
             let e = parse(args).expect_err("should fail");

@@ -111,6 +111,8 @@ struct Daemon {
     /// Warnings that repeat (a peer that does not answer, a refused record): one line per
     /// `--log-repeat-interval` each.
     repeats: crate::logging::Repeats,
+    /// NetworkPolicy enforcement (`--network-policy`).
+    policy: Option<crate::netpol::Policy>,
 }
 
 /// A socket file removed when this drops.
@@ -433,6 +435,39 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         .context("sharing the UDP socket with the control loop")?;
     let udp_v6 = control_udp.local_addr().is_ok_and(|a| a.is_ipv6());
 
+    // NetworkPolicy: the guard is in force before the CNI plugin can be told meshd is here.
+    let policy = match (&kube, cfg.network_policy) {
+        (Some(k), true) => {
+            let client = k
+                .client()
+                .await
+                .context("the Kubernetes client for NetworkPolicy enforcement")?;
+            Some(crate::netpol::start(
+                crate::netpol::Options {
+                    node: cfg.node_name.clone(),
+                    pod_ranges: cfg.pod_cidrs.clone(),
+                    state_dir: cfg.state_dir.clone(),
+                    keep_established: cfg.keep_established_flows,
+                    log_interval: cfg.log_repeat_interval,
+                },
+                client,
+            )?)
+        }
+        _ => {
+            // Off: a table left by an earlier run with enforcement on would keep guarding every
+            // new pod; it goes.
+            match weft_sys::nft::policy::policy_installed() {
+                Ok(true) => {
+                    weft_sys::nft::policy::remove_policy()
+                        .context("removing table inet weft-policy (--network-policy off)")?;
+                    tracing::info!("NetworkPolicy enforcement off: table inet weft-policy removed");
+                }
+                Ok(false) => {}
+                Err(e) => tracing::debug!(error = %e, "looking for table inet weft-policy"),
+            }
+            None
+        }
+    };
     write_node_file(&cfg, mtu)?;
     let listener = bind_api(&cfg.api_socket)?;
     // The WireGuard UAPI socket: bound before anything else is set up, so a second meshd for
@@ -447,7 +482,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
         None => None,
     };
     let (api_tx, mut api_rx) = mpsc::channel(16);
-    tokio::spawn(serve_api(listener, api_tx));
+    tokio::spawn(serve_api(listener, api_tx, policy.clone()));
 
     let (ev_tx, mut ev_rx) = mpsc::channel(256);
     tokio::spawn(watch_collection::<NodeRecord>(registry.clone(), ev_tx));
@@ -555,6 +590,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
     drop(done_tx);
     let repeats = crate::logging::Repeats::new(cfg.log_repeat_interval);
     let mut d = Daemon {
+        policy,
         cfg,
         shards,
         own,
@@ -623,6 +659,7 @@ pub async fn run(mut cfg: Config) -> Result<()> {
             workers: d.workers.status.clone(),
             control: d.metrics.clone(),
             state_dir: d.cfg.state_dir.clone(),
+            policy: d.policy.as_ref().map(|p| p.snapshot.clone()),
         });
         crate::probes::serve_http(l, crate::metrics::handler(Arc::new(registry)));
         tracing::info!(listen = ?d.cfg.metrics_listen, "Prometheus metrics at /metrics");
@@ -773,6 +810,7 @@ fn write_node_file(cfg: &Config, mtu: u32) -> Result<()> {
         "clusterCidrs": cfg.cluster_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
         "meshAddresses": cfg.pod_cidrs.iter().filter_map(mesh_address).map(|a| a.to_string()).collect::<Vec<_>>(),
         "mtu": mtu,
+        "networkPolicy": cfg.network_policy,
     });
     let path = cfg.state_dir.join(NODE_FILE);
     let tmp = cfg
@@ -815,12 +853,17 @@ pub(crate) fn bind_unix_socket(path: &std::path::Path) -> Result<UnixListener> {
     Ok(l)
 }
 
-async fn serve_api(listener: UnixListener, tx: mpsc::Sender<ApiRequest>) {
+async fn serve_api(
+    listener: UnixListener,
+    tx: mpsc::Sender<ApiRequest>,
+    policy: Option<crate::netpol::Policy>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let tx = tx.clone();
+        let policy = policy.clone();
         tokio::spawn(async move {
             let (r, mut w) = stream.into_split();
             let mut line = String::new();
@@ -832,12 +875,16 @@ async fn serve_api(listener: UnixListener, tx: mpsc::Sender<ApiRequest>) {
             if !matches!(read, Ok(Ok(_))) {
                 return;
             }
+            if let Some(reply) = crate::netpol::api_request(policy.as_ref(), line.trim()).await {
+                let _ = w.write_all(format!("{reply}\n").as_bytes()).await;
+                return;
+            }
             let (otx, orx) = oneshot::channel();
             let req = match line.trim() {
                 "status" => ApiRequest::Status(otx),
                 "leave" => ApiRequest::Leave(otx),
                 other => {
-                    let msg = serde_json::json!({"error": format!("unknown request {other:?}; use status or leave")});
+                    let msg = serde_json::json!({"error": format!("unknown request {other:?}; use status, leave, pod-add or pod-del")});
                     let _ = w.write_all(format!("{msg}\n").as_bytes()).await;
                     return;
                 }
@@ -1624,6 +1671,7 @@ impl Daemon {
             paths: self.shards.paths(self.cfg.use_relays, self.cfg.relay),
             offload,
             workers,
+            policy: self.policy.as_ref().map(|p| p.status()),
         };
         serde_json::to_string(&st).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
     }

@@ -134,6 +134,7 @@ mod keyfile;
 mod kube;
 mod logging;
 mod metrics;
+mod netpol;
 mod podcidr;
 mod probes;
 mod revocations;

@@ -48,6 +48,8 @@ pub struct Metrics {
     pub control: Arc<Mutex<ControlState>>,
     /// `--state-dir`: weft-cni keeps its allocations in `cni/networks/NAME/` under it.
     pub state_dir: PathBuf,
+    /// NetworkPolicy enforcement, when on.
+    pub policy: Option<Arc<Mutex<crate::netpol::Snapshot>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -465,8 +467,98 @@ impl Collector for Metrics {
                 f.counter(&vec![("kind", kind.to_string())], n)?;
             }
         }
+        if let Some(p) = &self.policy {
+            let snap = p.lock().map(|s| s.clone()).unwrap_or_default();
+            policy_metrics(&mut enc, &snap)?;
+        }
         Ok(())
     }
+}
+
+/// The NetworkPolicy families: drops per local pod, direction and policy selecting it (a drop
+/// counts for each policy isolating the pod that way: none of them allowed it), guard drops,
+/// applies, the last apply's duration, flows cut.
+fn policy_metrics(
+    enc: &mut DescriptorEncoder,
+    s: &crate::netpol::Snapshot,
+) -> Result<(), std::fmt::Error> {
+    let none: Labels = Vec::new();
+    {
+        let mut f = family(
+            enc,
+            "weft_policy_drops",
+            "Packets NetworkPolicy dropped, per local pod, direction and policy isolating it",
+            None,
+            MetricType::Counter,
+        )?;
+        for p in &s.pods {
+            for (dir, chain, policies) in [
+                ("ingress", &p.ingress_chain, &p.ingress),
+                ("egress", &p.egress_chain, &p.egress),
+            ] {
+                let n = chain
+                    .as_ref()
+                    .and_then(|c| s.drops.get(c))
+                    .map(|c| c.packets)
+                    .unwrap_or(0);
+                for pol in policies {
+                    f.counter(
+                        &vec![
+                            ("namespace", p.namespace.clone()),
+                            ("pod", p.name.clone()),
+                            ("direction", dir.to_string()),
+                            ("policy", pol.clone()),
+                        ],
+                        n,
+                    )?;
+                }
+            }
+        }
+    }
+    for (name, help, v) in [
+        (
+            "weft_policy_guard_drops",
+            "Packets dropped to or from an address of this node's pod ranges that is no pod placed under its policies",
+            s.guard_drops.packets,
+        ),
+        (
+            "weft_policy_applies",
+            "NetworkPolicy programs written to the kernel",
+            s.generation,
+        ),
+        (
+            "weft_policy_flows_cut",
+            "Established flows whose conntrack entries were removed because a change denies them",
+            s.flows_cut,
+        ),
+    ] {
+        family(enc, name, help, None, MetricType::Counter)?.counter(&none, v)?;
+    }
+    family(
+        enc,
+        "weft_policy_last_apply_seconds",
+        "How long the last NetworkPolicy change took to compile and write",
+        None,
+        MetricType::Gauge,
+    )?
+    .gauge_f(&none, s.last_apply_ms / 1000.0)?;
+    family(
+        enc,
+        "weft_policy_synced",
+        "1 once Pods, Namespaces and NetworkPolicies have been listed and a program written",
+        None,
+        MetricType::Gauge,
+    )?
+    .gauge(&none, i64::from(s.synced))?;
+    family(
+        enc,
+        "weft_policy_rules",
+        "Rules in the NetworkPolicy program in force",
+        None,
+        MetricType::Gauge,
+    )?
+    .gauge(&none, s.rules as i64)?;
+    Ok(())
 }
 
 /// Unix time in seconds with a fraction (0 if the clock is before 1970).
@@ -588,6 +680,7 @@ mod tests {
                 ..Default::default()
             })),
             state_dir: PathBuf::from("/nonexistent"),
+            policy: None,
         });
         let accept =
             "GET /metrics HTTP/1.1\r\naccept: application/openmetrics-text;version=1.0.0\r\n";
@@ -619,6 +712,64 @@ mod tests {
         assert!(
             !text.contains("# EOF") && !text.contains("# UNIT"),
             "{text}"
+        );
+        assert!(!text.contains("weft_policy"), "policy off, no series");
+    }
+
+    #[test]
+    fn policy_drops_per_pod_direction_and_policy() {
+        use weft_core::netpol::compile::PodPolicies;
+        use weft_core::netpol::program::Counter;
+        let key = weft_core::PrivateKey::generate();
+        let shards = Shards::new(key, None, 1).expect("shards");
+        let mut snap = crate::netpol::Snapshot {
+            synced: true,
+            generation: 4,
+            flows_cut: 2,
+            guard_drops: Counter {
+                packets: 7,
+                bytes: 420,
+            },
+            ..Default::default()
+        };
+        snap.pods.push(PodPolicies {
+            namespace: "x".into(),
+            name: "a".into(),
+            ips: vec!["10.42.1.10".parse().expect("ip")],
+            placed: true,
+            ingress: vec!["x/deny".into(), "x/web".into()],
+            egress: Vec::new(),
+            ingress_chain: Some("in/x/a".into()),
+            egress_chain: None,
+        });
+        snap.drops.insert(
+            "in/x/a".into(),
+            Counter {
+                packets: 5,
+                bytes: 300,
+            },
+        );
+        let reg = registry(Metrics {
+            shards,
+            workers: Vec::new(),
+            control: Arc::new(Mutex::new(ControlState::default())),
+            state_dir: PathBuf::from("/nonexistent"),
+            policy: Some(Arc::new(Mutex::new(snap))),
+        });
+        let (_, _, body) = handler(Arc::new(reg))("/metrics", "GET /metrics HTTP/1.1\r\n");
+        for want in [
+            "weft_policy_drops_total{namespace=\"x\",pod=\"a\",direction=\"ingress\",policy=\"x/deny\"} 5\n",
+            "weft_policy_drops_total{namespace=\"x\",pod=\"a\",direction=\"ingress\",policy=\"x/web\"} 5\n",
+            "weft_policy_guard_drops_total 7\n",
+            "weft_policy_applies_total 4\n",
+            "weft_policy_flows_cut_total 2\n",
+            "weft_policy_synced 1\n",
+        ] {
+            assert!(body.contains(want), "{want} missing from\n{body}");
+        }
+        assert!(
+            !body.contains("direction=\"egress\""),
+            "not isolated for egress: no series"
         );
         let (code, _, _) = handler(Arc::new(Registry::default()))("/other", "");
         assert_eq!(code, 404);

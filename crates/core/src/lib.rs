@@ -29,7 +29,13 @@
 //! `uapi` parses requests on the WireGuard cross-platform userspace API and writes the `get=1`
 //! reply in wireguard-go's format (never a private key or PSK); `repeats` decides which log
 //! lines of a repeating warning get through (one per interval per thing, with a count).
-//! `allowed_ips` is the longest-prefix table used for device-wide crypto-routing. `node` is the
+//! `allowed_ips` is the longest-prefix table used for device-wide crypto-routing. `netpol` is
+//! Kubernetes NetworkPolicy for one node: policies, pods and namespaces read from the API's
+//! JSON (`model`, every bad field named), compiled (`compile`) into the nftables program of
+//! that node (`program`: interval address sets, maps from a local pod to its chain, a chain per
+//! policy and direction, a guard set for addresses of the node's ranges that no known pod
+//! holds), which `Program::evaluate` also runs in userspace; the 48 upstream e2e specs' truth
+//! tables (tests/netpol/cases.json) are checked through it. `node` is the
 //! device: one `Peer` per remote node, each with one key slot per live (own key, peer key) pair (a
 //! `Tunn` is bound to one own key and one peer key, so a link has one slot normally, two while
 //! either end rotates and four while both do), endpoints tried in order, a bounded queue while no
@@ -75,6 +81,7 @@ pub mod control;
 pub mod external;
 pub mod health;
 pub mod keys;
+pub mod netpol;
 pub mod node;
 pub mod offload;
 pub mod packet;

@@ -26,8 +26,13 @@
 //!   message, with their sender and segment size.
 //! * [`sysctl`]: in: a sysctl path and value; out: the value written to `/proc/sys`
 //!   (and [`sysctl::enable_forwarding`]).
-//! * [`nft`]: in: a table name, pod ranges and cluster ranges; out: an nftables masquerade
-//!   table written over netlink in one atomic batch (no `nft` binary).
+//! * [`nft`]: nftables and conntrack over netlink, no `nft`/`conntrack` binary.
+//!   [`nft::masq`]: in: a table name, pod ranges and cluster ranges; out: an nftables
+//!   masquerade table written in one atomic batch. [`nft::policy`]: in: a NetworkPolicy
+//!   `weft_core::netpol::program::Program`; out: table `inet weft-policy` replaced in one
+//!   atomic batch (refused messages named), removed, probed ([`nft::policy::policy_installed`])
+//!   and its rule counters and guard drops read back. [`nft::conntrack`]: out: the conntrack
+//!   entries' original tuples; in: flows whose entries to delete.
 //! * [`netns`]: in: a netns name (`/run/netns/NAME`) or path and a closure; out: the
 //!   closure's result, run on a fresh thread that entered that namespace.
 //!

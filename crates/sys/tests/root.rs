@@ -737,7 +737,16 @@ fn tun_open_queues_one_multi_queue_device() {
     .unwrap();
     assert_link_gone(&ns, "weft1");
     assert_link_gone(&ns, "wq0");
-    let details = ns.ip(&["-d", "link", "show", "weft0"]);
+    // The two extra queues detach once their files are released, which a concurrent fork in
+    // another test thread can delay (as for the links above): wait up to 1 s.
+    let mut details = ns.ip(&["-d", "link", "show", "weft0"]);
+    for _ in 0..100 {
+        if details.contains("numqueues 3") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        details = ns.ip(&["-d", "link", "show", "weft0"]);
+    }
     assert!(details.contains("numqueues 3"), "{details}");
 
     // Dropping some queues keeps the device; dropping the last deletes it.

@@ -677,10 +677,26 @@ impl Node {
         pod_ns: &str,
         cap_args: Option<&Value>,
     ) -> Result<CniOutput> {
+        self.cnitool_with_args(command, net, pod_ns, cap_args, None)
+    }
+
+    /// [`Node::cnitool`] with `CNI_ARGS` (`K8S_POD_NAMESPACE=..;K8S_POD_NAME=..;..`), which
+    /// cnitool passes on to the plugins as a container runtime does.
+    pub fn cnitool_with_args(
+        &self,
+        command: &str,
+        net: &str,
+        pod_ns: &str,
+        cap_args: Option<&Value>,
+        cni_args: Option<&str>,
+    ) -> Result<CniOutput> {
         let tool = cnitool_bin()?;
         let mut cmd = ns_cmd(&self.ns, "env");
         cmd.arg(format!("CNI_PATH={}", self.cni_bin_dir().display()))
             .arg(format!("NETCONFPATH={}", self.cni_conf_dir().display()));
+        if let Some(a) = cni_args {
+            cmd.arg(format!("CNI_ARGS={a}"));
+        }
         if let Some(c) = cap_args {
             cmd.arg(format!("CAP_ARGS={c}"));
         }

@@ -3,7 +3,8 @@
 //! handles MeshNodes at once), a Node object per node, keyctl as a ServiceAccount bound to
 //! ClusterRole `weft-admin`, and meshd started with `--registry kube` and its own token bound to
 //! a Pod on its Node (what the kubelet mounts into a DaemonSet pod), neither `--endpoint` nor
-//! `--pod-cidr` (both from the Node object or a claim). Shared by the kube test files.
+//! `--pod-cidr` (both from the Node object or a claim), and `--network-policy off` unless the
+//! test asks for it (the harness's pods have no Pod objects). Shared by the kube test files.
 
 use crate::kube::{KubeControlPlane, KubeOpts, KubectlOutput};
 use crate::{Cluster, Node};
@@ -109,6 +110,11 @@ impl KubeMesh {
         let kc = self.node_kubeconfig(node)?.display().to_string();
         node.omit_default_args(&["--endpoint", "--pod-cidr"]);
         let mut args = vec!["--registry", "kube", "--kubeconfig", &kc];
+        // The harness's pods are no Kubernetes pods (no Pod objects): NetworkPolicy
+        // enforcement would keep them guarded. Tests of policy turn it on.
+        if !extra.iter().any(|a| a.starts_with("--network-policy")) {
+            args.extend_from_slice(&["--network-policy", "off"]);
+        }
         args.extend_from_slice(extra);
         node.start_meshd_env(&args, env)?;
         node.refresh_claimed()?;

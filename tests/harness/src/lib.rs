@@ -64,6 +64,7 @@ pub mod etcd;
 pub mod kube;
 pub mod kube_mesh;
 pub mod kubelet;
+pub mod netpol;
 pub mod perf;
 pub mod sites;
 pub mod traffic;

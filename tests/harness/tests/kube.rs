@@ -147,6 +147,13 @@ fn kube_mesh_isolation_rotation_and_node_deletion() {
             "delete node-0's MeshNode",
             &["delete", "meshnode", "node-0"],
         ),
+        // NetworkPolicy enforcement reads pods, namespaces and policies; it writes none.
+        (
+            "label a Namespace",
+            &["label", "namespace", "default", "weft-test=evil"],
+        ),
+        ("get a Pod's logs", &["logs", "-n", "kube-system", "nope"]),
+        ("read Secrets", &["get", "secrets", "-A"]),
     ];
     for (what, args) in refusals {
         let out = m.kubectl_as(&kc1, args, b"").expect("kubectl");
@@ -184,6 +191,23 @@ fn kube_mesh_isolation_rotation_and_node_deletion() {
             out.stdout,
             out.stderr
         );
+    }
+    let np = r#"{"apiVersion":"networking.k8s.io/v1","kind":"NetworkPolicy","metadata":{"name":"evil","namespace":"default"},"spec":{"podSelector":{}}}"#;
+    let out = m
+        .kubectl_as(&kc1, &["create", "-f", "-"], np.as_bytes())
+        .expect("kubectl");
+    assert!(
+        out.forbidden(),
+        "node-1 could create a NetworkPolicy: {} {}",
+        out.stdout,
+        out.stderr
+    );
+    // What it may do: list (and watch) them.
+    for what in ["pods", "namespaces", "networkpolicies"] {
+        let out = m
+            .kubectl_as(&kc1, &["get", what, "-A", "-o", "name"], b"")
+            .expect("kubectl");
+        assert!(out.success(), "node-1 cannot list {what}: {}", out.stderr);
     }
     // ... while its own MeshNode stays writable by itself (meshd republished it above).
     assert!(m.meshnode("node-1").is_some());

@@ -929,8 +929,15 @@ fn kube_twenty_meshd_at_once_claim_distinct_blocks() {
     for (n, kc) in m.c.nodes.iter().zip(&kubeconfigs) {
         n.omit_default_args(&["--endpoint", "--pod-cidr"]);
         let kc = kc.display().to_string();
-        n.spawn_meshd_claiming(&["--registry", "kube", "--kubeconfig", &kc])
-            .expect("spawn meshd");
+        n.spawn_meshd_claiming(&[
+            "--registry",
+            "kube",
+            "--kubeconfig",
+            &kc,
+            "--network-policy",
+            "off",
+        ])
+        .expect("spawn meshd");
     }
     let mut held: BTreeMap<String, Ipv4Net> = BTreeMap::new();
     for n in &m.c.nodes {

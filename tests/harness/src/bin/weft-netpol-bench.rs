@@ -19,9 +19,12 @@
 //!    created at once, timed until all 20 are everywhere.
 //! 2. Throughput: two pods attached through weft-cni (Pod object, cnitool ADD with the
 //!    K8S_POD_* CNI_ARGS, status patch) on node-0 (iperf3 server) and node-1 (client). iperf3
-//!    TCP one stream (`--runs` × `--seconds`, median) and `--pings` pings at 10 ms with no policy
-//!    at all; with `--policies` policies in the server's namespace that all select the server
-//!    (the last one allows the client); with none again.
+//!    TCP one stream (`--runs` × `--seconds`, median) and `--pings` pings at 10 ms, in
+//!    `--rounds` (3) rounds of: no policy at all, then `--policies` policies in the server's
+//!    namespace that all select the server (the last one allows the client); and no policy
+//!    once more at the end. The cost of a round is its loaded median against the mean of the
+//!    unloaded medians just before and after it (so the machine's drift over minutes cancels);
+//!    the headline is the median over the rounds, with the pooled figure next to it.
 //!
 //! Needs root, iperf3 and the workspace binaries (release build recommended):
 //!   cargo build --release --workspace --bins && sudo target/release/weft-netpol-bench
@@ -62,6 +65,7 @@ struct Args {
     policies: usize,
     pods: usize,
     runs: usize,
+    rounds: usize,
     seconds: u32,
     pings: u32,
 }
@@ -71,6 +75,7 @@ fn parse_args() -> Result<Args> {
         policies: 100,
         pods: 1000,
         runs: 3,
+        rounds: 3,
         seconds: 10,
         pings: 200,
     };
@@ -85,11 +90,13 @@ fn parse_args() -> Result<Args> {
             "--policies" => a.policies = val("--policies")?.clamp(1, 1000) as usize,
             "--pods" => a.pods = val("--pods")?.clamp(50, 1000) as usize,
             "--runs" => a.runs = val("--runs")?.max(1) as usize,
+            "--rounds" => a.rounds = val("--rounds")?.clamp(1, 100) as usize,
             "--seconds" => a.seconds = val("--seconds")?.clamp(1, 600) as u32,
             "--pings" => a.pings = val("--pings")?.clamp(10, 100_000) as u32,
             "-h" | "--help" => {
                 println!(
-                    "weft-netpol-bench [--policies N] [--pods N] [--runs N] [--seconds S] [--pings N]"
+                    "weft-netpol-bench [--policies N] [--pods N] [--runs N] [--rounds N] [--seconds S] \
+                     [--pings N]"
                 );
                 std::process::exit(0);
             }
@@ -867,56 +874,89 @@ fn main() -> Result<()> {
     let _srv = Proc::spawn_logged("iperf3 -s", &mut srv, Some(&srv_log))?;
     std::thread::sleep(Duration::from_millis(500));
 
-    let none1 = measure(&client, &server, &a, "no policy")?;
-    let t0 = Instant::now();
-    for i in 0..a.policies {
-        api.create_policy(&throughput_policy(i, a.policies))?;
-    }
+    // Rounds of (no policy, policies loaded), ending with no policy: every loaded state sits
+    // between two unloaded ones, so each round's cost is paired with its own neighbours and
+    // the drift of the machine over minutes cancels out.
+    let mut none = vec![measure(&client, &server, &a, "no policy, round 1")?];
+    let mut with = Vec::new();
+    let mut tp_fig = None;
     let tp_keys: Vec<String> = (0..a.policies)
         .map(|i| format!("{SERVER_NS}/tp-{i:03}"))
         .collect();
-    let loaded = wait_everywhere(&socks, t0, Duration::from_secs(60), &mut log, |ap| {
-        tp_keys.iter().all(|k| ap.contains(k))
-    });
-    if loaded.iter().any(Option::is_none) {
-        bail!("the throughput policies were not applied everywhere: {loaded:?}");
+    for round in 1..=a.rounds {
+        let t0 = Instant::now();
+        for i in 0..a.policies {
+            api.create_policy(&throughput_policy(i, a.policies))?;
+        }
+        let loaded = wait_everywhere(&socks, t0, Duration::from_secs(60), &mut log, |ap| {
+            tp_keys.iter().all(|k| ap.contains(k))
+        });
+        if loaded.iter().any(Option::is_none) {
+            bail!("the throughput policies were not applied everywhere: {loaded:?}");
+        }
+        let st0 = meshd_status(&socks[0])?;
+        let server_policies = st0["policy"]["pods"]
+            .as_array()
+            .and_then(|ps| {
+                ps.iter()
+                    .find(|p| p["name"] == "iperf-server" && p["namespace"] == SERVER_NS)
+            })
+            .map(|p| p["ingressPolicies"].as_array().map_or(0, Vec::len))
+            .unwrap_or(0);
+        eprintln!(
+            "round {round}: {} policies selecting the server applied everywhere after {:?}; the \
+             server's ingress policies on node-0: {server_policies}",
+            a.policies,
+            t0.elapsed()
+        );
+        with.push(measure(
+            &client,
+            &server,
+            &a,
+            &format!("policies loaded, round {round}"),
+        )?);
+        if tp_fig.is_none() {
+            tp_fig = Some(node_figures(&m, &socks)?);
+        }
+        api.delete_all_policies()?;
+        wait_no_policy(&socks, &mut log)?;
+        none.push(measure(
+            &client,
+            &server,
+            &a,
+            &format!("no policy, round {}", round + 1),
+        )?);
     }
-    let st0 = meshd_status(&socks[0])?;
-    let server_policies = st0["policy"]["pods"]
-        .as_array()
-        .and_then(|ps| {
-            ps.iter()
-                .find(|p| p["name"] == "iperf-server" && p["namespace"] == SERVER_NS)
-        })
-        .map(|p| p["ingressPolicies"].as_array().map_or(0, Vec::len))
-        .unwrap_or(0);
-    eprintln!(
-        "{} policies selecting the server applied everywhere after {:?}; the server's ingress \
-         policies on node-0: {server_policies}",
-        a.policies,
-        t0.elapsed()
-    );
-    let with = measure(&client, &server, &a, "policies loaded")?;
-    let tp_fig = node_figures(&m, &socks)?;
-    api.delete_all_policies()?;
-    wait_no_policy(&socks, &mut log)?;
-    let none2 = measure(&client, &server, &a, "no policy again")?;
+    let tp_fig = tp_fig.ok_or_else(|| anyhow!("no throughput round ran"))?;
 
     // ---- report ----
-    let mut none_g = none1.gbits.clone();
-    none_g.extend(&none2.gbits);
-    let mut none_p50 = none1.p50.clone();
-    none_p50.extend(&none2.p50);
-    let mut none_p99 = none1.p99.clone();
-    none_p99.extend(&none2.p99);
-    let g_none = median(&none_g);
-    let g_with = median(&with.gbits);
-    let cost = match (g_none, g_with) {
-        (Some(n), Some(w)) => Some(100.0 * (n - w) / n.max(1e-9)),
+    let pooled = |states: &[DataPath], f: fn(&DataPath) -> &Vec<f64>| -> Vec<f64> {
+        states.iter().flat_map(|d| f(d).iter().copied()).collect()
+    };
+    let none_g = pooled(&none, |d| &d.gbits);
+    let with_g = pooled(&with, |d| &d.gbits);
+    let cost_of = |n: f64, w: f64| 100.0 * (n - w) / n.max(1e-9);
+    let pooled_cost = match (median(&none_g), median(&with_g)) {
+        (Some(n), Some(w)) => Some(cost_of(n, w)),
         _ => None,
     };
-    let drift = match (median(&none1.gbits), median(&none2.gbits)) {
-        (Some(x), Some(y)) => Some(100.0 * (x - y).abs() / x.max(y).max(1e-9)),
+    // Round r: its loaded median against the mean of the unloaded medians before and after.
+    let paired: Vec<f64> = with
+        .iter()
+        .enumerate()
+        .filter_map(|(r, w)| {
+            let before = median(&none[r].gbits)?;
+            let after = median(&none[r + 1].gbits)?;
+            Some(cost_of((before + after) / 2.0, median(&w.gbits)?))
+        })
+        .collect();
+    let cost = median(&paired);
+    let none_medians: Vec<f64> = none.iter().filter_map(|d| median(&d.gbits)).collect();
+    let drift = match (
+        percentile(&none_medians, 0.0),
+        percentile(&none_medians, 100.0),
+    ) {
+        (Some(lo), Some(hi)) => Some(100.0 * (hi - lo) / hi.max(1e-9)),
         _ => None,
     };
     let p99 = percentile(&all_ms, 99.0);
@@ -1005,21 +1045,15 @@ fn main() -> Result<()> {
     }
     println!();
     println!(
-        "pod-to-pod node-0 <- node-1, iperf3 TCP 1 stream {} s, {} run(s) per state, {} pings at 10 ms:",
-        a.seconds, a.runs, a.pings
+        "pod-to-pod node-0 <- node-1, iperf3 TCP 1 stream {} s, {} run(s) per state, {} pings at \
+         10 ms, {} rounds of (no policy, {} policies) then no policy:",
+        a.seconds, a.runs, a.pings, a.rounds, a.policies
     );
     println!(
         "{:<44} {:>12} {:>12} {:>12}",
         "state", "TCP Gbit/s", "ping p50", "ping p99"
     );
-    for (name, d) in [
-        ("no policy", &none1),
-        (
-            &*format!("{} policies selecting the server", a.policies),
-            &with,
-        ),
-        ("no policy again", &none2),
-    ] {
+    let state_row = |name: &str, d: &DataPath| {
         println!(
             "{:<44} {:>12} {:>12} {:>12}",
             name,
@@ -1027,14 +1061,41 @@ fn main() -> Result<()> {
             fmt(median(&d.p50), 3) + " ms",
             fmt(median(&d.p99), 3) + " ms"
         );
+    };
+    for (r, n) in none.iter().enumerate() {
+        state_row(&format!("no policy ({})", r + 1), n);
+        if let Some(w) = with.get(r) {
+            state_row(
+                &format!("{} policies selecting the server ({})", a.policies, r + 1),
+                w,
+            );
+        }
     }
+    let all = |states: &[DataPath]| DataPath {
+        gbits: pooled(states, |d| &d.gbits),
+        p50: pooled(states, |d| &d.p50),
+        p99: pooled(states, |d| &d.p99),
+    };
+    state_row("no policy, every run", &all(&none));
+    state_row(&format!("{} policies, every run", a.policies), &all(&with));
     println!(
-        "throughput cost of {} policies: {} % (median with, against the median of both no-policy states)",
+        "throughput cost of {} policies per round (against the mean of the no-policy states \
+         before and after): {} %",
         a.policies,
-        fmt(cost, 1)
+        paired
+            .iter()
+            .map(|c| format!("{c:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!(
-        "the two no-policy states differ by {} % (run-to-run noise on 2 shared cores)",
+        "throughput cost: median of the rounds {} %; pooled (median of every loaded run against \
+         every unloaded run) {} %",
+        fmt(cost, 1),
+        fmt(pooled_cost, 1)
+    );
+    println!(
+        "the no-policy states differ by up to {} % (run-to-run noise on 2 shared cores)",
         fmt(drift, 1)
     );
     println!("anchors (docs/testing.md, shared anchors; this machine):");
